@@ -1,0 +1,66 @@
+"""The recursive chain that every estimator differentiates (design.md §1).
+
+A chain has T steps, applied in generation order t = T, T-1, ..., 1:
+
+    x_{t-1} = phi_t(x_t; theta + tau_t * eps'_t) + sigma_t * eps_t,   eps, eps' ~ N(0, I)
+
+and the objective is J(theta) = E[R(x_0)]. A chain object provides
+
+    T                      number of steps
+    step(t, x, params)     the mean phi_t(x_t; params) of x_{t-1}
+    sigma(t)               inherent noise scale of step t (x-space), >= 0
+    tau(t)                 parameter noise scale of step t, >= 0
+    reward(x0)             R(x_0), one value per sample, shape [N]
+
+Conventions shared by all chains:
+
+* The sample axis comes first. A state is a tensor ``[N, ...]`` or a tuple of
+  tensors whose first element is the latent (a multistep solver carries its history
+  in the other elements). Only the latent receives the inherent noise, and the
+  likelihood ratio is taken on that noise.
+* ``params`` maps names to tensors, as ``torch.func.functional_call`` takes them. A
+  value either has the parameter's own shape (shared by all samples) or carries a
+  leading sample axis ``[N, *shape]`` (one copy per sample: parameter noise, or
+  per-sample gradients). ``step`` must accept both, i.e. broadcast over the sample
+  axis, and must treat samples independently.
+* ``reward`` is differentiable wherever a plan uses first order (FO) steps; plans
+  made only of HO and ZO steps treat it as a black box.
+"""
+from __future__ import annotations
+
+from typing import Mapping, Protocol, Union, runtime_checkable
+
+import torch
+
+State = Union[torch.Tensor, tuple]
+Params = Mapping[str, torch.Tensor]
+
+
+@runtime_checkable
+class Chain(Protocol):
+    """Structural type of a recursive stochastic chain (see module docstring)."""
+
+    T: int
+
+    def step(self, t: int, x: State, params: Params) -> State: ...
+
+    def sigma(self, t: int) -> float: ...
+
+    def tau(self, t: int) -> float: ...
+
+    def reward(self, x0: torch.Tensor) -> torch.Tensor: ...
+
+
+def latent(x: State) -> torch.Tensor:
+    """The latent of a state: the state itself, or its first element."""
+    return x[0] if isinstance(x, tuple) else x
+
+
+def with_latent(x: State, z: torch.Tensor) -> State:
+    """The state ``x`` with its latent replaced by ``z``."""
+    return (z, *x[1:]) if isinstance(x, tuple) else z
+
+
+def detach(x: State) -> State:
+    """A state cut from the autograd graph."""
+    return tuple(v.detach() for v in x) if isinstance(x, tuple) else x.detach()

@@ -1,0 +1,167 @@
+"""One engine for every plan: ``estimate(chain, plan, params, x_T)``.
+
+The estimate of grad J, J(theta) = E[R(x_0)], is the gradient of a per-sample surrogate,
+one per role (the mc_gradients pattern):
+
+    FO   R(x_0), with the graph of steps K..1 kept               (pathwise, Prop. 6.1)
+    HO   sg(R - b) * <Phi_j(x_{j+h-1}; theta), eps_j> / sigma_j   (eq. 6, 2nd term;
+         Phi_j is the block's mean of x_{j-1}, recomputed from the stored x_{j+h-1})
+    ZO   sg(R - b) * <theta_t, eps'_t> / tau_t                    (eq. 6, 3rd term)
+
+Signs: with x = m + s*eps, grad_m log N(x; m, s^2) = eps/s, so the likelihood-ratio terms
+carry a plus sign here; the paper's minus in eq. (6) multiplies grad_z log f(z) = -eps/s.
+The ZO surrogate's gradient is computed in closed form, R * eps'_t / tau_t, from a
+running sum of eps'_t / tau_t per sample: no per-step parameter noise is kept.
+
+Memory follows ``Plan.cost()``: the rollout keeps only the FO prefix's graph; each HO
+block is recomputed from its stored input state (and its own h steps of noise) after
+the FO backward pass has freed that graph.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Union
+
+import torch
+
+from .baselines import leave_one_out
+from .chain import Chain, State, detach, latent, with_latent
+from .plan import Plan, Role
+
+Baseline = Union[None, str, float, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """The result of :func:`estimate`.
+
+    Attributes:
+      grad: parameter name -> estimate of grad J (the batch mean, or ``[N, *shape]``
+        per-sample estimates when ``per_sample=True``).
+      reward: R(x_0) per sample, shape ``[N]`` (detached).
+      parts: ``{"FO": ..., "HO": ..., "ZO": ...}``, each a dict like ``grad``; they add
+        up to ``grad``.
+    """
+
+    grad: dict[str, torch.Tensor]
+    reward: torch.Tensor
+    parts: dict[str, dict[str, torch.Tensor]]
+
+
+def estimate(chain: Chain, plan: Plan, params: Mapping[str, torch.Tensor], x_T: State, *,
+             generator: torch.Generator | None = None, per_sample: bool = False,
+             baseline: Baseline = None) -> Estimate:
+    """Estimate grad_theta E[R(x_0)] with ``plan`` over ``chain``, from the start states ``x_T``.
+
+    Args:
+      chain: a :class:`~halforder.estimators.chain.Chain`.
+      plan: a :class:`~halforder.estimators.plan.Plan` with ``plan.T == chain.T``; its
+        roles' needs are checked on the chain (``ValueError`` naming the step otherwise).
+      params: name -> tensor, the parameters theta (their own shapes, no sample axis).
+      x_T: start states, sample axis first (N samples).
+      generator: the source of every noise draw (eps and eps'); the global RNG if None.
+      per_sample: return ``[N, *shape]`` per-sample estimates instead of their mean.
+      baseline: control variate b subtracted from R in the HO and ZO terms: None, a number,
+        a tensor of shape [N] that does not depend on this batch's noise, or ``"loo"`` for
+        the leave-one-out mean over the batch. Each keeps the estimate unbiased.
+
+    Returns:
+      An :class:`Estimate`.
+    """
+    plan.validate(chain)
+    x0_latent = latent(x_T)
+    N = x0_latent.shape[0]
+    if per_sample:
+        leaves = {k: v.detach().unsqueeze(0).repeat(N, *([1] * v.dim())).requires_grad_() for k, v in params.items()}
+    else:
+        leaves = {k: v.detach().requires_grad_() for k, v in params.items()}
+    frozen = {k: v.detach() for k, v in leaves.items()}
+    K = plan.fo_steps
+    block_start = {j + h - 1: (j, h) for j, h in plan.blocks}
+    ho_steps = set(plan.steps(Role.HO))
+    zo_steps = set(plan.steps(Role.ZO))
+    zo_sum = {k: v.new_zeros((N, *v.shape)) for k, v in params.items()} if zo_steps else None
+    stored: dict[tuple[int, int], dict] = {}
+    noise: dict[int, tuple] = {}
+
+    x = x_T
+    for t in range(plan.T, 0, -1):
+        tau, sig = float(chain.tau(t)), float(chain.sigma(t))
+        dtheta = {k: torch.randn((N, *v.shape), generator=generator, dtype=v.dtype, device=v.device).mul_(tau)
+                  for k, v in params.items()} if tau > 0 else None
+        lat = latent(x)
+        eps = torch.randn(lat.shape, generator=generator, dtype=lat.dtype, device=lat.device) if sig > 0 else None
+        if t in block_start:
+            stored[block_start[t]] = detach(x)
+        if t in ho_steps:
+            noise[t] = (dtheta, eps)
+        if t in zo_steps:
+            for k in zo_sum:  # running sum of eps'_t / tau_t = dtheta / tau^2
+                zo_sum[k].add_(dtheta[k], alpha=1.0 / tau ** 2)
+        if t <= K:
+            with torch.enable_grad():
+                x = _noisy_step(chain, t, x, _perturb(leaves, dtheta), sig, eps)
+        else:
+            with torch.no_grad():
+                x = _noisy_step(chain, t, x, _perturb(frozen, dtheta), sig, eps)
+
+    with torch.set_grad_enabled(K > 0):
+        R = chain.reward(latent(x))
+    if R.shape != (N,):
+        raise ValueError(f"chain.reward must return shape [{N}], got {tuple(R.shape)}")
+    reduce = (lambda g: g) if per_sample else (lambda g: g / N)
+    zeros = {k: (v.new_zeros((N, *v.shape)) if per_sample else v.new_zeros(v.shape)) for k, v in params.items()}
+
+    fo = dict(zeros)
+    if K > 0:
+        fo = _grad(R.sum(), leaves, reduce)
+    w = R.detach() - _baseline(R.detach(), baseline)
+
+    ho = dict(zeros)
+    for (j, h), x_in in stored.items():
+        with torch.enable_grad():
+            xb = x_in
+            for t in range(j + h - 1, j, -1):
+                dtheta, eps = noise[t]
+                xb = _noisy_step(chain, t, xb, _perturb(leaves, dtheta), float(chain.sigma(t)), eps)
+            dtheta, eps_j = noise[j]
+            mean = chain.step(j, xb, _perturb(leaves, dtheta))
+            score = (latent(mean) * eps_j).flatten(1).sum(1) / float(chain.sigma(j))
+            g = _grad((w * score).sum(), leaves, reduce)
+        ho = {k: ho[k] + g[k] for k in ho}
+
+    zo = dict(zeros)
+    if zo_steps:
+        zo = {k: (s * w.view(N, *([1] * (s.dim() - 1)))) for k, s in zo_sum.items()}
+        if not per_sample:
+            zo = {k: v.mean(0) for k, v in zo.items()}
+
+    grad = {k: fo[k] + ho[k] + zo[k] for k in params}
+    return Estimate(grad=grad, reward=R.detach(), parts={"FO": fo, "HO": ho, "ZO": zo})
+
+
+def _perturb(params, dtheta):
+    return params if dtheta is None else {k: v + dtheta[k] for k, v in params.items()}
+
+
+def _noisy_step(chain, t, x, params, sig, eps):
+    mean = chain.step(t, x, params)
+    return mean if eps is None else with_latent(mean, latent(mean) + sig * eps)
+
+
+def _grad(surrogate, leaves, reduce):
+    gs = torch.autograd.grad(surrogate, list(leaves.values()), allow_unused=True)
+    return {k: reduce(torch.zeros_like(v) if g is None else g) for (k, v), g in zip(leaves.items(), gs)}
+
+
+def _baseline(R: torch.Tensor, baseline: Baseline) -> torch.Tensor:
+    if baseline is None:
+        return torch.zeros_like(R)
+    if isinstance(baseline, str):
+        if baseline != "loo":
+            raise ValueError(f"unknown baseline {baseline!r}; use None, a number, a tensor or 'loo'")
+        return leave_one_out(R)
+    b = torch.as_tensor(baseline, dtype=R.dtype, device=R.device)
+    if b.dim() not in (0, 1) or (b.dim() == 1 and b.shape != R.shape):
+        raise ValueError(f"a baseline tensor must be a scalar or have shape {tuple(R.shape)}")
+    return b.expand_as(R)

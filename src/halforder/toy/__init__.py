@@ -1,0 +1,8 @@
+"""Toy chains with exact (linear-Gaussian) or high-sample reference (tanh) gradients."""
+from .linear import LinearGaussianChain, linear_chain
+from .nonlinear import TanhChain, tanh_chain
+from .rewards import Cosine, Quadratic, SoftplusBump
+from .stats import MeanTest, Samples, draw_estimates, flatten, mean_test, reference_gradient
+
+__all__ = ["Cosine", "LinearGaussianChain", "MeanTest", "Quadratic", "Samples", "SoftplusBump", "TanhChain",
+           "draw_estimates", "flatten", "linear_chain", "mean_test", "reference_gradient", "tanh_chain"]

@@ -1,0 +1,100 @@
+"""Many per-sample estimates, and tests of their mean against the truth.
+
+``draw_estimates`` runs the engine in chunks (a loop over chunks of samples, each chunk
+vectorised) and returns flattened per-sample estimates; ``mean_test`` is Hotelling's T^2
+test that their mean equals a given vector.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy import stats as sps
+from tqdm.auto import tqdm
+
+from ..estimators import Plan, estimate
+
+
+def flatten(tensors: dict[str, torch.Tensor], sample_axis: bool = False) -> torch.Tensor:
+    """Concatenate a parameter dict into one vector (``[N, P]`` with ``sample_axis``)."""
+    if sample_axis:
+        return torch.cat([v.reshape(v.shape[0], -1) for v in tensors.values()], dim=1)
+    return torch.cat([v.reshape(-1) for v in tensors.values()])
+
+
+@dataclass(frozen=True)
+class Samples:
+    """Per-sample estimates: ``grad`` and each role's part as ``[n, P]``, rewards ``[n]``."""
+
+    grad: torch.Tensor
+    parts: dict[str, torch.Tensor]
+    reward: torch.Tensor
+
+    @property
+    def n(self) -> int:
+        return self.grad.shape[0]
+
+
+def draw_estimates(chain, plan: Plan, params, n: int, *, generator: torch.Generator,
+                   chunk: int = 1 << 14, baseline=None, progress: bool = False) -> Samples:
+    """n per-sample estimates of ``plan`` on ``chain`` (x_T from ``chain.sample_start``).
+
+    With ``baseline="loo"`` the leave-one-out mean is taken within each chunk."""
+    dtype = next(iter(params.values())).dtype
+    grads, parts, rewards = [], {"FO": [], "HO": [], "ZO": []}, []
+    sizes = [min(chunk, n - i) for i in range(0, n, chunk)]
+    for m in tqdm(sizes, desc=str(plan), disable=not progress, leave=False):
+        x_T = chain.sample_start(m, generator, dtype)
+        est = estimate(chain, plan, params, x_T, generator=generator, per_sample=True, baseline=baseline)
+        grads.append(flatten(est.grad, True))
+        for r in parts:
+            parts[r].append(flatten(est.parts[r], True))
+        rewards.append(est.reward)
+    return Samples(torch.cat(grads), {r: torch.cat(v) for r, v in parts.items()}, torch.cat(rewards))
+
+
+def reference_gradient(chain, params, n: int, *, generator: torch.Generator, chunk: int = 1 << 14):
+    """High-sample full-backprop estimate of grad J and its standard errors (flattened)."""
+    s = draw_estimates(chain, Plan.full(chain.T), params, n, generator=generator, chunk=chunk)
+    return s.grad.mean(0), s.grad.std(0) / n ** 0.5
+
+
+@dataclass(frozen=True)
+class MeanTest:
+    """Result of :func:`mean_test`. ``z`` are the per-coordinate z-scores."""
+
+    statistic: float
+    dof: int
+    pvalue: float
+    z: np.ndarray
+    n: int
+
+    def rejects(self, alpha: float) -> bool:
+        return self.pvalue < alpha
+
+
+def mean_test(samples: torch.Tensor, truth: torch.Tensor) -> MeanTest:
+    """Hotelling's T^2 test of H0: E[samples] = truth, for i.i.d. rows of ``samples`` [n, P].
+
+    T^2 = n d^T S^+ d over the rank-r support of the sample covariance S; under H0,
+    T^2 (n - r) / (r (n - 1)) ~ F(r, n - r). Coordinates with zero sample variance
+    must match exactly (up to float rounding), or the p-value is 0."""
+    x = samples.double().cpu().numpy()
+    n, P = x.shape
+    diff = x.mean(0) - truth.double().cpu().numpy().reshape(-1)
+    S = np.cov(x, rowvar=False).reshape(P, P)
+    evals, evecs = np.linalg.eigh(S)
+    keep = evals > evals.max() * 1e-12 if evals.max() > 0 else np.zeros(P, bool)
+    r = int(keep.sum())
+    proj = evecs[:, keep].T @ diff
+    t2 = float(n * np.sum(proj ** 2 / evals[keep])) if r else 0.0
+    resid = diff - evecs[:, keep] @ proj
+    scale = max(1.0, float(np.abs(x).max()))
+    if np.abs(resid).max() > 1e-9 * scale:
+        pvalue = 0.0
+    else:
+        pvalue = float(sps.f.sf(t2 * (n - r) / (r * (n - 1)), r, n - r)) if r else 1.0
+    sd = np.sqrt(np.maximum(np.diag(S), 0.0) / n)
+    z = np.divide(diff, sd, out=np.zeros_like(diff), where=sd > 0)
+    return MeanTest(t2, r, pvalue, z, n)
