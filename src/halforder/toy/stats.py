@@ -98,3 +98,22 @@ def mean_test(samples: torch.Tensor, truth: torch.Tensor) -> MeanTest:
     sd = np.sqrt(np.maximum(np.diag(S), 0.0) / n)
     z = np.divide(diff, sd, out=np.zeros_like(diff), where=sd > 0)
     return MeanTest(t2, r, pvalue, z, n)
+
+
+def two_sample_test(a: torch.Tensor, b: torch.Tensor) -> MeanTest:
+    """Large-sample test of H0: E[a] = E[b] for independent i.i.d. samples a [n, P], b [m, P]
+    with unequal covariances: d^T (S_a/n + S_b/m)^+ d ~ chi^2(r) under H0 (r its rank).
+    ``z`` are the per-coordinate Welch z-scores; ``n`` is min(n, m)."""
+    x, y = a.double().cpu().numpy(), b.double().cpu().numpy()
+    diff = x.mean(0) - y.mean(0)
+    P = diff.shape[0]
+    S = (np.cov(x, rowvar=False).reshape(P, P) / x.shape[0] + np.cov(y, rowvar=False).reshape(P, P) / y.shape[0])
+    evals, evecs = np.linalg.eigh(S)
+    keep = evals > evals.max() * 1e-12 if evals.max() > 0 else np.zeros(P, bool)
+    r = int(keep.sum())
+    proj = evecs[:, keep].T @ diff
+    t2 = float(np.sum(proj ** 2 / evals[keep])) if r else 0.0
+    pvalue = float(sps.chi2.sf(t2, r)) if r else float(np.allclose(diff, 0.0))
+    sd = np.sqrt(np.maximum(np.diag(S), 0.0))
+    z = np.divide(diff, sd, out=np.zeros_like(diff), where=sd > 0)
+    return MeanTest(t2, r, pvalue, z, min(x.shape[0], y.shape[0]))
