@@ -1,0 +1,144 @@
+"""Training checkpoints: written atomically, verified when read.
+
+A checkpoint is a directory ``step_XXXXXXXX`` holding
+
+    params.safetensors    the trainable (LoRA) weights by name
+    sampler.safetensors   the plan sampler's state (e.g. running gradient norms)
+    optimizer.pt          the optimiser's state_dict (read back with weights_only=True)
+    rng.pt                every random generator's state, one dict per process
+    meta.json             step, number of processes, format version and the SHA-256 of each file
+
+It is written into a temporary directory beside its final name and renamed into place, so
+a crash leaves either the previous checkpoints or the complete new one. :func:`load_checkpoint`
+checks every file against ``meta.json`` and raises :class:`CheckpointError` (a ``ValueError``)
+on anything missing, truncated or altered.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+
+FORMAT = 1
+_FILES = ("params.safetensors", "sampler.safetensors", "optimizer.pt", "rng.pt")
+_NAME = re.compile(r"^step_(\d{8})$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, incomplete or corrupted."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """The contents of a checkpoint directory (see module docstring)."""
+
+    step: int
+    params: dict[str, torch.Tensor]
+    sampler_state: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    rng: list[dict[str, torch.Tensor]]
+    num_processes: int
+    path: str
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def save_checkpoint(root: str, step: int, params: Mapping[str, torch.Tensor], sampler_state: Mapping[str, torch.Tensor],
+                    optimizer: Mapping[str, Any], rng: list[Mapping[str, torch.Tensor]], keep: int = 0) -> str:
+    """Write the checkpoint of ``step`` under ``root`` atomically; keep only the newest ``keep``
+    checkpoints (0: keep all). Returns its path."""
+    from safetensors.torch import save_file
+
+    os.makedirs(root, exist_ok=True)
+    final = os.path.join(root, checkpoint_name(step))
+    tmp = tempfile.mkdtemp(prefix=f".tmp-{checkpoint_name(step)}-", dir=root)
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in params.items()}, os.path.join(tmp, _FILES[0]))
+        save_file({k: v.detach().cpu().contiguous() for k, v in sampler_state.items()}, os.path.join(tmp, _FILES[1]))
+        torch.save(dict(optimizer), os.path.join(tmp, _FILES[2]))
+        torch.save([dict(r) for r in rng], os.path.join(tmp, _FILES[3]))
+        meta = {"format": FORMAT, "step": int(step), "num_processes": len(rng),
+                "sha256": {f: _sha256(os.path.join(tmp, f)) for f in _FILES}}
+        with open(os.path.join(tmp, "meta.json"), "w", encoding="utf-8") as f:
+            json.dump(meta, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        if os.path.exists(final):   # re-saving a step (e.g. after a resume): swap, then drop the old one
+            old = tempfile.mkdtemp(prefix=f".old-{checkpoint_name(step)}-", dir=root)
+            os.replace(final, os.path.join(old, "ckpt"))
+            os.replace(tmp, final)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if keep > 0:
+        for path in list_checkpoints(root)[:-keep]:
+            shutil.rmtree(path, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(root: str) -> list[str]:
+    """Complete-looking checkpoint directories under ``root``, oldest first."""
+    if not os.path.isdir(root):
+        return []
+    names = sorted(n for n in os.listdir(root) if _NAME.match(n) and os.path.isdir(os.path.join(root, n)))
+    return [os.path.join(root, n) for n in names]
+
+
+def latest_checkpoint(root: str) -> str | None:
+    """The newest checkpoint under ``root``, or None."""
+    found = list_checkpoints(root)
+    return found[-1] if found else None
+
+
+def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> Checkpoint:
+    """Read and verify a checkpoint directory (``CheckpointError`` if it is not intact)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not os.path.isdir(path):
+        raise CheckpointError(f"checkpoint {path!r} does not exist or is not a directory")
+    try:
+        with open(os.path.join(path, "meta.json"), encoding="utf-8") as f:
+            meta = json.load(f)
+        digests = meta["sha256"]
+        step, nproc = int(meta["step"]), int(meta["num_processes"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"checkpoint {path!r} is corrupted or incomplete: meta.json unreadable ({e})") from e
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"checkpoint {path!r} has format {meta.get('format')!r}, expected {FORMAT}")
+    for name in _FILES:
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            raise CheckpointError(f"checkpoint {path!r} is incomplete: {name} is missing")
+        if _sha256(file) != digests.get(name):
+            raise CheckpointError(f"checkpoint {path!r} is corrupted: {name} does not match its checksum")
+    try:
+        params = load_file(os.path.join(path, _FILES[0]), device=str(map_location))
+        sampler_state = load_file(os.path.join(path, _FILES[1]))
+        optimizer = torch.load(os.path.join(path, _FILES[2]), map_location=map_location, weights_only=True)
+        rng = torch.load(os.path.join(path, _FILES[3]), weights_only=True)
+    except (OSError, RuntimeError, SafetensorError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {path!r} is corrupted: {e}") from e
+    if len(rng) != nproc:
+        raise CheckpointError(f"checkpoint {path!r} is corrupted: {len(rng)} RNG states for {nproc} processes")
+    return Checkpoint(step, params, sampler_state, optimizer, rng, nproc, path)
+
+
+def _sha256(file: str) -> str:
+    h = hashlib.sha256()
+    with open(file, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

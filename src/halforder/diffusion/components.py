@@ -1,0 +1,170 @@
+"""The parts of a latent text-to-image diffusion model, loaded or built tiny.
+
+``load_components`` reads a Stable Diffusion checkpoint (hub id or local directory in
+the diffusers layout) with ``from_pretrained``; ``tiny_components`` builds the same five
+parts from small configs with random weights, for tests and offline demos (nothing is
+downloaded: the tokenizer's vocabulary is the 256 byte-level symbols, with no merges).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+@dataclass(frozen=True, eq=False)
+class Components:
+    """A latent diffusion model split into its parts (diffusers objects).
+
+    Attributes:
+      unet: the denoiser, e.g. ``UNet2DConditionModel``.
+      vae: ``AutoencoderKL`` (latents <-> images); its ``config.scaling_factor`` is used.
+      text_encoder: ``CLIPTextModel``.
+      tokenizer: ``CLIPTokenizer``.
+      scheduler: a diffusers scheduler (DDIM or DPMSolverMultistep for a chain).
+    """
+
+    unet: Any
+    vae: Any
+    text_encoder: Any
+    tokenizer: Any
+    scheduler: Any
+
+    def freeze(self) -> "Components":
+        """Put every module in eval mode with ``requires_grad=False``; returns self."""
+        for m in (self.unet, self.vae, self.text_encoder):
+            m.eval()
+            m.requires_grad_(False)
+        return self
+
+
+def load_components(model: str, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                    local_files_only: bool = False, revision: str | None = None,
+                    scheduler: str = "ddim") -> Components:
+    """Load the parts of a Stable Diffusion model with ``from_pretrained``.
+
+    Args:
+      model: a hub id (``"CompVis/stable-diffusion-v1-4"``) or a local directory in the
+        diffusers layout (subfolders ``unet``, ``vae``, ``text_encoder``, ``tokenizer``,
+        ``scheduler``).
+      dtype, device: where the modules live; every module is frozen (``freeze``).
+      local_files_only: never touch the network (also implied by ``HF_HUB_OFFLINE=1``).
+      revision: a hub revision.
+      scheduler: ``"ddim"`` or ``"dpm"`` (``DPMSolverMultistepScheduler``); built from the
+        checkpoint's scheduler config.
+
+    Raises:
+      FileNotFoundError: ``model`` looks like a path but does not exist.
+      OSError: the model could not be loaded (offline without a cached copy, a typo in the
+        hub id, ...); the message says how to point at a local copy.
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    looks_local = os.path.isabs(model) or model.startswith((".", "~")) or os.path.exists(model) \
+        or model.count("/") > 1
+    if looks_local:
+        path = os.path.expanduser(model)
+        if not os.path.isdir(path):
+            raise FileNotFoundError(
+                f"model path {model!r} does not exist. Pass a hub id (e.g. CompVis/stable-diffusion-v1-4) "
+                f"or a directory in the diffusers layout with subfolders {', '.join(_SUBFOLDERS)} "
+                f"(e.g. made by `hf download <id> --local-dir DIR`).")
+        missing = [s for s in _SUBFOLDERS if not os.path.isdir(os.path.join(path, s))]
+        if missing:
+            raise FileNotFoundError(f"model directory {model!r} lacks the subfolders {missing}; "
+                                    f"it must be in the diffusers layout ({', '.join(_SUBFOLDERS)})")
+        model = path
+    kw = dict(local_files_only=local_files_only, revision=revision)
+    try:
+        unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", torch_dtype=dtype, **kw)
+        vae = AutoencoderKL.from_pretrained(model, subfolder="vae", torch_dtype=dtype, **kw)
+        text_encoder = CLIPTextModel.from_pretrained(model, subfolder="text_encoder", dtype=dtype, **kw)
+        tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer", **kw)
+        sched = make_scheduler(scheduler, _load_scheduler_config(model, kw))
+    except (OSError, ValueError) as e:
+        raise OSError(
+            f"could not load diffusion model {model!r}: {e}\n"
+            f"Without internet access, download it elsewhere (`hf download {model} "
+            f"--local-dir DIR`), copy DIR here and pass its path as the model, or set HF_HOME to a "
+            f"cache that holds it.") from e
+    return Components(unet.to(device), vae.to(device), text_encoder.to(device), tokenizer, sched).freeze()
+
+
+def _load_scheduler_config(model, kw):
+    from diffusers import DDIMScheduler
+    return DDIMScheduler.load_config(model, subfolder="scheduler", **kw)
+
+
+def make_scheduler(kind: str, config: dict | None = None):
+    """A fresh scheduler of ``kind`` (``"ddim"`` or ``"dpm"``) from a scheduler config.
+
+    ``"dpm"`` is ``DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++",
+    solver_order=2)``, the paper's Table 8 sampler; the chain decides per step whether
+    its noise is used (see :mod:`halforder.diffusion.chain`).
+    """
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
+    config = dict(config or {})
+    if kind == "ddim":
+        return DDIMScheduler.from_config(config)
+    if kind == "dpm":
+        return DPMSolverMultistepScheduler.from_config(config, algorithm_type="sde-dpmsolver++", solver_order=2)
+    raise ValueError(f"unknown scheduler {kind!r}; use 'ddim' or 'dpm'")
+
+
+# Stable Diffusion v1's scheduler configuration (scheduler/scheduler_config.json).
+SD_SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                           beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
+                           steps_offset=1, prediction_type="epsilon")
+
+
+def tiny_tokenizer(max_length: int = 16):
+    """A CLIP tokenizer over the 256 byte-level symbols (no merges), built offline."""
+    from tokenizers import pre_tokenizers
+    from transformers import CLIPTokenizer
+
+    symbols = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for s in symbols:
+        vocab[s] = len(vocab)
+    for s in symbols:
+        vocab[s + "</w>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length)
+
+
+def tiny_components(seed: int = 0, *, scheduler: str = "ddim", latent_size: int = 8,
+                    text_length: int = 16) -> Components:
+    """Tiny random SD components built from configs (no download), frozen, float32, CPU.
+
+    Seeds the global torch RNG with ``seed`` (the libraries initialise weights from it).
+
+    The UNet has two resolution levels (8 and 16 channels, cross-attention dimension 16),
+    the VAE upsamples the ``[N, 4, latent_size, latent_size]`` latent by 2, the text
+    encoder is a one-layer CLIP of width 16 over a 514-symbol byte-level vocabulary.
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = tiny_tokenizer(text_length)
+    # diffusers/transformers initialise from the global RNG. It stays seeded afterwards, so
+    # that what is built next from it (e.g. peft's LoRA-A init) is reproducible too.
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=latent_size, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(8, 16), norm_num_groups=4, cross_attention_dim=16, attention_head_dim=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16), layers_per_block=1,
+        norm_num_groups=4, sample_size=2 * latent_size,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, max_position_embeddings=text_length, bos_token_id=0, eos_token_id=1,
+        pad_token_id=1, projection_dim=16))
+    return Components(unet, vae, text_encoder, tokenizer, make_scheduler(scheduler, SD_SCHEDULER_CONFIG)).freeze()

@@ -1,0 +1,30 @@
+"""Tiny random Stable Diffusion components for the diffusion tests (no downloads)."""
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+pytest.importorskip("peft")
+
+from halforder.diffusion import tiny_components  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="package")
+def one_thread():
+    """The tiny models are far faster on one thread (intra-op threads only add overhead,
+    and oversubscribe a shared 2-core machine); restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def tiny():
+    """Fresh tiny SD components with a DDIM scheduler (seed 0)."""
+    return tiny_components(0)
+
+
+@pytest.fixture
+def tiny_dpm():
+    """Fresh tiny SD components with DPM-Solver++(2M) SDE (seed 0)."""
+    return tiny_components(0, scheduler="dpm")

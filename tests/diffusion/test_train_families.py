@@ -1,0 +1,61 @@
+"""Every estimator family trains through the one trainer code path on a tiny SD UNet with LoRA."""
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+pytest.importorskip("peft")
+
+from halforder.diffusion.config import TrainConfig  # noqa: E402
+from halforder.diffusion.rewards import make_reward  # noqa: E402
+from halforder.diffusion.task import build_components, build_task  # noqa: E402
+from halforder.diffusion.trainer import train  # noqa: E402
+from halforder.estimators.samplers import make_sampler  # noqa: E402
+
+PROMPTS = ["a red square", "a blue circle", "a green field"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One torch thread: the 2 cores are shared, and oversubscribed threads slow the tiny UNet ~10x."""
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _frozen(comp):
+    return {f"{name}.{k}": v.detach().clone()
+            for name, m in (("unet", comp.unet), ("vae", comp.vae), ("text_encoder", comp.text_encoder))
+            for k, v in m.state_dict().items() if ".lora_" not in k}
+
+
+@pytest.mark.parametrize("estimator", ["full", "truncated", "reinforce", "zeroth_order", "rlr"])
+def test_three_updates_train_only_the_lora_weights(tmp_path, estimator):
+    cfg = TrainConfig(model="tiny", reward="brightness", T=4, estimator=estimator, h=2, k=2, guidance_scale=2.0,
+                      steps=3, batch_size=2, grad_accum=1, lr=1e-2, lora_rank=2, eval_every=0, checkpoint_every=0,
+                      output_dir=str(tmp_path / "run"), progress=False)
+    comp = build_components(cfg)
+    task = build_task(cfg, make_reward(cfg.reward), comp)
+    frozen = _frozen(comp)
+    lora = {k: v.detach().clone() for k, v in task.params.items()}
+    assert all(".lora_A." in k or ".lora_B." in k for k in lora)
+    trainable = [n for m in (comp.unet, comp.vae, comp.text_encoder) for n, p in m.named_parameters()
+                 if p.requires_grad]
+    assert sorted(trainable) == sorted(lora)
+
+    seen = []
+    train(task, make_sampler(estimator, cfg.T, h=cfg.h, k=cfg.k), PROMPTS, cfg,
+          on_step=lambda rec, est: seen.append((rec, est)))
+    assert len(seen) == 3
+    for rec, est in seen:
+        assert not rec["skipped"]
+        assert set(est.grad) == set(lora)
+        flat = torch.cat([g.reshape(-1) for g in est.grad.values()])
+        assert torch.isfinite(flat).all() and flat.abs().max() > 0
+    assert any(not torch.equal(lora[k], v.detach()) for k, v in task.params.items())
+    after = _frozen(comp)
+    assert after.keys() == frozen.keys()
+    assert all(torch.equal(frozen[k], after[k]) for k in frozen)
+    for m in (comp.unet, comp.vae, comp.text_encoder):
+        assert all(p.grad is None for p in m.parameters())
