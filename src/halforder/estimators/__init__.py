@@ -12,5 +12,7 @@ from .baselines import leave_one_out
 from .chain import Chain, detach, latent, with_latent
 from .engine import Estimate, estimate
 from .plan import Plan, Role
+from .samplers import FixedPlan, PlanSampler, SoftmaxRLR, UniformRLR, WindowRLR, make_sampler
 
-__all__ = ["Chain", "Estimate", "Plan", "Role", "detach", "estimate", "latent", "leave_one_out", "with_latent"]
+__all__ = ["Chain", "Estimate", "FixedPlan", "Plan", "PlanSampler", "Role", "SoftmaxRLR", "UniformRLR", "WindowRLR",
+           "detach", "estimate", "latent", "leave_one_out", "make_sampler", "with_latent"]
