@@ -1,0 +1,283 @@
+"""The paper's theory as functions: the budget model and h* (sec. 4.2, app. J.6), the
+truncation bias (Prop. 6.1) and the convergence bound (Thm. 6.4).
+
+Choosing h (eq. 7). RLR(h) has one FO step, h HO steps and T-1-h ZO steps. With per-step
+standard deviations V_h (FO and HO) and V_z (ZO), the bound (14), sum of variances plus
+twice the sum over pairs t < t' of the products of standard deviations, is
+
+    S(h) = (sum_t s_t)^2 = ((h+1) V_h + (T-1-h) V_z)^2
+         = a (h+1)^2 + b (h+1) + c,   a = (V_z - V_h)^2,  b = -2 T V_z (V_z - V_h),  c = T^2 V_z^2,
+
+which is eq. (18) with the c the paper leaves out. Its vertex is at
+h + 1 = -b / (2a) = T V_z / (V_z - V_h) >= T, not at T V_z / (2 (V_z - V_h)) as eq. (19)
+prints: (19) divides by 4a. Since sum_t s_t is linear in h with slope V_h - V_z and stays
+positive, S(h) is strictly decreasing on 0..T-1 when V_h < V_z (increasing when V_h > V_z),
+so the budget B_h h + B_z (T-1-h) <= B alone decides h*: the largest affordable h.
+:func:`solve_h_star` minimises S over the feasible integers by enumeration and reports the
+paper's closed form (8) beside it.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from .plan import Plan
+
+
+# ----------------------------------------------------------------------------- budget
+def _check_T(T: int) -> None:
+    if int(T) != T or T < 2:
+        raise ValueError(f"RLR needs an integer T >= 2 (h ranges over 0..T-1), got T={T!r}")
+
+
+def budget_cost(h: int, T: int, B_h: float, B_z: float) -> float:
+    """Memory of RLR(h) in the model of eq. (7): B_h * h + B_z * (T - 1 - h)."""
+    _check_T(T)
+    if not 0 <= h <= T - 1:
+        raise ValueError(f"h must be in 0..T-1 = {T - 1}, got h={h}")
+    if B_h < 0 or B_z < 0:
+        raise ValueError(f"per-step costs must be >= 0, got B_h={B_h}, B_z={B_z}")
+    return B_h * h + B_z * (T - 1 - h)
+
+
+def feasible_h(T: int, B: float, B_h: float, B_z: float) -> list[int]:
+    """All integers h in 0..T-1 with B_h h + B_z (T-1-h) <= B (possibly empty)."""
+    return [h for h in range(T) if budget_cost(h, T, B_h, B_z) <= B]
+
+
+# -------------------------------------------------------------------------- surrogate
+def variance_surrogate(h: int, T: int, V_h: float, V_z: float, ordered_pairs: bool = False) -> float:
+    """The variance bound of eq. (14) for RLR(h), as used in problem (7).
+
+    Step 1 (FO) and the h HO steps have standard deviation V_h, the T-1-h ZO steps V_z
+    (the paper's V_h^2, V_z^2 are variances). With ``ordered_pairs=False`` the cross term
+    is 2 sum_{t<t'} s_t s_t' as in (14), so the bound is (sum_t s_t)^2 = Q(h) of eq. (18).
+    ``ordered_pairs=True`` reads the 2 sum_{t != t'} of (7) literally over ordered pairs,
+    which double-counts: 2 (sum_t s_t)^2 - sum_t s_t^2.
+    """
+    _check_T(T)
+    if not 0 <= h <= T - 1:
+        raise ValueError(f"h must be in 0..T-1 = {T - 1}, got h={h}")
+    if V_h < 0 or V_z < 0:
+        raise ValueError(f"V_h and V_z are standard deviations, must be >= 0 (got {V_h}, {V_z})")
+    n_h, n_z = h + 1, T - 1 - h
+    s = T * V_z - n_h * (V_z - V_h)  # = n_h V_h + n_z V_z, written so that it is monotone in h in floats too
+    if ordered_pairs:
+        return 2.0 * s * s - (n_h * V_h ** 2 + n_z * V_z ** 2)
+    return s * s
+
+
+def quadratic_coefficients(T: int, V_h: float, V_z: float) -> tuple[float, float, float]:
+    """(a, b, c) of eq. (18), Q(h) = a (h+1)^2 + b (h+1) + c, with c = T^2 V_z^2
+    (the paper gives a and b only); Q equals :func:`variance_surrogate`."""
+    return (V_z - V_h) ** 2, -2.0 * T * V_z * (V_z - V_h), (T * V_z) ** 2
+
+
+def vertex_h(T: int, V_h: float, V_z: float) -> float:
+    """The unconstrained minimiser of Q in h, -b/(2a) - 1 = T V_z / (V_z - V_h) - 1
+    (>= T - 1 whenever V_h < V_z, so outside or at the end of 0..T-1). Needs V_h < V_z."""
+    if not V_z > V_h:
+        raise ValueError(f"Q(h) has a minimum only when V_h < V_z (got V_h={V_h}, V_z={V_z})")
+    return T * V_z / (V_z - V_h) - 1.0  # -b/(2a) - 1, with (V_z - V_h) cancelled
+
+
+def paper_vertex_h(T: int, V_h: float, V_z: float) -> float:
+    """Eq. (19) as printed: T (V_z^2 - V_h V_z) / (2 (V_h^2 + V_z^2 - 2 V_h V_z)) - 1
+    = T V_z / (2 (V_z - V_h)) - 1. Needs V_h < V_z."""
+    if not V_z > V_h:
+        raise ValueError(f"eq. (19) assumes V_h < V_z (got V_h={V_h}, V_z={V_z})")
+    return T * V_z / (2.0 * (V_z - V_h)) - 1.0  # (19) with (V_z - V_h) cancelled (no underflow)
+
+
+def paper_h_star(T: int, V_h: float, V_z: float, B: float, B_h: float, B_z: float) -> int:
+    """Eq. (8): min{ floor((B - B_z (T-1)) / (B_h - B_z)), floor(T V_z / (2 (V_z - V_h)) - 1) }.
+
+    Needs the paper's assumptions B_h > B_z and V_h < V_z (``ValueError`` otherwise). The
+    value is returned as printed, even where it is negative or above T - 1."""
+    _check_T(T)
+    if not B_h > B_z:
+        raise ValueError(f"eq. (8) assumes B_h > B_z (got B_h={B_h}, B_z={B_z})")
+    budget_term = math.floor((B - B_z * (T - 1)) / (B_h - B_z))
+    vertex_term = paper_vertex_h(T, V_h, V_z)
+    return budget_term if vertex_term >= budget_term else math.floor(vertex_term)
+
+
+@dataclass(frozen=True)
+class HStar:
+    """Result of :func:`solve_h_star`.
+
+    Attributes:
+      h: the exact minimiser of the surrogate over the feasible integers (the smallest
+        one if several tie).
+      feasible: the feasible h, ascending.
+      surrogate: the surrogate at each feasible h.
+      h_budget: the largest feasible h.
+      paper_h: eq. (8) as printed, or None where its assumptions (B_h > B_z, V_h < V_z) fail.
+      vertex: the true unconstrained minimiser T V_z / (V_z - V_h) - 1 (None unless V_h < V_z).
+      paper_vertex: eq. (19)'s T V_z / (2 (V_z - V_h)) - 1 (None unless V_h < V_z).
+      decreasing: whether the surrogate strictly decreases along ``feasible``.
+    """
+
+    h: int
+    feasible: tuple[int, ...]
+    surrogate: tuple[float, ...]
+    h_budget: int
+    paper_h: int | None
+    vertex: float | None
+    paper_vertex: float | None
+    decreasing: bool
+
+
+def solve_h_star(T: int, V_h: float, V_z: float, B: float, B_h: float, B_z: float,
+                 ordered_pairs: bool = False) -> HStar:
+    """h* of problem (7) by exact integer minimisation over all feasible h in 0..T-1.
+
+    Raises ``ValueError`` when no h fits the budget."""
+    feas = feasible_h(T, B, B_h, B_z)
+    if not feas:
+        raise ValueError(f"no h in 0..{T - 1} satisfies B_h h + B_z (T-1-h) <= B "
+                         f"(B={B}, B_h={B_h}, B_z={B_z}; h=0 needs {budget_cost(0, T, B_h, B_z)})")
+    vals = [variance_surrogate(h, T, V_h, V_z, ordered_pairs) for h in feas]
+    best = min(range(len(feas)), key=lambda i: (vals[i], feas[i]))
+    ok = V_z > V_h
+    paper = paper_h_star(T, V_h, V_z, B, B_h, B_z) if ok and B_h > B_z else None
+    return HStar(h=feas[best], feasible=tuple(feas), surrogate=tuple(vals), h_budget=max(feas),
+                 paper_h=paper, vertex=vertex_h(T, V_h, V_z) if ok else None,
+                 paper_vertex=paper_vertex_h(T, V_h, V_z) if ok else None,
+                 decreasing=all(b < a for a, b in zip(vals, vals[1:])))
+
+
+# --------------------------------------------------------------- per-step variances
+@dataclass(frozen=True)
+class StepVariances:
+    """Per-step variances measured with the engine (traces of covariance, per sample).
+
+    Attributes:
+      steps: the steps t measured.
+      ho: tr Var of the HO estimate of grad_{theta_t} J (a block of length 1 at t).
+      zo: tr Var of the ZO estimate of grad_{theta_t} J.
+      fo1: tr Var of the FO estimate of grad_{theta_1} J (truncated backprop, K = 1).
+      n: samples per step and role.
+    """
+
+    steps: tuple[int, ...]
+    ho: tuple[float, ...]
+    zo: tuple[float, ...]
+    fo1: float
+    n: int
+
+    @property
+    def V_h(self) -> float:
+        """Per-step standard deviation of HO: sqrt of the mean of ``ho``."""
+        return float(np.sqrt(np.mean(self.ho)))
+
+    @property
+    def V_z(self) -> float:
+        """Per-step standard deviation of ZO: sqrt of the mean of ``zo``."""
+        return float(np.sqrt(np.mean(self.zo)))
+
+
+def single_step_plan(T: int, t: int, role: str) -> Plan:
+    """A plan with ``role`` ("HO" or "ZO") on step t only and NONE elsewhere: the
+    estimator of grad_{theta_t} J alone."""
+    if role not in ("HO", "ZO"):
+        raise ValueError(f"role must be 'HO' or 'ZO', got {role!r}")
+    if not 1 <= t <= T:
+        raise ValueError(f"step {t} is not in 1..{T}")
+    roles = ["NONE"] * T
+    roles[t - 1] = role
+    return Plan.from_roles(roles, name=f"{role}@{t}")
+
+
+def measure_step_variances(chain, params: Mapping[str, torch.Tensor], n: int, *, generator: torch.Generator,
+                           steps: Sequence[int] | None = None, baseline=None) -> StepVariances:
+    """Measure (V_h, V_z) on ``chain``: for each step t in ``steps`` (default 2..T, the
+    steps RLR can give HO or ZO), n samples of the single-step HO and ZO estimators."""
+    from ..toy.stats import draw_estimates  # toy depends on estimators, not the reverse at import
+
+    T = chain.T
+    steps = tuple(range(2, T + 1)) if steps is None else tuple(int(t) for t in steps)
+    if not steps:
+        raise ValueError("measure at least one step")
+    if n < 2:
+        raise ValueError("n must be >= 2 to estimate a variance")
+    ho, zo = [], []
+    for t in steps:
+        for role, out in (("HO", ho), ("ZO", zo)):
+            s = draw_estimates(chain, single_step_plan(T, t, role), params, n, generator=generator, baseline=baseline)
+            out.append(float(s.grad.var(0).sum()))
+    fo = draw_estimates(chain, Plan.truncated(T, 1), params, n, generator=generator)
+    return StepVariances(steps, tuple(ho), tuple(zo), float(fo.grad.var(0).sum()), n)
+
+
+# ----------------------------------------------------------------- truncation bias
+def truncation_bias(chain, params, k: int) -> dict[str, torch.Tensor]:
+    """Prop. 6.1: grad J - E[truncated-k estimate] = sum_{t > k} grad_{theta_t} J, exactly
+    (on a chain with ``exact_truncation_bias``, e.g. the linear-Gaussian chain)."""
+    if not hasattr(chain, "exact_truncation_bias"):
+        raise ValueError(f"{type(chain).__name__} has no exact per-step gradients; use the linear-Gaussian chain")
+    return chain.exact_truncation_bias(params, k)
+
+
+def truncation_bias_curve(chain, params) -> tuple[np.ndarray, np.ndarray, float]:
+    """For k = 1..T at once: the norm of the Prop. 6.1 bias, its norm relative to |grad J|,
+    and |grad J|. Uses one pass of ``chain.exact_step_grads``."""
+    if not hasattr(chain, "exact_step_grads"):
+        raise ValueError(f"{type(chain).__name__} has no exact per-step gradients; use the linear-Gaussian chain")
+    g = torch.cat([v.reshape(chain.T, -1) for v in chain.exact_step_grads(params).values()], dim=1)
+    total = float(g.sum(0).norm())
+    tails = torch.flip(torch.cumsum(torch.flip(g, [0]), 0), [0])  # tails[k] = sum_{t > k} g_t (0-based rows)
+    norms = np.array([float(tails[k].norm()) if k < chain.T else 0.0 for k in range(1, chain.T + 1)])
+    return norms, norms / total, total
+
+
+# ------------------------------------------------------------------ Theorem 6.4
+def _check_conv(K, L, delta0, sigma2):
+    if K < 0 or L <= 0 or delta0 < 0 or sigma2 < 0:
+        raise ValueError(f"need K >= 0, L > 0, delta0 >= 0, sigma2 >= 0 (got {K}, {L}, {delta0}, {sigma2})")
+
+
+def theorem_6_4_step_size(K: int, L: float, delta0: float, sigma2: float) -> float:
+    """The step size of the proof of Thm. 6.4 (app. J.5) for K+1 iterations:
+    gamma = [ (2 delta0 / ((K+1) L sigma2))^(-1/2) + L ]^(-1)  (<= 1/L)."""
+    _check_conv(K, L, delta0, sigma2)
+    if delta0 == 0:
+        raise ValueError("delta0 = 0: theta_0 is already optimal and the step size of J.5 is 0")
+    return 1.0 / (math.sqrt((K + 1) * L * sigma2 / (2.0 * delta0)) + L)
+
+
+def theorem_6_4_bound(K: int, L: float, delta0: float, sigma2: float) -> float:
+    """Thm. 6.4: (1/(K+1)) sum_{k<=K} E|grad J(theta_k)|^2 <= sqrt(8 L delta0 sigma2/(K+1)) + 2 L delta0/(K+1),
+    for SGD with :func:`theorem_6_4_step_size`. sigma2 bounds E|g - grad J|^2 of the
+    gradient estimate used per iteration (per-sample variance / batch size)."""
+    _check_conv(K, L, delta0, sigma2)
+    return math.sqrt(8.0 * L * delta0 * sigma2 / (K + 1)) + 2.0 * L * delta0 / (K + 1)
+
+
+def sgd_bound(K: int, gamma: float, L: float, delta0: float, sigma2: float) -> float:
+    """The bound inside the proof of Thm. 6.4 for a fixed step gamma <= 1/L:
+    (1/(K+1)) sum_{k<=K} E|grad J(theta_k)|^2 <= 2 delta0 / (gamma (K+1)) + gamma L sigma2."""
+    _check_conv(K, L, delta0, sigma2)
+    if not 0 < gamma <= 1.0 / L:
+        raise ValueError(f"the bound needs 0 < gamma <= 1/L = {1.0 / L}, got {gamma}")
+    return 2.0 * delta0 / (gamma * (K + 1)) + gamma * L * sigma2
+
+
+def smoothness(objective: Callable[[dict], torch.Tensor], params: Mapping[str, torch.Tensor]) -> float:
+    """Spectral norm of the Hessian of ``objective`` at ``params`` (flattened): a local
+    value of the constant L of Thm. 6.4. J is a polynomial in theta, not globally L-smooth."""
+    names = list(params)
+    shapes = [params[k].shape for k in names]
+    sizes = [params[k].numel() for k in names]
+    flat0 = torch.cat([params[k].detach().reshape(-1) for k in names])
+
+    def f(flat):
+        parts = torch.split(flat, sizes)
+        return objective({k: p.reshape(s) for k, p, s in zip(names, parts, shapes)})
+
+    H = torch.autograd.functional.hessian(f, flat0)
+    return float(torch.linalg.eigvalsh(0.5 * (H + H.T)).abs().max())

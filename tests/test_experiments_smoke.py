@@ -1,0 +1,55 @@
+"""Smoke test: every experiment runs end to end in --quick mode and writes its outputs.
+
+--quick uses tiny sample sizes, so only structural facts are asserted here, plus the
+deterministic ones (the exact truncation bias, the solver's h*); the statistical results
+live in docs/results/ and are produced by the full run.
+"""
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+STEMS = ["e1_unbiasedness", "e2_variance", "e2_prop62_cosine", "e3_truncation", "e4_hstar", "e4_variance_by_h",
+         "e5_convergence", "e6_compute"]
+FIGURES = ["e1_unbiasedness", "e2_variance", "e3_truncation", "e4_hstar", "e5_convergence", "e6_compute"]
+
+
+@pytest.fixture(scope="module")
+def quick_out(tmp_path_factory):
+    out = tmp_path_factory.mktemp("results")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
+    subprocess.run([sys.executable, "-m", "experiments.run_all", "--quick", "--out", str(out)], cwd=REPO, env=env,
+                   check=True, capture_output=True, timeout=300)
+    return out
+
+
+def _rows(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_every_output_is_written(quick_out):
+    for stem in STEMS:
+        assert (quick_out / f"{stem}.csv").stat().st_size > 0
+        md = (quick_out / f"{stem}.md").read_text()
+        assert md.count("\n|") >= 3  # header, rule and at least one row
+    for stem in FIGURES:
+        assert (quick_out / f"{stem}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_quick_tables_are_consistent(quick_out):
+    # e1: the biased control (truncated K=1, relative bias 0.85 here) is rejected even at n = 2048
+    e1 = {r["estimator"]: r for r in _rows(quick_out / "e1_unbiasedness.csv")}
+    assert e1["truncated K=1"]["unbiased plan"] == "no" and e1["truncated K=1"]["verdict"] == "REJECT"
+    assert e1["full backprop (FO)"]["unbiased plan"] == "yes"
+    # e3: the exact bias vanishes at K = T and decreases along the measured K
+    e3 = _rows(quick_out / "e3_truncation.csv")
+    exact = [float(r["|bias| exact"]) for r in e3]
+    assert exact[-1] == 0.0 and all(b < a for a, b in zip(exact, exact[1:]))
+    # e4: the solver's h* is the largest affordable h and never exceeds it
+    for r in _rows(quick_out / "e4_hstar.csv"):
+        assert int(r["solver h*"]) == int(r["largest feasible h"])
