@@ -1,6 +1,7 @@
 """``halforder train``: reward fine-tuning of a diffusion model's LoRA with any estimator.
 
     halforder train --preset tiny                                   # offline CPU smoke run
+    halforder train --task t2v --preset tiny-video                  # offline CPU text-to-video smoke run
     halforder train --config run.yaml --steps 200 --lr 1e-4         # a file, then flags
     torchrun --nproc_per_node 2 -m halforder train --preset tiny    # data parallel
 
@@ -19,6 +20,7 @@ from typing import Any
 from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
 from .config import PRESETS, TINY_EVAL_PROMPTS, TINY_MODEL, TINY_PROMPTS, TrainConfig, load_config
 from ..estimators.samplers import FAMILIES, J_SAMPLING, make_sampler
+from .video import VIDEO_ARGS, add_video_arguments
 
 
 def _eta(v: str):
@@ -40,6 +42,8 @@ def parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML (.yaml/.yml) or TOML (.toml) file of TrainConfig fields")
     p.add_argument("--preset", choices=sorted(PRESETS), help="start from a preset ('tiny': offline CPU smoke run)")
+    p.add_argument("--task", choices=("t2i", "t2v"),
+                   help="t2i: text-to-image (default); t2v: text-to-video (default with --preset tiny-video)")
     a = p.add_argument_group("model and data")
     a.add_argument("--model", help="hub id or local diffusers directory of the SD model ('tiny': random tiny parts)")
     a.add_argument("--revision", help="hub revision of --model")
@@ -75,11 +79,12 @@ def parser() -> argparse.ArgumentParser:
     w.add_argument("--checkpoint-every", type=int)
     w.add_argument("--resume", help="checkpoint directory, or 'latest' in --output-dir")
     w.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+    add_video_arguments(p)
     return p
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    d = {k: v for k, v in vars(args).items() if k != "config"}
+    d = {k: v for k, v in vars(args).items() if k != "config" and k not in VIDEO_ARGS}
     if d.get("j_window") is not None:
         d["j_window"] = tuple(d["j_window"])
     return d
@@ -150,11 +155,20 @@ def main(argv: list[str] | None = None) -> int:
             cfg = dataclasses.replace(cfg, clip_norm=None)
         from .trainer import make_accelerator, train
         acc = make_accelerator(cfg)
-        task, sampler, prompts, eval_prompts = prepare(cfg, acc.device)
+        video = (args.task or ("t2v" if cfg.preset == "tiny-video" else "t2i")) == "t2v"
+        if video:
+            from .video import prepare_video, video_options, write_video_samples
+            options = video_options(cfg.preset, vars(args))
+            task, sampler, prompts, eval_prompts = prepare_video(cfg, acc.device, options)
+        else:
+            task, sampler, prompts, eval_prompts = prepare(cfg, acc.device)
     except (ValueError, OSError, CheckpointError) as e:
         print(f"halforder train: error: {e}", file=sys.stderr)
         return 2
     result = train(task, sampler, prompts, cfg, accelerator=acc, eval_prompts=eval_prompts)
+    if video and acc.is_main_process:
+        write_video_samples(task, list(eval_prompts or prompts)[:cfg.eval_num],
+                            os.path.join(cfg.output_dir, "samples", "final.gif"), cfg.seed + 7919, options.gif_fps)
     if acc.is_main_process:
         last = result.metrics[-1] if result.metrics else {}
         print(f"trained {result.step} updates ({cfg.estimator}, model {cfg.model if cfg.model != TINY_MODEL else 'tiny'}); "

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from ..estimators.samplers import FAMILIES, J_SAMPLING
+from .video import TINY_VIDEO_PRESET
 
 TINY_MODEL = "tiny"
 
@@ -21,6 +22,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(model=TINY_MODEL, reward="brightness", T=6, guidance_scale=2.0, steps=6, batch_size=2,
                  grad_accum=1, lr=1e-2, lora_rank=2, lora_alpha=2.0, h=2, eval_every=3, checkpoint_every=3,
                  eval_num=4, output_dir=os.path.join("runs", "tiny")),
+    # Offline, CPU, a tiny random UNet3D (with --task t2v; see halforder.diffusion.video).
+    "tiny-video": TINY_VIDEO_PRESET,
 }
 
 TINY_PROMPTS = ("a red square", "a blue circle", "a green field", "a yellow sun",

@@ -1,0 +1,33 @@
+"""`halforder train --task t2v --preset tiny-video`: offline, writes metrics, grids and a GIF."""
+import json
+
+import pytest
+
+pytest.importorskip("diffusers")
+
+from halforder.diffusion.cli import main  # noqa: E402
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_tiny_video_cli_run(tmp_path, monkeypatch, capsys):
+    import imageio
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "run"
+    assert main(["--task", "t2v", "--preset", "tiny-video", "--steps", "2", "--eval-every", "2",
+                 "--output-dir", str(out), "--no-progress"]) == 0
+    recs = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [r["step"] for r in recs] == [1, 2] and all(r["plan"].startswith("rlr") for r in recs)
+    assert (out / "samples" / "step_00000002.png").exists() and (out / "lora").is_dir()
+    assert len(imageio.mimread(out / "samples" / "final.gif")) == 4      # the preset's 4 frames
+    assert "trained 2 updates" in capsys.readouterr().out
+
+
+def test_video_cli_bad_input(tmp_path, capsys):
+    bad = [["--preset", "tiny-video", "--frames", "sideways"],            # the preset implies --task t2v
+           ["--task", "t2v", "--preset", "tiny-video", "--frames", "random"],   # temporal reward needs >= 2 frames
+           ["--task", "t2v", "--preset", "tiny-video", "--reward", "no_such_reward"]]
+    for argv in bad:
+        assert main(argv + ["--output-dir", str(tmp_path / "x"), "--no-progress"]) == 2
+        assert "error" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()                                  # nothing half-written
