@@ -116,7 +116,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     comp = tiny_components(0)
-    params = add_lora(comp.unet, rank=4, init=False)
+    params = add_lora(comp.unet, rank=4, init=False, seed=0)
     reward = make_reward("brightness")
     rows = []
     for T in args.T:

@@ -78,7 +78,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     comp = tiny_video_components(0)
-    params = add_lora(comp.unet, rank=4, init=False)
+    params = add_lora(comp.unet, rank=4, init=False, seed=0)
     T, h = args.T, 2
     plan = Plan.rlr(T, h, T // 2)
     rows = []

@@ -107,7 +107,7 @@ def test_dpm_sde_rollout_matches_pipeline(tiny_dpm):
 def test_per_sample_params(tiny, cfg):
     """A leading sample axis on the LoRA params: vmap == one call per sample == shared
     params when the copies are equal."""
-    params = add_lora(tiny.unet, rank=2, init=False)
+    params = add_lora(tiny.unet, rank=2, init=False, seed=0)
     chain = make_sd_chain(tiny, Plan.full(2), ["a cat", "a dog", "a cow"], BRIGHT, eta=0.0, guidance_scale=cfg)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 4, 8, 8, generator=g)
@@ -179,7 +179,7 @@ def test_per_step_prompts(tiny):
 @pytest.mark.parametrize("plan", [Plan.full(3), Plan.truncated(3, 1), Plan.reinforce(3), Plan.zeroth_order(3),
                                   Plan.rlr(3, h=1, j=2), Plan.rlr(3, h=2, j=2)], ids=str)
 def test_every_plan_gives_lora_gradients(tiny, plan):
-    params = add_lora(tiny.unet, rank=2, init=False)
+    params = add_lora(tiny.unet, rank=2, init=False, seed=0)
     frozen = {k: v.clone() for k, v in tiny.unet.state_dict().items() if "lora_" not in k}
     chain = make_sd_chain(tiny, plan, ["a cat"], make_reward("random_cnn"), ho_eta=1.0, zo_sigma=0.05,
                           guidance_scale=2.0)
@@ -221,7 +221,7 @@ def test_video_unet_latents():
                                           attention_head_dim=4,
                                           down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
                                           up_block_types=("UpBlock3D", "CrossAttnUpBlock3D")).eval()
-    params = add_lora(unet, rank=2, init=False)
+    params = add_lora(unet, rank=2, init=False, seed=0)
     solver = make_solver(diffusers.DDIMScheduler(num_train_timesteps=1000), 2, 1.0)
     ctx = torch.randn(1, 3, 16)
     chain = DiffusionChain(ModuleDenoiser(unet, solver.timesteps, ctx), solver, (0.0, 0.0),
@@ -245,7 +245,7 @@ def test_bad_input(tiny):
 
 def test_dpm_chain_drives_the_engine(tiny_dpm):
     """The tuple state (latent, previous data prediction) goes through every role."""
-    params = add_lora(tiny_dpm.unet, rank=2, init=False)
+    params = add_lora(tiny_dpm.unet, rank=2, init=False, seed=0)
     plan = Plan.rlr(4, h=2, j=2)
     chain = make_sd_chain(tiny_dpm, plan, ["a cat"], make_reward("random_cnn"), ho_eta=1.0, zo_sigma=0.05,
                           guidance_scale=2.0)

@@ -75,7 +75,7 @@ def test_window_validation():
 
 def _dcot_task(T=6):
     c = tiny_components(0)
-    params = add_lora(c.unet, rank=2, init=False)
+    params = add_lora(c.unet, rank=2, init=False, seed=0)
     base = SDTask(c, params, make_reward("random_cnn"), T, guidance_scale=1.0, eta_plan=1.0, zo_sigma=0.05)
     entries = parse_dcot_prompts([ENTRY, {"prompt": "a dog", "coarse": "a shape", "mid": "a dog running",
                                           "fine": "wet nose"}])

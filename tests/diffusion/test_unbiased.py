@@ -41,7 +41,7 @@ def _wald(a: torch.Tensor, b: torch.Tensor):
 @pytest.fixture(scope="module")
 def setup():
     c = tiny_components(0, latent_size=4)
-    lora = add_lora(c.unet, rank=1, target_modules=["conv_out"], init=False)
+    lora = add_lora(c.unet, rank=1, target_modules=["conv_out"], init=False, seed=0)
     params = {k: v for k, v in lora.items() if ".lora_B." in k}
     rlr = Plan.rlr(T, h=2, j=2)
     chain = make_sd_chain(c, rlr, ["a photo"], make_reward("brightness"), eta="plan", ho_eta=1.0,

@@ -140,7 +140,7 @@ def test_subset_decoding_is_exact_and_noise_free():
                                   Plan.rlr(3, h=2, j=2)], ids=str)
 def test_every_plan_gives_lora_gradients(plan):
     c = tiny_video_components(0)
-    params = add_lora(c.unet, rank=2, init=False)
+    params = add_lora(c.unet, rank=2, init=False, seed=0)
     frozen = {k: v.clone() for k, v in c.unet.state_dict().items() if "lora_" not in k}
     reward = make_video_reward("random_cnn+0.5*temporal")
     chain = make_video_chain(c, plan, ["a cat"], reward, num_frames=3, frames="ends", ho_eta=1.0, zo_sigma=0.05,
@@ -183,7 +183,7 @@ def test_rlr_mean_gradient_matches_full_backprop():
     test rejects truncated backprop (K = 1), and RLR's standard error along the pilot
     direction is small enough that a bias of truncation's size would be seen (> 4 SE)."""
     c = tiny_video_components(0, latent_size=2)
-    params = add_lora(c.unet, rank=1, init=False, target_modules=TARGETS)
+    params = add_lora(c.unet, rank=1, init=False, target_modules=TARGETS, seed=0)
     T, rlr = 4, Plan.rlr(4, 2, 2)
     chain = make_video_chain(c, rlr, ["a cat"], make_video_reward("random_cnn"), num_frames=2, frames="all",
                              ho_eta=1.0, zo_sigma=0.5, guidance_scale=1.0)

@@ -141,7 +141,7 @@ def tiny_components(seed: int = 0, *, scheduler: str = "ddim", latent_size: int 
                     text_length: int = 16) -> Components:
     """Tiny random SD components built from configs (no download), frozen, float32, CPU.
 
-    Seeds the global torch RNG with ``seed`` (the libraries initialise weights from it).
+    The weights are drawn from ``seed`` in a forked RNG; the global torch RNG is left alone.
 
     The UNet has two resolution levels (8 and 16 channels, cross-attention dimension 16),
     the VAE upsamples the ``[N, 4, latent_size, latent_size]`` latent by 2, the text
@@ -151,20 +151,20 @@ def tiny_components(seed: int = 0, *, scheduler: str = "ddim", latent_size: int 
     from transformers import CLIPTextConfig, CLIPTextModel
 
     tokenizer = tiny_tokenizer(text_length)
-    # diffusers/transformers initialise from the global RNG. It stays seeded afterwards, so
-    # that what is built next from it (e.g. peft's LoRA-A init) is reproducible too.
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=latent_size, in_channels=4, out_channels=4, layers_per_block=1,
-        block_out_channels=(8, 16), norm_num_groups=4, cross_attention_dim=16, attention_head_dim=4,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16), layers_per_block=1,
-        norm_num_groups=4, sample_size=2 * latent_size,
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-        num_attention_heads=2, max_position_embeddings=text_length, bos_token_id=0, eos_token_id=1,
-        pad_token_id=1, projection_dim=16))
+    # diffusers and transformers initialise weights from the global RNG: fork it
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            sample_size=latent_size, in_channels=4, out_channels=4, layers_per_block=1,
+            block_out_channels=(8, 16), norm_num_groups=4, cross_attention_dim=16, attention_head_dim=4,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16), layers_per_block=1,
+            norm_num_groups=4, sample_size=2 * latent_size,
+            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+            num_attention_heads=2, max_position_embeddings=text_length, bos_token_id=0, eos_token_id=1,
+            pad_token_id=1, projection_dim=16))
     return Components(unet, vae, text_encoder, tokenizer, make_scheduler(scheduler, SD_SCHEDULER_CONFIG)).freeze()

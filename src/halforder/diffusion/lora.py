@@ -18,7 +18,7 @@ DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
 def add_lora(unet: torch.nn.Module, rank: int = 4, alpha: float | None = None,
              target_modules: Sequence[str] = DEFAULT_TARGETS, init: str | bool = True,
-             adapter_name: str = "default") -> dict[str, torch.nn.Parameter]:
+             adapter_name: str = "default", seed: int | None = None) -> dict[str, torch.nn.Parameter]:
     """Freeze ``unet`` and add a LoRA adapter; returns :func:`lora_params`.
 
     Uses ``unet.add_adapter`` (diffusers' peft integration) where the model has it, and
@@ -30,6 +30,8 @@ def add_lora(unet: torch.nn.Module, rank: int = 4, alpha: float | None = None,
         the paper adapts every linear layer of the backbone with k = 16).
       init: peft's ``init_lora_weights``: True (B = 0, so the adapted UNet starts equal to
         the base one), ``"gaussian"``, or False (random B, for tests).
+      seed: seeds peft's random initialisation in a forked RNG, so the global torch RNG is
+        left alone; None draws from the global RNG.
     """
     from peft import LoraConfig
 
@@ -38,11 +40,14 @@ def add_lora(unet: torch.nn.Module, rank: int = 4, alpha: float | None = None,
     unet.requires_grad_(False)
     config = LoraConfig(r=rank, lora_alpha=float(rank if alpha is None else alpha),
                         target_modules=list(target_modules), init_lora_weights=init)
-    if hasattr(unet, "add_adapter"):
-        unet.add_adapter(config, adapter_name=adapter_name)
-    else:  # diffusers models without the peft mixin (e.g. UNet3DConditionModel)
-        from peft import inject_adapter_in_model
-        inject_adapter_in_model(config, unet, adapter_name=adapter_name)
+    with torch.random.fork_rng(devices=[], enabled=seed is not None):
+        if seed is not None:
+            torch.manual_seed(seed)
+        if hasattr(unet, "add_adapter"):
+            unet.add_adapter(config, adapter_name=adapter_name)
+        else:  # diffusers models without the peft mixin (e.g. UNet3DConditionModel)
+            from peft import inject_adapter_in_model
+            inject_adapter_in_model(config, unet, adapter_name=adapter_name)
     params = lora_params(unet)
     if not params:
         raise ValueError(f"no module of the UNet matches target_modules={list(target_modules)}")

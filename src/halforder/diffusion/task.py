@@ -96,7 +96,7 @@ def build_components(cfg: TrainConfig, device: torch.device | str = "cpu") -> Co
 def build_task(cfg: TrainConfig, reward: Callable, components: Components,
                device: torch.device | str = "cpu") -> SDTask:
     """Add the LoRA adapter of ``cfg`` to ``components.unet`` and wrap everything as a task."""
-    params = add_lora(components.unet, rank=cfg.lora_rank, alpha=cfg.lora_alpha)
+    params = add_lora(components.unet, rank=cfg.lora_rank, alpha=cfg.lora_alpha, seed=cfg.seed)
     for p in params.values():
         p.data = p.data.to(device)
     return SDTask(components, params, reward, cfg.T, cfg.guidance_scale, cfg.eta, cfg.eta_plan, cfg.zo_sigma,

@@ -143,22 +143,23 @@ def tiny_video_components(seed: int = 0, *, scheduler: str = "ddim", latent_size
     from diffusers.models.attention_processor import AttnProcessor
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    torch.manual_seed(seed)
     tokenizer = tiny_tokenizer(text_length)
-    kw = dict(sample_size=latent_size, in_channels=4, out_channels=4, layers_per_block=1,
-              block_out_channels=(8, 16), norm_num_groups=4, cross_attention_dim=16, attention_head_dim=4,
-              down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
-              up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"))
-    unet = fps_unet_class()(**kw, fps_cond=True, fps=fps) if fps_cond else UNet3DConditionModel(**kw)
-    # the classic attention processor: torch.func.vmap (per-sample parameters) has a batching
-    # rule for its ops, not for the fused CPU attention kernel, which it would run sample by sample
-    unet.set_attn_processor(AttnProcessor())
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
-                        layers_per_block=1, norm_num_groups=4, sample_size=2 * latent_size,
-                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-        max_position_embeddings=text_length, bos_token_id=0, eos_token_id=1, pad_token_id=1, projection_dim=16))
+    with torch.random.fork_rng(devices=[]):  # the libraries initialise weights from the global RNG
+        torch.manual_seed(seed)
+        kw = dict(sample_size=latent_size, in_channels=4, out_channels=4, layers_per_block=1,
+                  block_out_channels=(8, 16), norm_num_groups=4, cross_attention_dim=16, attention_head_dim=4,
+                  down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
+                  up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"))
+        unet = fps_unet_class()(**kw, fps_cond=True, fps=fps) if fps_cond else UNet3DConditionModel(**kw)
+        # the classic attention processor: torch.func.vmap (per-sample parameters) has a batching
+        # rule for its ops, not for the fused CPU attention kernel, which it would run sample by sample
+        unet.set_attn_processor(AttnProcessor())
+        vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
+                            layers_per_block=1, norm_num_groups=4, sample_size=2 * latent_size,
+                            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+            max_position_embeddings=text_length, bos_token_id=0, eos_token_id=1, pad_token_id=1, projection_dim=16))
     return Components(unet, vae, text_encoder, tokenizer, make_scheduler(scheduler, SD_SCHEDULER_CONFIG)).freeze()
 
 
@@ -599,7 +600,7 @@ def build_video_task(cfg, options: VideoOptions = VideoOptions(), device="cpu", 
         m.to(device)
     if isinstance(reward, torch.nn.Module):
         reward.to(device)
-    params = add_lora(comp.unet, rank=cfg.lora_rank, alpha=cfg.lora_alpha)
+    params = add_lora(comp.unet, rank=cfg.lora_rank, alpha=cfg.lora_alpha, seed=cfg.seed)
     for p in params.values():
         p.data = p.data.to(device)
     return VideoTask(comp, params, reward, cfg.T, options.num_frames, options.latent_size, options.frames,
