@@ -433,6 +433,36 @@ class DecodedReward:
 Prompts = Union[Sequence[str], Callable[[int], Sequence[str]]]
 
 
+def text_conditioning(components, prompts: Prompts, T: int, guidance_scale: float, negative_prompt: str = ""):
+    """Text embeddings for a chain of T steps: ``(context, negative, final_prompts)``.
+
+    ``context`` is one ``[N, L, D]`` tensor for fixed prompts, or a callable ``t -> [N, L, D]``
+    when ``prompts`` is a callable ``t -> prompts`` (per-step conditioning; each distinct
+    prompt list is encoded once). ``negative`` is the unconditional embedding for
+    classifier-free guidance (None when ``guidance_scale <= 1``); ``final_prompts`` are the
+    prompts of step 1, the ones a reward sees by default."""
+    cache: dict[tuple, torch.Tensor] = {}
+
+    def embed(ps):
+        key = tuple(ps)
+        if key not in cache:
+            cache[key] = encode_prompts(components, key)
+        return cache[key]
+
+    if callable(prompts):
+        per_step = {t: tuple(prompts(t)) for t in range(1, T + 1)}
+        if not all(per_step.values()):
+            raise ValueError("prompts(t) must give at least one prompt at every step")
+        context, final = (lambda t: embed(per_step[t])), per_step[1]
+    else:
+        final = tuple([prompts] if isinstance(prompts, str) else prompts)
+        if not final:
+            raise ValueError("prompts must not be empty")
+        context = embed(final)
+    negative = embed([negative_prompt]) if guidance_scale > 1 else None
+    return context, negative, final
+
+
 def make_sd_chain(components, plan: Plan, prompts: Prompts, reward: Callable, *, eta: Schedule = "plan",
                   ho_eta: float = 1.0, tau: Schedule = "plan", zo_sigma: float = 1e-3,
                   guidance_scale: float = 7.5, negative_prompt: str = "", reward_prompts: Sequence[str] | None = None,
@@ -454,28 +484,8 @@ def make_sd_chain(components, plan: Plan, prompts: Prompts, reward: Callable, *,
       reward_prompts: the prompts the reward sees (default: the prompts of step 1).
       per_sample: see :class:`ModuleDenoiser`.
     """
-    T = plan.T
-    solver = make_solver(components.scheduler, T, eta_schedule(plan, eta, ho_eta))
-    cache: dict[tuple, torch.Tensor] = {}
-
-    def embed(ps):
-        key = tuple(ps)
-        if key not in cache:
-            cache[key] = encode_prompts(components, key)
-        return cache[key]
-
-    if callable(prompts):
-        step_prompts = {t: tuple(prompts(t)) for t in range(1, T + 1)}
-        if not all(step_prompts.values()):
-            raise ValueError("prompts(t) must give at least one prompt at every step")
-        context = (lambda t: embed(step_prompts[t]))
-        final = step_prompts[1]
-    else:
-        final = tuple([prompts] if isinstance(prompts, str) else prompts)
-        if not final:
-            raise ValueError("prompts must not be empty")
-        context = embed(final)
-    negative = embed([negative_prompt]) if guidance_scale > 1 else None
+    solver = make_solver(components.scheduler, plan.T, eta_schedule(plan, eta, ho_eta))
+    context, negative, final = text_conditioning(components, prompts, plan.T, guidance_scale, negative_prompt)
     unet = components.unet
     denoiser = ModuleDenoiser(unet, solver.timesteps, context, negative, guidance_scale, per_sample)
     size = unet.config.sample_size

@@ -32,8 +32,8 @@ from typing import Any, Callable, Mapping, Sequence, Union
 import torch
 
 from ..estimators import Plan
-from .chain import (DiffusionChain, ModuleDenoiser, Schedule, decode_latents, encode_prompts, eta_schedule,
-                    make_solver, rollout, tau_schedule)
+from .chain import (DiffusionChain, ModuleDenoiser, Prompts, Schedule, decode_latents, eta_schedule,
+                    make_solver, rollout, tau_schedule, text_conditioning)
 from .components import SD_SCHEDULER_CONFIG, Components, make_scheduler, tiny_tokenizer
 
 FrameSpec = Union[str, int, Sequence[int]]
@@ -337,9 +337,6 @@ class DecodedVideoReward:
 
 
 # ----------------------------------------------------------------------------- the chain
-Prompts = Union[Sequence[str], Callable[[int], Sequence[str]]]
-
-
 def make_video_chain(components: Components, plan: Plan, prompts: Prompts, reward: VideoReward, *,
                      num_frames: int = 16, latent_size: int | tuple[int, int] | None = None,
                      frames: FrameSpec = "all", frame_generator: torch.Generator | None = None,
@@ -356,27 +353,8 @@ def make_video_chain(components: Components, plan: Plan, prompts: Prompts, rewar
       frames, frame_generator: which frames the reward decodes (:func:`frame_indices`).
       reward: a video reward ``(frames [N, k, 3, H, W], prompts) -> [N]``.
     """
-    T = plan.T
-    solver = make_solver(components.scheduler, T, eta_schedule(plan, eta, ho_eta))
-    cache: dict[tuple, torch.Tensor] = {}
-
-    def embed(ps):
-        key = tuple(ps)
-        if key not in cache:
-            cache[key] = encode_prompts(components, key)
-        return cache[key]
-
-    if callable(prompts):
-        per_step = {t: tuple(prompts(t)) for t in range(1, T + 1)}
-        if not all(per_step.values()):
-            raise ValueError("prompts(t) must give at least one prompt at every step")
-        context, final = (lambda t: embed(per_step[t])), per_step[1]
-    else:
-        final = tuple([prompts] if isinstance(prompts, str) else prompts)
-        if not final:
-            raise ValueError("prompts must not be empty")
-        context = embed(final)
-    negative = embed([negative_prompt]) if guidance_scale > 1 else None
+    solver = make_solver(components.scheduler, plan.T, eta_schedule(plan, eta, ho_eta))
+    context, negative, final = text_conditioning(components, prompts, plan.T, guidance_scale, negative_prompt)
     unet = components.unet
     size = latent_size if latent_size is not None else unet.config.sample_size
     if size is None:
