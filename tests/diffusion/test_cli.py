@@ -13,16 +13,6 @@ from halforder.diffusion.config import TrainConfig, load_config  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: the 2 cores are shared, and oversubscribed threads slow the tiny UNet ~10x."""
-    import torch
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(autouse=True)
 def offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 

@@ -20,16 +20,6 @@ from halforder.diffusion.config import load_config  # noqa: E402
 from halforder.diffusion.trainer import TrainRNG, local_estimate  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: the 2 cores are shared, and oversubscribed threads slow the tiny UNet ~10x."""
-    import torch
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _norm(d):
     return float(torch.sqrt(sum((v.double() ** 2).sum() for v in d.values())))
 

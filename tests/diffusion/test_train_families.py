@@ -14,16 +14,6 @@ from halforder.estimators.samplers import make_sampler  # noqa: E402
 PROMPTS = ["a red square", "a blue circle", "a green field"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: the 2 cores are shared, and oversubscribed threads slow the tiny UNet ~10x."""
-    import torch
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _frozen(comp):
     return {f"{name}.{k}": v.detach().clone()
             for name, m in (("unet", comp.unet), ("vae", comp.vae), ("text_encoder", comp.text_encoder))

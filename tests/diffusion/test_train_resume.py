@@ -21,16 +21,6 @@ PROMPTS = ["a red square", "a blue circle", "a green field", "a cat"]
 VOLATILE = ("time_s", "elapsed_s", "memory_bytes")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: the 2 cores are shared, and oversubscribed threads slow the tiny UNet ~10x."""
-    import torch
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class Interrupt(Exception):
     pass
 
