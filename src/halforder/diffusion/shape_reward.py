@@ -1,0 +1,110 @@
+"""A differentiable reward on :mod:`.shapes` images: the probability that the shape is a circle.
+
+A small CNN is trained in-process to tell circles, squares and triangles apart (with
+Gaussian pixel noise as augmentation, so that it is defined on imperfect samples). The
+reward is its softmax probability of "circle", in [0, 1]; on the data its mean is about
+1/3, the fraction of circles. Being a learned classifier it can be hacked: pushing its
+probability up need not make better circles, and a second classifier trained from
+another seed (:func:`pretrained_classifier` with ``seed=1``) measures that.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .shapes import SHAPES, sample_shapes
+
+
+@dataclass(frozen=True)
+class ClassifierConfig:
+    """How the shape classifier is built and trained.
+
+    Attributes:
+      size: image side in pixels.
+      width: channels of the first convolution (doubled twice).
+      steps: optimiser steps.
+      batch: images per step.
+      lr: Adam learning rate.
+      noise: augmentation: pixel noise with std uniform in [0, noise] (images in [-1, 1]).
+      seed: seeds the weights, the data and the augmentation.
+    """
+
+    size: int = 16
+    width: int = 16
+    steps: int = 400
+    batch: int = 128
+    lr: float = 3e-3
+    noise: float = 0.3
+    seed: int = 0
+
+    def key(self) -> str:
+        """A short hash of the configuration (the cache key)."""
+        return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+
+
+class ShapeClassifier(nn.Module):
+    """Images ``[N, 3, S, S]`` in [-1, 1] -> logits ``[N, 3]`` over :data:`SHAPES`."""
+
+    def __init__(self, width: int = 16):
+        super().__init__()
+        w = width
+        self.net = nn.Sequential(
+            nn.Conv2d(3, w, 3, padding=1), nn.SiLU(),
+            nn.Conv2d(w, 2 * w, 3, stride=2, padding=1), nn.SiLU(),
+            nn.Conv2d(2 * w, 4 * w, 3, stride=2, padding=1), nn.SiLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4 * w, len(SHAPES)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def train_classifier(config: ClassifierConfig) -> ShapeClassifier:
+    """Train a :class:`ShapeClassifier` on fresh samples every step; returns it in eval mode."""
+    torch.manual_seed(config.seed)
+    g = torch.Generator().manual_seed(1000 + config.seed)
+    model = ShapeClassifier(config.width)
+    opt = torch.optim.Adam(model.parameters(), lr=config.lr)
+    for _ in range(config.steps):
+        x, y, _ = sample_shapes(config.batch, config.size, generator=g)
+        s = config.noise * torch.rand(config.batch, 1, 1, 1, generator=g)
+        x = x + s * torch.randn(x.shape, generator=g)
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+def pretrained_classifier(config: ClassifierConfig, cache_dir: str | os.PathLike) -> ShapeClassifier:
+    """The classifier for ``config``: loaded from ``cache_dir/classifier-<key>.safetensors``
+    if present, otherwise trained and stored there. Its parameters are frozen."""
+    from safetensors.torch import load_file, save_file
+
+    path = os.path.join(os.fspath(cache_dir), f"classifier-{config.key()}.safetensors")
+    if os.path.exists(path):
+        model = ShapeClassifier(config.width)
+        model.load_state_dict(load_file(path))
+    else:
+        model = train_classifier(config)
+        os.makedirs(os.fspath(cache_dir), exist_ok=True)
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path,
+                  metadata={"config": json.dumps(dataclasses.asdict(config), sort_keys=True)})
+    return model.eval().requires_grad_(False)
+
+
+@dataclass(frozen=True, eq=False)
+class CircleReward:
+    """``reward(x0) -> [N]``: the classifier's probability that x0 (images in [-1, 1]) is a circle.
+
+    Images are clamped to [-1, 1] first, as a sampler's output would be displayed."""
+
+    classifier: ShapeClassifier
+
+    def __call__(self, x0: torch.Tensor) -> torch.Tensor:
+        return self.classifier(x0.clamp(-1, 1)).softmax(-1)[:, SHAPES.index("circle")]
