@@ -273,9 +273,9 @@ def build_setup(cfg: ExperimentConfig, cache_dir: str) -> Setup:
     unet = pretrained_unet(cfg.pretrain, cache_dir)
     reward = CircleReward(pretrained_classifier(cfg.reward, cache_dir))
     heldout = CircleReward(pretrained_classifier(cfg.heldout, cache_dir))
-    torch.manual_seed(0)  # the LoRA initialisation (A random, B = 0): the same start for all
-    init = {k: v.detach().clone() for k, v in add_lora(unet, rank=cfg.lora_rank,
-                                                          target_modules=cfg.lora_targets).items()}
+    # the LoRA initialisation (A random, B = 0): the same start for all
+    init = {k: v.detach().clone() for k, v in add_lora(unet, rank=cfg.lora_rank, target_modules=cfg.lora_targets,
+                                                          seed=0).items()}
     solver = DDIMSolver.from_scheduler(ddim_scheduler(cfg.pretrain), cfg.T, cfg.eta)
     g = torch.Generator().manual_seed(12345)
     shape = (3, cfg.pretrain.size, cfg.pretrain.size)

@@ -85,10 +85,11 @@ def train_unet(config: PretrainConfig, progress: bool = True):
     """Train a UNet on :func:`~halforder.diffusion.shapes.sample_shapes`; returns the EMA model (eval mode)."""
     from tqdm.auto import tqdm
 
-    torch.manual_seed(config.seed)
     g = torch.Generator().manual_seed(config.seed)
-    unet = build_unet(config)
-    ema = build_unet(config)
+    with torch.random.fork_rng(devices=[]):  # diffusers initialises weights from the global RNG
+        torch.manual_seed(config.seed)
+        unet = build_unet(config)
+        ema = build_unet(config)
     ema.load_state_dict(unet.state_dict())
     ema.requires_grad_(False)
     sched = ddpm_scheduler(config)

@@ -66,9 +66,10 @@ class ShapeClassifier(nn.Module):
 
 def train_classifier(config: ClassifierConfig) -> ShapeClassifier:
     """Train a :class:`ShapeClassifier` on fresh samples every step; returns it in eval mode."""
-    torch.manual_seed(config.seed)
     g = torch.Generator().manual_seed(1000 + config.seed)
-    model = ShapeClassifier(config.width)
+    with torch.random.fork_rng(devices=[]):  # torch.nn initialises weights from the global RNG
+        torch.manual_seed(config.seed)
+        model = ShapeClassifier(config.width)
     opt = torch.optim.Adam(model.parameters(), lr=config.lr)
     for _ in range(config.steps):
         x, y, _ = sample_shapes(config.batch, config.size, generator=g)
