@@ -15,64 +15,23 @@ grad_{theta_t} J, hence the exact truncation bias of Proposition 6.1.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 
+from .base import ToyChain
 from .rewards import Quadratic
 
 
-def _per_step(v, T: int, name: str) -> tuple[float, ...]:
-    vals = (float(v),) * T if isinstance(v, (int, float)) else tuple(float(x) for x in v)
-    if len(vals) != T:
-        raise ValueError(f"{name} needs one value per step (T={T}), got {len(vals)}")
-    if any(x < 0 for x in vals):
-        raise ValueError(f"{name} must be >= 0 at every step")
-    return vals
-
-
 @dataclass(frozen=True, eq=False)
-class LinearGaussianChain:
-    """Linear chain x_{t-1} = W_t x_t + b_t + sigma_t eps_t (see module docstring).
+class LinearGaussianChain(ToyChain):
+    """Linear chain x_{t-1} = W_t x_t + b_t + sigma_t eps_t (see module docstring; the
+    fields are :class:`~halforder.toy.base.ToyChain`'s; exact J needs a reward with
+    ``expectation``)."""
 
-    Attributes:
-      T, d: steps and dimension.
-      sigmas, taus: per-step noise scales; ``sigmas[t-1]`` is sigma_t.
-      reward_fn: a reward from :mod:`halforder.toy.rewards` (exact J needs ``expectation``).
-      x_T_mean, x_T_std: the start law N(x_T_mean, x_T_std^2 I).
-    """
-
-    T: int
-    d: int
-    sigmas: tuple[float, ...]
-    taus: tuple[float, ...]
-    reward_fn: Callable
-    x_T_mean: torch.Tensor
-    x_T_std: float = 1.0
-
-    def __post_init__(self):
-        object.__setattr__(self, "sigmas", _per_step(self.sigmas, self.T, "sigmas"))
-        object.__setattr__(self, "taus", _per_step(self.taus, self.T, "taus"))
-
-    # chain protocol
     def step(self, t: int, x: torch.Tensor, params) -> torch.Tensor:
         W, b = params["W"], params["b"]
         return (W @ x.unsqueeze(-1)).squeeze(-1) + b
-
-    def sigma(self, t: int) -> float:
-        return self.sigmas[t - 1]
-
-    def tau(self, t: int) -> float:
-        return self.taus[t - 1]
-
-    def reward(self, x0: torch.Tensor) -> torch.Tensor:
-        return self.reward_fn(x0)
-
-    def sample_start(self, n: int, generator: torch.Generator | None = None,
-                     dtype: torch.dtype = torch.float64) -> torch.Tensor:
-        """n draws of x_T."""
-        z = torch.randn((n, self.d), generator=generator, dtype=dtype)
-        return self.x_T_mean.to(dtype) + self.x_T_std * z
 
     # exact quantities
     def moments(self, params, per_step: bool = False) -> tuple[torch.Tensor, torch.Tensor]:

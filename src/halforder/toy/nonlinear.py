@@ -6,48 +6,21 @@ estimate, which is unbiased (Prop. 6.1), via :func:`halforder.toy.stats.referenc
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 
-from .linear import _per_step
+from .base import ToyChain
 from .rewards import Quadratic
 
 
 @dataclass(frozen=True, eq=False)
-class TanhChain:
+class TanhChain(ToyChain):
     """Chain with phi_t(x; W, b) = tanh(W x + b); same parameters and noises as the linear chain."""
-
-    T: int
-    d: int
-    sigmas: tuple[float, ...]
-    taus: tuple[float, ...]
-    reward_fn: Callable
-    x_T_mean: torch.Tensor
-    x_T_std: float = 1.0
-
-    def __post_init__(self):
-        object.__setattr__(self, "sigmas", _per_step(self.sigmas, self.T, "sigmas"))
-        object.__setattr__(self, "taus", _per_step(self.taus, self.T, "taus"))
 
     def step(self, t: int, x: torch.Tensor, params) -> torch.Tensor:
         W, b = params["W"], params["b"]
         return torch.tanh((W @ x.unsqueeze(-1)).squeeze(-1) + b)
-
-    def sigma(self, t: int) -> float:
-        return self.sigmas[t - 1]
-
-    def tau(self, t: int) -> float:
-        return self.taus[t - 1]
-
-    def reward(self, x0: torch.Tensor) -> torch.Tensor:
-        return self.reward_fn(x0)
-
-    def sample_start(self, n: int, generator: torch.Generator | None = None,
-                     dtype: torch.dtype = torch.float64) -> torch.Tensor:
-        """n draws of x_T ~ N(x_T_mean, x_T_std^2 I)."""
-        z = torch.randn((n, self.d), generator=generator, dtype=dtype)
-        return self.x_T_mean.to(dtype) + self.x_T_std * z
 
 
 def tanh_chain(T: int = 8, d: int = 3, sigma: float | Sequence[float] = 0.3,
