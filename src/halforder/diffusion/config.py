@@ -204,7 +204,14 @@ def read_config_file(path: str) -> dict[str, Any]:
             except yaml.YAMLError as e:
                 raise ValueError(f"config file {path!r} is not valid YAML: {e}") from e
     elif ext == ".toml":
-        import tomllib
+        try:
+            import tomllib
+        except ImportError:  # Python 3.10
+            try:
+                import tomli as tomllib
+            except ImportError:
+                raise ValueError("TOML config files need Python >= 3.11 or `pip install tomli`; "
+                                 "or use a .yaml file") from None
         with open(path, "rb") as f:
             try:
                 data = tomllib.load(f)
