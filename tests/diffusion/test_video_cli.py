@@ -31,3 +31,15 @@ def test_video_cli_bad_input(tmp_path, capsys):
         assert main(argv + ["--output-dir", str(tmp_path / "x"), "--no-progress"]) == 2
         assert "error" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()                                  # nothing half-written
+
+
+def test_task_is_a_config_field(tmp_path):
+    from halforder.diffusion.config import load_config
+
+    (tmp_path / "run.yaml").write_text("preset: tiny\ntask: t2v\n")
+    assert load_config(str(tmp_path / "run.yaml")).task == "t2v"
+    assert load_config(None, preset="tiny-video").task == "t2v"
+    assert load_config(None, preset="tiny").task == "t2i"
+    (tmp_path / "bad.yaml").write_text("task: t2a\n")
+    with pytest.raises(ValueError, match="unknown task 't2a'"):
+        load_config(str(tmp_path / "bad.yaml"))

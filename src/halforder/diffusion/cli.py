@@ -43,7 +43,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML (.yaml/.yml) or TOML (.toml) file of TrainConfig fields")
     p.add_argument("--preset", choices=sorted(PRESETS), help="start from a preset ('tiny': offline CPU smoke run)")
     p.add_argument("--task", choices=("t2i", "t2v"),
-                   help="t2i: text-to-image (default); t2v: text-to-video (default with --preset tiny-video)")
+                   help="t2i: text-to-image (default); t2v: text-to-video (the task of --preset tiny-video)")
     a = p.add_argument_group("model and data")
     a.add_argument("--model", help="hub id or local diffusers directory of the SD model ('tiny': random tiny parts)")
     a.add_argument("--revision", help="hub revision of --model")
@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg = dataclasses.replace(cfg, clip_norm=None)
         from .trainer import make_accelerator, train
         acc = make_accelerator(cfg)
-        video = (args.task or ("t2v" if cfg.preset == "tiny-video" else "t2i")) == "t2v"
+        video = cfg.task == "t2v"
         if video:
             from .video import prepare_video, video_options, write_video_samples
             options = video_options(cfg.preset, vars(args))

@@ -36,6 +36,9 @@ class TrainConfig:
     """Reward fine-tuning of a diffusion model's LoRA adapter with a gradient estimator."""
 
     # ------------------------------------------------------------------ model
+    task: str = "t2i"
+    """``"t2i"`` (text-to-image, a UNet2DConditionModel) or ``"t2v"`` (text-to-video, a
+    UNet3DConditionModel; its options are in ``halforder.diffusion.video.VideoOptions``)."""
     model: str = "CompVis/stable-diffusion-v1-4"
     """Hub id or local directory (diffusers layout) of the Stable Diffusion model; ``"tiny"``
     builds tiny random components offline (tests, ``--preset tiny``)."""
@@ -156,6 +159,7 @@ class TrainConfig:
         def need(cond, msg):
             if not cond:
                 raise ValueError(msg)
+        need(self.task in ("t2i", "t2v"), f"unknown task {self.task!r}; use 't2i' or 't2v'")
         need(self.estimator in FAMILIES, f"unknown estimator {self.estimator!r}; known: {', '.join(FAMILIES)}")
         need(self.j_sampling in J_SAMPLING, f"unknown j sampling {self.j_sampling!r}; known: {', '.join(J_SAMPLING)}")
         need(self.scheduler in ("ddim", "dpm"), f"unknown scheduler {self.scheduler!r}; use 'ddim' or 'dpm'")

@@ -475,7 +475,7 @@ TINY_VIDEO_EVAL_PROMPTS = ("a grey horse running", "a pink kite flying")
 
 #: TrainConfig overrides of ``--task t2v --preset tiny-video`` (offline, CPU, well under 3 minutes).
 TINY_VIDEO_PRESET: dict[str, Any] = dict(
-    model="tiny", reward="brightness+0.5*temporal", T=4, guidance_scale=2.0, steps=4, batch_size=2, grad_accum=1,
+    task="t2v", model="tiny", reward="brightness+0.5*temporal", T=4, guidance_scale=2.0, steps=4, batch_size=2, grad_accum=1,
     lr=1e-2, lora_rank=2, lora_alpha=2.0, h=2, eta_plan=1.0, zo_sigma=1e-2, eval_every=2, checkpoint_every=2,
     eval_num=2, output_dir=os.path.join("runs", "tiny-video"))
 
@@ -536,7 +536,7 @@ def add_video_arguments(parser) -> None:
                    help="latent height and width (default: the UNet's sample_size; 320x512 video: 40 64)")
 
 
-VIDEO_ARGS = ("task", "num_frames", "frames", "video_model", "video_base", "fps", "latent_size")
+VIDEO_ARGS = ("num_frames", "frames", "video_model", "video_base", "fps", "latent_size")
 
 
 def video_options(preset: str | None = None, flags: Mapping[str, Any] | None = None) -> VideoOptions:
