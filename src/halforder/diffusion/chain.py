@@ -48,7 +48,7 @@ from typing import Callable, Mapping, Sequence, Union
 import torch
 from torch.func import functional_call, vmap
 
-from ..estimators.chain import State, latent, with_latent
+from ..estimators.chain import State, latent, per_step, with_latent
 from ..estimators.plan import Plan, Role
 
 Params = Mapping[str, torch.Tensor]
@@ -62,15 +62,6 @@ def _fresh(scheduler, T: int):
     s = type(scheduler).from_config(scheduler.config)
     s.set_timesteps(T)
     return s
-
-
-def _per_step(v, T: int, name: str) -> tuple[float, ...]:
-    vals = (float(v),) * T if isinstance(v, (int, float)) else tuple(float(x) for x in v)
-    if len(vals) != T:
-        raise ValueError(f"{name} needs one value per step (T={T}), got {len(vals)}")
-    if any(not math.isfinite(x) or x < 0 for x in vals):
-        raise ValueError(f"{name} must be finite and >= 0 at every step, got {vals}")
-    return vals
 
 
 @dataclass(frozen=True, eq=False)
@@ -91,7 +82,7 @@ class DDIMSolver:
         s = _fresh(scheduler, T)
         if getattr(s.config, "thresholding", False):
             raise ValueError("DDIMSolver does not support dynamic thresholding (thresholding=True)")
-        etas = _per_step(etas, T, "etas")
+        etas = per_step(etas, T, "etas")
         ac = s.alphas_cumprod.double()
         coef = []
         for t in range(1, T + 1):
@@ -152,7 +143,7 @@ class DPMSolver:
                 or getattr(cfg, "use_flow_sigmas", False):
             raise ValueError("DPMSolver supports solver_order <= 2, solver_type='midpoint', no thresholding, "
                              "no flow sigmas")
-        etas = _per_step(etas, T, "etas")
+        etas = per_step(etas, T, "etas")
         if any(e > 1 for e in etas):
             raise ValueError("DPM-Solver etas must lie in [0, 1] (1 = diffusers' sde-dpmsolver++ step)")
         sig = s.sigmas.double()
@@ -314,7 +305,7 @@ class DiffusionChain:
     init_noise_sigma: float = 1.0
 
     def __post_init__(self):
-        object.__setattr__(self, "taus", _per_step(self.taus, self.solver.T, "taus"))
+        object.__setattr__(self, "taus", per_step(self.taus, self.solver.T, "taus"))
 
     @property
     def T(self) -> int:
@@ -377,7 +368,7 @@ def eta_schedule(plan: Plan, eta: Schedule = "plan", ho_eta: float = 1.0) -> tup
             raise ValueError(f"ho_eta must be > 0, got {ho_eta}")
         ends = {j for j, _ in plan.blocks}
         return tuple(float(ho_eta) if t in ends else 0.0 for t in range(1, plan.T + 1))
-    return _per_step(eta, plan.T, "eta")
+    return per_step(eta, plan.T, "eta")
 
 
 def tau_schedule(plan: Plan, tau: Schedule = "plan", zo_sigma: float = 1e-3) -> tuple[float, ...]:
@@ -389,7 +380,7 @@ def tau_schedule(plan: Plan, tau: Schedule = "plan", zo_sigma: float = 1e-3) -> 
         if not zo_sigma > 0:
             raise ValueError(f"zo_sigma must be > 0, got {zo_sigma}")
         return tuple(float(zo_sigma) if r is Role.ZO else 0.0 for r in plan.roles)
-    return _per_step(tau, plan.T, "tau")
+    return per_step(tau, plan.T, "tau")
 
 
 # ----------------------------------------------------------------------------- SD helpers

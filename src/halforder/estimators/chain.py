@@ -30,6 +30,8 @@ from __future__ import annotations
 
 from typing import Mapping, Protocol, Union, runtime_checkable
 
+import math
+
 import torch
 
 State = Union[torch.Tensor, tuple]
@@ -64,3 +66,14 @@ def with_latent(x: State, z: torch.Tensor) -> State:
 def detach(x: State) -> State:
     """A state cut from the autograd graph."""
     return tuple(v.detach() for v in x) if isinstance(x, tuple) else x.detach()
+
+
+def per_step(v, T: int, name: str) -> tuple[float, ...]:
+    """A noise schedule given as one number for every step or one value per step, as a
+    tuple of T finite, non-negative floats (``[t-1]`` for step t)."""
+    vals = (float(v),) * T if isinstance(v, (int, float)) else tuple(float(x) for x in v)
+    if len(vals) != T:
+        raise ValueError(f"{name} needs one value per step (T={T}), got {len(vals)}")
+    if any(not math.isfinite(x) or x < 0 for x in vals):
+        raise ValueError(f"{name} must be finite and >= 0 at every step, got {vals}")
+    return vals

@@ -6,15 +6,7 @@ from typing import Callable
 
 import torch
 
-
-def per_step(v, T: int, name: str) -> tuple[float, ...]:
-    """A float or one value per step, as a tuple of T non-negative floats."""
-    vals = (float(v),) * T if isinstance(v, (int, float)) else tuple(float(x) for x in v)
-    if len(vals) != T:
-        raise ValueError(f"{name} needs one value per step (T={T}), got {len(vals)}")
-    if any(x < 0 for x in vals):
-        raise ValueError(f"{name} must be >= 0 at every step")
-    return vals
+from ..estimators.chain import per_step
 
 
 @dataclass(frozen=True, eq=False)
