@@ -1,9 +1,8 @@
 """Activation memory and time per training step of every estimator on the tiny SD UNet.
 
-Activation memory is counted deterministically, not sampled from an allocator: every
-tensor that autograd saves for backward passes through ``torch.autograd.graph.saved_tensors_hooks``;
-the hook tracks the storages alive at once (each storage counted once, the model's own
-weights excluded) and the peak of their bytes over one estimate is reported. Time is the
+Activation memory is counted deterministically, not sampled from an allocator, by the
+library's :class:`halforder.estimators.SavedTensorMeter` (the bytes autograd saves for
+backward, each storage once, the model's own weights excluded; the peak over one estimate). Time is the
 CPU time of the process for one estimate (rollout, backward passes, HO recomputation) with
 one torch thread, best of ``--repeats``: unlike wall time it does not count the time other
 jobs on a shared machine take.
@@ -18,56 +17,12 @@ from __future__ import annotations
 import argparse
 import os
 import time
-import weakref
 
 import torch
 
-from halforder.diffusion import make_sd_chain, tiny_components
-from halforder.diffusion.checkpointing import Checkpointed
-from halforder.diffusion.lora import add_lora
-from halforder.diffusion.rewards import make_reward
-from halforder.estimators import Plan, estimate
-
-
-class SavedBytes:
-    """Peak bytes of the storages that autograd keeps for backward (model weights excluded)."""
-
-    def __init__(self, exclude: set[int]):
-        self.exclude, self.live, self.refs, self.current, self.peak = exclude, {}, {}, 0, 0
-
-    def _drop(self, key):
-        self.refs[key] -= 1
-        if self.refs[key] == 0:
-            self.current -= self.live.pop(key)
-            del self.refs[key]
-
-    def pack(self, t: torch.Tensor):
-        s = t.untyped_storage()
-        key = s.data_ptr()
-        holder = _Holder(t)
-        if key in self.exclude or s.nbytes() == 0:
-            return holder
-        if key not in self.live:
-            self.live[key], self.refs[key] = s.nbytes(), 0
-            self.current += s.nbytes()
-            self.peak = max(self.peak, self.current)
-        self.refs[key] += 1
-        weakref.finalize(holder, self._drop, key)
-        return holder
-
-    @staticmethod
-    def unpack(holder):
-        return holder.t
-
-    def hooks(self):
-        return torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
-
-
-class _Holder:
-    __slots__ = ("t", "__weakref__")
-
-    def __init__(self, t):
-        self.t = t
+from halforder.diffusion import add_lora, make_chain, make_reward, tiny_components
+from halforder.estimators import Checkpointed, Plan, SavedTensorMeter, estimate
+from halforder.training.files import write_text
 
 
 def plans(T: int):
@@ -82,19 +37,18 @@ def plans(T: int):
 
 
 def measure(comp, params, reward, plan, ckpt, batch, repeats, seed=0):
-    chain = make_sd_chain(comp, plan, ["a photo of a cat"] * batch, reward, eta="plan", ho_eta=0.1,
-                          zo_sigma=1e-3, guidance_scale=1.0)
+    chain = make_chain(comp, plan.T, ["a photo of a cat"] * batch, reward, guidance_scale=1.0).for_plan(
+        plan, eta="plan", ho_eta=0.1, zo_sigma=1e-3)
     if ckpt:
         chain = Checkpointed(chain)
-    exclude = {p.untyped_storage().data_ptr() for m in (comp.unet, comp.vae, comp.text_encoder)
-               for p in list(m.parameters()) + list(m.buffers())}
+    exclude = [t for m in comp.modules() for t in (*m.parameters(), *m.buffers())]
     best, peak = float("inf"), None
     for r in range(repeats + 1):   # the first run warms up (kernel selection, lazy init) and is not timed
         g = torch.Generator().manual_seed(seed)
         x_T = chain.sample_start(batch, g)
-        counter = SavedBytes(exclude)
+        counter = SavedTensorMeter(exclude)
         t0 = time.process_time()
-        with counter.hooks():
+        with counter:
             est = estimate(chain, plan, params, x_T, generator=g, baseline="loo")
         if r > 0:
             best = min(best, time.process_time() - t0)
@@ -164,9 +118,7 @@ def write_table(rows, args):
             lines.append(f"- {n}: saved bytes at T={Ts[-1]} / at T={Ts[0]} = {vals[-1] / vals[0]:.3f} (flat in T).")
     lines += ["- The `graph` column is the cost model `Plan.cost()`; it does not know about checkpointing,",
               "  which keeps one state per FO step instead of one step graph.", ""]
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w", encoding="utf-8") as f:
-        f.write("\n".join(lines))
+    write_text(args.out, "\n".join(lines))
 
 
 def _linear_fit(xs, ys):

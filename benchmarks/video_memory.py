@@ -5,8 +5,8 @@ first/middle/last frames, or all of them. The VAE decodes frames independently, 
 reward's share of the graph kept for backward scales with the number of decoded frames,
 while the UNet's share (the FO step 1 and the recomputed HO block) does not depend on it.
 
-Memory is counted deterministically with ``torch.autograd.graph.saved_tensors_hooks``, with
-the counter of ``benchmarks/diffusion_memory.py`` (peak bytes of the storages saved for
+Memory is counted deterministically by the library's
+:class:`halforder.estimators.SavedTensorMeter` (peak bytes of the storages saved for
 backward at once over one estimate, each storage once, model weights excluded); the count is
 checked to repeat exactly.
 
@@ -16,30 +16,28 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from diffusion_memory import SavedBytes  # noqa: E402  (same counting as the image benchmark)
-
-from halforder.diffusion.lora import add_lora  # noqa: E402
-from halforder.diffusion.video import frame_indices, make_video_chain, tiny_video_components  # noqa: E402
-from halforder.diffusion.video_rewards import make_video_reward  # noqa: E402
-from halforder.estimators import Plan, estimate  # noqa: E402
+from halforder.diffusion import add_lora, make_chain
+from halforder.diffusion.video import frame_indices, make_video_reward, tiny_video_components, video_view
+from halforder.estimators import Plan, SavedTensorMeter, estimate
+from halforder.training.files import write_text
 
 FRAMES = (("1 random frame", "random"), ("first/middle/last", "ends"), ("all frames", "all"))
 
 
+def _weights(comp):
+    return [t for m in comp.modules() for t in (*m.parameters(), *m.buffers())]
+
+
 def reward_bytes(comp, frames, num_frames, batch, seed=0):
     """Saved bytes of decoding the selected frames and the reward, from a final latent."""
-    chain = make_video_chain(comp, Plan.full(2), ["a red ball bouncing"] * batch, make_video_reward("brightness"),
-                             num_frames=num_frames, frames=frames, frame_generator=torch.Generator().manual_seed(seed))
-    exclude = {p.untyped_storage().data_ptr() for m in (comp.unet, comp.vae, comp.text_encoder)
-               for p in list(m.parameters()) + list(m.buffers())}
+    chain = make_chain(comp, 2, ["a red ball bouncing"] * batch, make_video_reward("brightness"),
+                       view=video_view(comp, num_frames, frames), generator=torch.Generator().manual_seed(seed))
     z = chain.sample_start(batch, torch.Generator().manual_seed(seed)).requires_grad_()
-    counter = SavedBytes(exclude - {z.untyped_storage().data_ptr()})
-    with counter.hooks():
+    counter = SavedTensorMeter(_weights(comp))
+    with counter:
         chain.reward(z).sum().backward()
     return counter.peak
 
@@ -47,18 +45,16 @@ def reward_bytes(comp, frames, num_frames, batch, seed=0):
 def saved_peak(comp, params, plan, frames, num_frames, batch, seed=0, repeats=2, fo_only=False):
     """Peak saved bytes of one estimate (and of the same estimate again, which must agree);
     ``fo_only``: of RLR's first-order phase alone (truncated K=1 on the RLR chain)."""
-    chain = make_video_chain(comp, plan, ["a red ball bouncing"] * batch, make_video_reward("brightness"),
-                             num_frames=num_frames, frames=frames, frame_generator=torch.Generator(),
-                             eta="plan", ho_eta=0.1, zo_sigma=1e-3, guidance_scale=1.0)
-    exclude = {p.untyped_storage().data_ptr() for m in (comp.unet, comp.vae, comp.text_encoder)
-               for p in list(m.parameters()) + list(m.buffers())}
+    chain = make_chain(comp, plan.T, ["a red ball bouncing"] * batch, make_video_reward("brightness"),
+                       view=video_view(comp, num_frames, frames), guidance_scale=1.0,
+                       generator=torch.Generator()).for_plan(plan, eta="plan", ho_eta=0.1, zo_sigma=1e-3)
     peaks = []
     for _ in range(repeats):
         g = torch.Generator().manual_seed(seed)
         chain.reward_fn.frame_generator.manual_seed(seed)
-        counter = SavedBytes(exclude)
+        counter = SavedTensorMeter(_weights(comp))
         run = Plan.truncated(plan.T, 1) if fo_only else plan
-        with counter.hooks():
+        with counter:
             est = estimate(chain, run, params, chain.sample_start(batch, g), generator=g, baseline="loo")
         assert all(torch.isfinite(v).all() for v in est.grad.values())
         peaks.append(counter.peak)
@@ -121,9 +117,7 @@ def main(argv=None):
               "  per-frame decoder activations are much larger relative to a UNet step, which is where the",
               "  lever matters; that ratio was not measured here (no GPU, no weights).",
               "- Full backprop keeps all T steps' graphs (and all frames' decoding) at once."]
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w", encoding="utf-8") as f:
-        f.write("\n".join(lines) + "\n")
+    write_text(args.out, "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

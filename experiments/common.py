@@ -27,11 +27,13 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from halforder.estimators import Plan  # noqa: E402
-from halforder.toy import LinearGaussianChain, Quadratic, draw_estimates, flatten  # noqa: E402
+from halforder.estimators import draw_estimates, flatten  # noqa: E402
+from halforder.toy import LinearGaussianChain, Quadratic  # noqa: E402
 
 Z95 = 1.959963984540054
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "docs" / "results"
+QUICK_OUT = REPO / "runs" / "quick-results"
 
 
 # ------------------------------------------------------------------------- the chain
@@ -200,8 +202,12 @@ def save_fig(fig, out: Path, stem: str) -> Path:
 def cli(description: str) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--quick", action="store_true", help="tiny sample sizes: a smoke test, not results")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default docs/results)")
-    return p.parse_args()
+    p.add_argument("--out", type=Path, help="output folder (default docs/results; with --quick, runs/quick-results, "
+                                            "so that a smoke run never overwrites the committed results)")
+    args = p.parse_args()
+    if args.out is None:
+        args.out = QUICK_OUT if args.quick else DEFAULT_OUT
+    return args
 
 
 def setup() -> None:

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from halforder.estimators import Plan
-from halforder.toy import Cosine, LinearGaussianChain, flatten, mean_test
+from halforder.estimators import Plan, flatten
+from halforder.toy import Cosine, LinearGaussianChain, mean_test
 
 from .common import (ChainConfig, default_chain, draw, fmt, ho_tiling, j_strata, ratio_ci, save_fig, trace_var,
                      write_table)

@@ -10,8 +10,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 from tqdm.auto import tqdm
 
-from halforder.estimators import Plan, theory
-from halforder.toy import flatten, mean_test
+from halforder.estimators import Plan, flatten, theory
+from halforder.toy import mean_test
 
 from .common import Z95, ChainConfig, default_chain, draw, exact_grad_vec, save_fig, write_table
 

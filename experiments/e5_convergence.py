@@ -19,8 +19,7 @@ import torch
 from scipy import optimize, stats
 from tqdm.auto import tqdm
 
-from halforder.estimators import Plan, estimate, theory
-from halforder.toy import flatten
+from halforder.estimators import Plan, estimate, flatten, theory
 
 from .common import ChainConfig, default_chain, save_fig, write_table
 

@@ -1,7 +1,7 @@
 """Run every experiment and write its figures and tables to docs/results/.
 
-    python -m experiments.run_all            # the committed results (~8 min on 2 cores)
-    python -m experiments.run_all --quick    # smoke test with tiny sample sizes (~1 min)
+    python -m experiments.run_all            # the committed results in docs/results/
+    python -m experiments.run_all --quick    # smoke test with tiny sample sizes, into runs/quick-results/
 
 Deterministic: every experiment seeds its own generators. Set HALFORDER_THREADS to use
 more than one torch thread.

@@ -7,9 +7,8 @@ rate under the null) with fixed seeds, so results are deterministic."""
 import pytest
 import torch
 
-from halforder.estimators import Plan, Role, estimate, leave_one_out
-from halforder.toy import (Quadratic, draw_estimates, flatten, linear_chain, mean_test, tanh_chain,
-                           two_sample_test)
+from halforder.estimators import Plan, Role, draw_estimates, estimate, flatten, leave_one_out
+from halforder.toy import Quadratic, linear_chain, mean_test, tanh_chain, two_sample_test
 
 ALPHA = 1e-3  # per-assertion false-failure rate; the 6 acceptance plans together: <= 0.6%
 

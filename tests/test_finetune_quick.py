@@ -1,7 +1,7 @@
-"""Smoke test of experiments/finetune_cpu.py --quick: every method runs through the one
-engine at (nearly) equal compute and every output is written. Nothing is downloaded:
-the tiny base model and classifiers are trained in a temporary cache."""
-import importlib.util
+"""Smoke test of experiments/finetune_cpu.py --quick: every method runs through the
+library's training loop at (nearly) equal compute and every output is written. Nothing is
+downloaded: the tiny base model and classifiers are trained in a temporary cache."""
+import importlib
 import json
 import math
 import os
@@ -17,11 +17,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("finetune_cpu", os.path.join(ROOT, "experiments", "finetune_cpu.py"))
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(mod)
-    return mod
+    sys.path.insert(0, ROOT)
+    return importlib.import_module("experiments.finetune_cpu")
 
 
 def test_quick_run_writes_every_output(tmp_path, monkeypatch):
@@ -58,7 +55,8 @@ def test_quick_run_writes_every_output(tmp_path, monkeypatch):
 
 
 def test_weights_cache_is_reused(tmp_path):
-    from halforder.diffusion.pretrain import PretrainConfig, pretrained_unet
+    _load()
+    from experiments.shapes.pretrain import PretrainConfig, pretrained_unet
 
     cfg = PretrainConfig(channels=(16, 32), steps=2, batch=4)
     a = pretrained_unet(cfg, tmp_path, progress=False)

@@ -9,8 +9,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from halforder.estimators import Plan, Role
-from halforder.toy import draw_estimates, flatten, linear_chain, mean_test
+from halforder.estimators import Plan, Role, draw_estimates, flatten
+from halforder.toy import linear_chain, mean_test
 
 ALPHA = 1e-4
 MAX_EXAMPLES = 20

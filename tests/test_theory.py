@@ -9,7 +9,8 @@ from hypothesis import given, settings, strategies as st
 
 from halforder.estimators import Plan
 from halforder.estimators import theory
-from halforder.toy import LinearGaussianChain, Quadratic, draw_estimates, flatten, mean_test
+from halforder.estimators import draw_estimates, flatten
+from halforder.toy import LinearGaussianChain, Quadratic, mean_test
 
 ALPHA = 1e-3  # Hotelling tests below: false-failure rate 1e-3 per test under H0
 

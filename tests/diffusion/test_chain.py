@@ -3,10 +3,10 @@ import pytest
 import torch
 
 from halforder.diffusion import (DiffusionChain, ModuleDenoiser, add_lora, encode_prompts, eta_schedule,
-                                 lora_params, make_sd_chain, make_solver, rollout, tau_schedule)
+                                 lora_params, make_chain, make_solver, rollout, tau_schedule)
 from halforder.diffusion.rewards import make_reward
 from halforder.estimators import Plan, estimate
-from halforder.estimators.chain import Chain
+from halforder.estimators.protocol import Chain
 
 diffusers = pytest.importorskip("diffusers")
 BRIGHT = make_reward("brightness")
@@ -32,7 +32,7 @@ def test_ddim_step_matches_scheduler(tiny, prediction_type):
     c = type(c)(c.unet, c.vae, c.text_encoder, c.tokenizer,
                 type(c.scheduler).from_config(c.scheduler.config, prediction_type=prediction_type))
     T, etas = 6, [0.3, 0.0, 1.0, 0.5, 0.0, 0.7]
-    chain = make_sd_chain(c, Plan.full(T), ["a cat", "a dog"], BRIGHT, eta=etas, guidance_scale=3.0)
+    chain = make_chain(c, T, ["a cat", "a dog"], BRIGHT, guidance_scale=3.0).for_plan(Plan.full(T), eta=etas)
     assert isinstance(chain, Chain)
     sched = _scheduler(c, T)
     g = torch.Generator().manual_seed(0)
@@ -56,7 +56,7 @@ def test_ddim_rollout_matches_pipeline(tiny):
     x_T = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     ref = pipe(prompt_embeds=pe, negative_prompt_embeds=ne, latents=x_T, num_inference_steps=T,
                guidance_scale=4.0, eta=0.0, output_type="latent").images
-    chain = make_sd_chain(tiny, Plan.full(T), prompts, BRIGHT, eta=0.0, guidance_scale=4.0)
+    chain = make_chain(tiny, T, prompts, BRIGHT, guidance_scale=4.0).for_plan(Plan.full(T), eta=0.0)
     mine = rollout(chain, {}, chain.initial_state(x_T))
     torch.testing.assert_close(mine, ref, rtol=1e-5, atol=1e-5)
 
@@ -69,7 +69,7 @@ def test_dpm_steps_match_scheduler(tiny_dpm, T, karras):
     c = type(c)(c.unet, c.vae, c.text_encoder, c.tokenizer,
                 type(c.scheduler).from_config(c.scheduler.config, use_karras_sigmas=karras))
     etas = [float(i % 3 == 1) for i in range(T)]
-    chain = make_sd_chain(c, Plan.full(T), ["a cat"], BRIGHT, eta=etas, guidance_scale=3.0)
+    chain = make_chain(c, T, ["a cat"], BRIGHT, guidance_scale=3.0).for_plan(Plan.full(T), eta=etas)
     sde, ode = _scheduler(c, T), _scheduler(c, T, algorithm_type="dpmsolver++")
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 4, 8, 8, generator=g)
@@ -96,7 +96,7 @@ def test_dpm_sde_rollout_matches_pipeline(tiny_dpm):
     x_T = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     ref = pipe(prompt_embeds=pe, negative_prompt_embeds=ne, latents=x_T, num_inference_steps=T, guidance_scale=4.0,
                generator=torch.Generator().manual_seed(7), output_type="latent").images
-    chain = make_sd_chain(tiny_dpm, Plan.full(T), prompts, BRIGHT, eta=1.0, guidance_scale=4.0)
+    chain = make_chain(tiny_dpm, T, prompts, BRIGHT, guidance_scale=4.0).for_plan(Plan.full(T), eta=1.0)
     g = torch.Generator().manual_seed(7)
     noise = [torch.randn(x_T.shape, generator=g) for _ in range(T)]
     mine = rollout(chain, {}, chain.initial_state(x_T), noise=noise)
@@ -108,13 +108,14 @@ def test_per_sample_params(tiny, cfg):
     """A leading sample axis on the LoRA params: vmap == one call per sample == shared
     params when the copies are equal."""
     params = add_lora(tiny.unet, rank=2, init=False, seed=0)
-    chain = make_sd_chain(tiny, Plan.full(2), ["a cat", "a dog", "a cow"], BRIGHT, eta=0.0, guidance_scale=cfg)
+    chain = make_chain(tiny, 2, ["a cat", "a dog", "a cow"], BRIGHT, guidance_scale=cfg).for_plan(Plan.full(2),
+                                                                                                eta=0.0)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 4, 8, 8, generator=g)
     per = {k: v.detach() + 0.3 * torch.randn((3, *v.shape), generator=g) for k, v in params.items()}
     batched = chain.step(2, x, per)
     loop = ModuleDenoiser(chain.denoiser.module, chain.denoiser.timesteps, chain.denoiser.context,
-                          chain.denoiser.negative_context, cfg, per_sample="loop")
+                          chain.denoiser.negative_context, cfg, batching="loop")
     torch.testing.assert_close(batched, chain.solver.step(2, x, loop(x, 2, per)), rtol=1e-5, atol=1e-5)
     for i in range(3):
         one = chain.step(2, x, {k: v[i] for k, v in per.items()})
@@ -150,9 +151,9 @@ def test_schedules_follow_the_plan():
 
 def test_plan_chain_validates(tiny):
     plan = Plan.rlr(T=4, h=2, j=2)
-    chain = make_sd_chain(tiny, plan, ["a cat"], BRIGHT, zo_sigma=0.01)
+    chain = make_chain(tiny, plan.T, ["a cat"], BRIGHT).for_plan(plan, zo_sigma=0.01)
     plan.validate(chain)
-    eta0 = make_sd_chain(tiny, plan, ["a cat"], BRIGHT, eta=0.0, zo_sigma=0.01)
+    eta0 = make_chain(tiny, plan.T, ["a cat"], BRIGHT).for_plan(plan, eta=0.0, zo_sigma=0.01)
     with pytest.raises(ValueError, match="step 2"):  # the HO block ends where sigma = 0
         plan.validate(eta0)
 
@@ -163,8 +164,8 @@ def test_per_step_prompts(tiny):
     T = 4
     by_step = {t: (["a cat"] if t > 2 else ["a dog"]) for t in range(1, T + 1)}
     seen = []
-    chain = make_sd_chain(tiny, Plan.full(T), lambda t: by_step[t], lambda im, p: seen.append(p) or im.mean((1, 2, 3)),
-                          eta=0.0, guidance_scale=1.0)
+    chain = make_chain(tiny, T, lambda t: by_step[t], lambda im, p: seen.append(p) or im.mean((1, 2, 3)),
+                       guidance_scale=1.0).for_plan(Plan.full(T), eta=0.0)
     x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     for t in (4, 1):
         ts = chain.solver.timesteps[t - 1]
@@ -181,8 +182,8 @@ def test_per_step_prompts(tiny):
 def test_every_plan_gives_lora_gradients(tiny, plan):
     params = add_lora(tiny.unet, rank=2, init=False, seed=0)
     frozen = {k: v.clone() for k, v in tiny.unet.state_dict().items() if "lora_" not in k}
-    chain = make_sd_chain(tiny, plan, ["a cat"], make_reward("random_cnn"), ho_eta=1.0, zo_sigma=0.05,
-                          guidance_scale=2.0)
+    chain = make_chain(tiny, plan.T, ["a cat"], make_reward("random_cnn"), guidance_scale=2.0).for_plan(
+        plan, ho_eta=1.0, zo_sigma=0.05)
     est = estimate(chain, plan, params, chain.sample_start(2, torch.Generator().manual_seed(0)),
                    generator=torch.Generator().manual_seed(1))
     assert set(est.grad) == set(lora_params(tiny.unet))
@@ -237,8 +238,8 @@ def test_bad_input(tiny):
     with pytest.raises(ValueError, match="unsupported scheduler"):
         make_solver(diffusers.EulerDiscreteScheduler(), 4)
     with pytest.raises(ValueError, match="prompts"):
-        make_sd_chain(tiny, Plan.full(2), [], BRIGHT)
-    chain = make_sd_chain(tiny, Plan.full(2), ["a", "b"], BRIGHT)
+        make_chain(tiny, 2, [], BRIGHT).for_plan(Plan.full(2))
+    chain = make_chain(tiny, 2, ["a", "b"], BRIGHT).for_plan(Plan.full(2))
     with pytest.raises(ValueError, match="rows"):
         chain.step(2, torch.zeros(3, 4, 8, 8), {})
 
@@ -247,8 +248,8 @@ def test_dpm_chain_drives_the_engine(tiny_dpm):
     """The tuple state (latent, previous data prediction) goes through every role."""
     params = add_lora(tiny_dpm.unet, rank=2, init=False, seed=0)
     plan = Plan.rlr(4, h=2, j=2)
-    chain = make_sd_chain(tiny_dpm, plan, ["a cat"], make_reward("random_cnn"), ho_eta=1.0, zo_sigma=0.05,
-                          guidance_scale=2.0)
+    chain = make_chain(tiny_dpm, plan.T, ["a cat"], make_reward("random_cnn"), guidance_scale=2.0).for_plan(
+        plan, ho_eta=1.0, zo_sigma=0.05)
     x_T = chain.sample_start(2, torch.Generator().manual_seed(0))
     assert isinstance(x_T, tuple) and len(x_T) == 2
     est = estimate(chain, plan, params, x_T, generator=torch.Generator().manual_seed(1))

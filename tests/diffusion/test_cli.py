@@ -1,15 +1,20 @@
-"""`halforder train`: the tiny preset end to end, config files, and bad input (clear error, nothing written)."""
+"""`halforder train`: the tiny preset end to end, config files, every setting as a flag and a
+config key, the help, reproducing a run from its config.json, and bad input (clear error,
+nothing written)."""
+import dataclasses
 import json
 import os
+import re
 
 import pytest
 
 pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
-from halforder.diffusion.checkpoint import save_checkpoint  # noqa: E402
-from halforder.diffusion.cli import main  # noqa: E402
+from halforder.diffusion.cli import main, parser  # noqa: E402
 from halforder.diffusion.config import TrainConfig, load_config  # noqa: E402
+from halforder.diffusion.rewards import REWARDS  # noqa: E402
+from halforder.training.checkpoints import save_checkpoint  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -47,16 +52,18 @@ def test_config_files_and_precedence(tmp_path):
     y.write_text("preset: tiny\nlr: 0.5\nestimator: truncated\nk: 3\nj_window: [2, 5]\n")
     t = tmp_path / "c.toml"
     t.write_text('preset = "tiny"\nlr = 0.5\nestimator = "truncated"\nk = 3\nj_window = [2, 5]\n')
-    for path in (y, t):
+    j = tmp_path / "c.json"
+    j.write_text('{"preset": "tiny", "lr": 0.5, "estimator": "truncated", "k": 3, "j_window": [2, 5]}')
+    for path in (y, t, j):
         cfg = load_config(str(path), {"k": 2, "steps": None})
-        assert (cfg.lr, cfg.estimator, cfg.k, cfg.steps, cfg.T, cfg.j_window) == (0.5, "truncated", 2, 6, 6, (2, 5))
+        assert (cfg.lr, cfg.estimator, cfg.k, cfg.steps, cfg.T, cfg.j_window) == (0.5, "truncated", 2, 6, 6, [2, 5])
     bad = tmp_path / "bad.yaml"
     bad.write_text("learning_rate: 1\n")
     with pytest.raises(ValueError, match="unknown option.*learning_rate"):
         load_config(str(bad))
-    (tmp_path / "c.json").write_text("{}")
-    with pytest.raises(ValueError, match=r"\.yaml, \.yml or \.toml"):
-        load_config(str(tmp_path / "c.json"))
+    (tmp_path / "c.ini").write_text("[train]\nlr = 1\n")
+    with pytest.raises(ValueError, match=r"\.yaml, \.yml, \.toml or \.json"):
+        load_config(str(tmp_path / "c.ini"))
     assert TrainConfig.__doc__ and TrainConfig().T == 50
 
 
@@ -113,3 +120,126 @@ def test_fresh_run_refuses_an_output_dir_with_checkpoints(tmp_path, capsys):
 
 def test_plan_that_does_not_fit_the_chain(tmp_path, capsys):
     _fails(tmp_path, capsys, ["--estimator", "reinforce", "--eta", "0"], "needs inherent noise")
+
+
+# ---------------------------------------------------------------------------- every setting, the help, reproduction
+# A valid value other than the default for every TrainConfig field. Parsed only (no run), so a
+# value need not work in a tiny run (e.g. task t2v, a hub model id), only pass TrainConfig.check.
+SETTINGS = dict(
+    steps=7, lr=1e-3, adam_betas=[0.8, 0.99], adam_eps=1e-6, weight_decay=0.01, batch_size=3, grad_accum=3,
+    clip_norm=0.0, baseline="none", seed=5, output_dir=os.path.join("elsewhere", "run"), eval_every=7,
+    checkpoint_every=7, keep_checkpoints=0, resume="latest", progress=False,
+    task="t2v", model="some-org/some-model", revision="v1.0", scheduler="dpm", T=20, guidance_scale=3.0,
+    negative_prompt="blurry, low quality", mixed_precision="bf16", gradient_checkpointing=True, batching="loop",
+    prompts="prompts.txt", eval_prompts="eval.txt", eval_num=2, dcot="dcot.yaml", dcot_split=[0.5, 0.25, 0.25],
+    reward="brightness", reward_kwargs={"target": 0.5}, estimator="truncated_random", h=3, k=3,
+    j_sampling="softmax", j=5, j_window=[2, 10], j_temperature=0.5, j_decay=0.5, zo_sigma=1e-2, eta="0.5",
+    eta_plan=0.2, lora_rank=8, lora_alpha=8.0, lora_targets=["to_q", "to_v"],
+    num_frames=8, frames="0,3,7", latent_size=[40, 64], video_model="videocrafter2", video_base="some-org/some-base",
+    fps=28.0, gif_fps=4.0, preset="tiny",
+)
+# Settings that are only valid together with another one.
+NEEDS = dict(j=dict(j_sampling="fixed"), j_window=dict(j_sampling="window"), dcot_split=dict(dcot="dcot.yaml"))
+FIELDS = [f.name for f in dataclasses.fields(TrainConfig)]
+
+
+def _cli_values(v):
+    if isinstance(v, bool):
+        return [str(v).lower()]
+    if isinstance(v, list):
+        return [str(x) for x in v]
+    if isinstance(v, dict):
+        return [json.dumps(v)]
+    return [str(v)]
+
+
+def _same(got, want):
+    """Equal, and of the same type (item by item for lists)."""
+    if isinstance(want, list):
+        return isinstance(got, list) and got == want and [type(x) for x in got] == [type(x) for x in want]
+    return type(got) is type(want) and got == want
+
+
+def _parse(args):
+    """What `halforder train ARGS` would train with: the parsed flags through load_config, as main does."""
+    given = vars(parser().parse_args(args))
+    path = given.pop("config", None)
+    return load_config(path, given)
+
+
+def test_the_value_table_covers_every_field_with_a_non_default_value():
+    assert sorted(SETTINGS) == sorted(FIELDS), "SETTINGS must name every TrainConfig field, and only those"
+    default = TrainConfig()
+    for name in FIELDS:
+        assert SETTINGS[name] != getattr(default, name), name
+
+
+@pytest.mark.parametrize("name", FIELDS)
+def test_every_field_is_a_flag(name):
+    options = {o for a in parser()._actions for o in a.option_strings}
+    spellings = {f"--{name}", f"--{name.replace('_', '-')}"}
+    assert spellings <= options, f"TrainConfig.{name} has no flag {sorted(spellings - options)}"
+    value = SETTINGS[name]
+    for flag in sorted(spellings):
+        args = [flag, *_cli_values(value)]
+        for other, v in NEEDS.get(name, {}).items():
+            args += [f"--{other}", *_cli_values(v)]
+        cfg = _parse(args)
+        assert _same(getattr(cfg, name), value), (args, getattr(cfg, name))
+
+
+@pytest.mark.parametrize("name", FIELDS)
+def test_every_field_is_a_config_file_key(tmp_path, name):
+    import yaml
+
+    value = SETTINGS[name]
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({name: value, **NEEDS.get(name, {})}))
+    for cfg in (load_config(str(path)), _parse(["--config", str(path)])):
+        assert _same(getattr(cfg, name), value), (path.read_text(), getattr(cfg, name))
+
+
+def _help_blocks(monkeypatch):
+    """The help of each option, by its first flag (a wide terminal, so that no line is wrapped)."""
+    monkeypatch.setenv("COLUMNS", "1000")
+    text = parser().format_help()
+    blocks = {}
+    for block in re.split(r"\n(?=  -)", text)[1:]:
+        blocks[block.split()[0].rstrip(",")] = " ".join(block.split())
+    return text, blocks
+
+
+def test_help_shows_every_default_and_the_reward_names(monkeypatch):
+    text, blocks = _help_blocks(monkeypatch)
+    assert "(default: " in text
+    default = TrainConfig()
+    for name in FIELDS:
+        assert f"--{name}" in blocks, f"the help does not list --{name}"
+        v = getattr(default, name)
+        shown = (" ".join(map(str, v)) if isinstance(v, (list, tuple))
+                 else json.dumps(v) if isinstance(v, dict) else str(v))
+        assert f"(default: {shown})" in blocks[f"--{name}"], blocks[f"--{name}"]
+    for reward in REWARDS:
+        assert re.search(rf"\b{re.escape(reward)}\b", blocks["--reward"]), (reward, blocks["--reward"])
+
+
+def test_config_json_reproduces_the_run(tmp_path):
+    """A run's own config.json, given back with only another output directory, reproduces the
+    run: bit-identical metrics.jsonl records, except the wall-clock and memory keys time_s,
+    elapsed_s and memory_bytes (they measure the machine, not the run)."""
+    volatile = ("time_s", "elapsed_s", "memory_bytes")
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main(["--preset", "tiny", "--steps", "3", "--output-dir", str(a), "--no-progress"]) == 0
+    assert main(["--config", str(a / "config.json"), "--output-dir", str(b)]) == 0
+
+    def records(out):
+        recs = [json.loads(line) for line in open(out / "metrics.jsonl")]
+        assert all(k in r for r in recs for k in volatile)
+        return [{k: v for k, v in r.items() if k not in volatile} for r in recs]
+
+    ra, rb = records(a), records(b)
+    assert [r["step"] for r in ra] == [1, 2, 3]
+    assert ra == rb
+    ca, cb = json.load(open(a / "config.json")), json.load(open(b / "config.json"))
+    assert cb.pop("output_dir") == str(b) and ca.pop("output_dir") == str(a)
+    assert ca == cb

@@ -8,12 +8,13 @@ import torch
 
 pytest.importorskip("diffusers")
 
-from halforder.diffusion import add_lora, encode_prompts, tiny_components  # noqa: E402
-from halforder.diffusion.dcot import (PAPER_WINDOW, DCoTConditioning, DCoTTask, StepSplit,  # noqa: E402
-                                      load_dcot_prompts, parse_dcot_prompts, window_levels, window_sampler)
+from halforder.diffusion import ImageView, add_lora, encode_prompts, tiny_components, unet_latent_shape  # noqa: E402
+from halforder.diffusion.dcot import (PAPER_WINDOW, DCoTConditioning, StepSplit, load_dcot_prompts,  # noqa: E402
+                                      parse_dcot_prompts, window_levels)
 from halforder.diffusion.rewards import make_reward  # noqa: E402
-from halforder.diffusion.task import SDTask  # noqa: E402
+from halforder.diffusion.task import DiffusionTask  # noqa: E402
 from halforder.estimators import estimate  # noqa: E402
+from halforder.estimators.samplers import WindowRLR  # noqa: E402
 
 DATA = os.path.join(os.path.dirname(__file__), "..", "..", "data", "dcot_hands.yaml")
 ENTRY = {"prompt": "a cat", "coarse": "an animal", "mid": "a cat sitting", "fine": "fur texture"}
@@ -42,7 +43,7 @@ def test_prompt_file_errors(tmp_path):
             parse_dcot_prompts(data)
     bad = tmp_path / "p.txt"
     bad.write_text("a cat")
-    with pytest.raises(ValueError, match=r"\.yaml, \.yml or \.json"):
+    with pytest.raises(ValueError, match=r"\.yaml, \.yml, \.toml or \.json"):   # TOML is read too now
         load_dcot_prompts(str(bad))
     with pytest.raises(ValueError, match="does not exist"):
         load_dcot_prompts(str(tmp_path / "none.yaml"))
@@ -63,23 +64,32 @@ def test_step_split():
 
 def test_window_validation():
     a, b = PAPER_WINDOW
-    sampler = window_sampler(50, 2, a, b)
+    sampler = WindowRLR(50, 2, a, b)
     js = {sampler.sample({}, torch.Generator().manual_seed(i)).blocks[0][0] for i in range(200)}
     assert js == set(range(a, b + 1))
     assert window_levels(StepSplit.make(50), 2, a, b) == ("coarse", "mid")
-    for args, msg in [((50, 2, 30, 32), "b - a > h"), ((50, 2, 1, 10), "does not fit"),
-                      ((50, 2, 40, 50), "does not fit"), ((50, 2, 40, 30), "a < b"), ((50, 0, 30, 40), "h must be")]:
+    # WindowRLR's messages: a window that does not fit is refused at the end that is no
+    # admissible block start; a reversed window fails b - a > h; h = 0 is refused as h >= 1.
+    fit = r"needs 2 <= j <= T-h\+1 = 49"
+    for args, msg in [((50, 2, 30, 32), "b - a > h"), ((50, 2, 1, 10), r"step 1: .*" + fit),
+                      ((50, 2, 40, 50), r"step 50: .*" + fit), ((50, 2, 40, 30), r"\[40, 30\] needs b - a > h"),
+                      ((50, 0, 30, 40), "h >= 1")]:
         with pytest.raises(ValueError, match=msg):
-            window_sampler(*args)
+            WindowRLR(*args)
+
+
+def _image_view(c):
+    return ImageView(c.vae, unet_latent_shape(c.unet))
 
 
 def _dcot_task(T=6):
     c = tiny_components(0)
     params = add_lora(c.unet, rank=2, init=False, seed=0)
-    base = SDTask(c, params, make_reward("random_cnn"), T, guidance_scale=1.0, eta_plan=1.0, zo_sigma=0.05)
     entries = parse_dcot_prompts([ENTRY, {"prompt": "a dog", "coarse": "a shape", "mid": "a dog running",
                                           "fine": "wet nose"}])
-    return c, DCoTTask(base, DCoTConditioning(entries, StepSplit.make(T, (2, 2, 2))))
+    return c, DiffusionTask(c, params, make_reward("random_cnn"), _image_view(c), T, guidance_scale=1.0,
+                            eta_plan=1.0, zo_sigma=0.05,
+                            step_prompts=DCoTConditioning(entries, StepSplit.make(T, (2, 2, 2))))
 
 
 def test_dcot_chain_switches_prompts():
@@ -87,9 +97,9 @@ def test_dcot_chain_switches_prompts():
     the reward sees the original prompts."""
     c, task = _dcot_task()
     seen = []
-    task = DCoTTask(SDTask(c, task.base.params, lambda im, p: seen.append(p) or im.mean((1, 2, 3)), 6,
-                           guidance_scale=1.0), task.conditioning)
-    sampler = window_sampler(6, 1, 2, 4)
+    task = DiffusionTask(c, task.params, lambda im, p: seen.append(p) or im.mean((1, 2, 3)), _image_view(c), 6,
+                         guidance_scale=1.0, step_prompts=task.step_prompts)
+    sampler = WindowRLR(6, 1, 2, 4)
     plan = sampler.sample({}, torch.Generator().manual_seed(0))
     chain = task.chain(plan, ["a cat", "a dog"])
     x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
@@ -111,27 +121,55 @@ def test_dcot_chain_switches_prompts():
 
 def test_dcot_task_gives_lora_gradients():
     c, task = _dcot_task()
-    plan = window_sampler(6, 2, 2, 5).sample({}, torch.Generator().manual_seed(1))
+    plan = WindowRLR(6, 2, 2, 5).sample({}, torch.Generator().manual_seed(1))
     chain = task.chain(plan, ["a cat", "a dog"])
-    est = estimate(chain, plan, task.trainable(), task.start(chain, 2, torch.Generator().manual_seed(0)),
+    est = estimate(chain, plan, task.trainable(), chain.sample_start(2, torch.Generator().manual_seed(0)),
                    generator=torch.Generator().manual_seed(2), baseline="loo")
     flat = torch.cat([g.flatten() for g in est.grad.values()])
     assert torch.isfinite(flat).all() and flat.abs().sum() > 0
     assert torch.cat([g.flatten() for g in est.parts["HO"].values()]).abs().sum() > 0
-    assert task.images(["a cat"], torch.Generator().manual_seed(0)).shape == (1, 3, 16, 16)
+    assert task.previews(["a cat"], torch.Generator().manual_seed(0)).shape == (1, 3, 16, 16)
 
 
 def test_dcot_conditioning_drives_a_video_task():
-    """The same conditioning, given to a VideoTask, switches the UNet3D's context per group."""
-    from halforder.diffusion.video import VideoTask, tiny_video_components
-    from halforder.diffusion.video_rewards import make_video_reward
+    """The same conditioning, given to a task with a video view, switches the UNet3D's context per group."""
+    from halforder.diffusion.video import tiny_video_components, video_view
+    from halforder.diffusion.video.rewards import make_video_reward
     from halforder.estimators import Plan
 
     c = tiny_video_components(0)
     cond = DCoTConditioning(parse_dcot_prompts([ENTRY]), StepSplit.make(3))
-    task = VideoTask(c, {}, make_video_reward("brightness"), 3, num_frames=2, guidance_scale=1.0,
-                     step_prompts=cond)
+    task = DiffusionTask(c, {}, make_video_reward("brightness"), video_view(c, 2, "random"), 3, guidance_scale=1.0,
+                         step_prompts=cond)
     chain = task.chain(Plan.full(3), ["a cat"])
     for t, level in ((3, "coarse"), (2, "mid"), (1, "fine")):
         assert torch.equal(chain.denoiser.context(t), encode_prompts(c, [ENTRY[level]]))
     assert chain.reward_fn.prompts == ("a cat",)
+
+
+def test_dcot_cli_tiny_run(tmp_path, monkeypatch):
+    """`halforder train --preset tiny --dcot data/dcot_hands.yaml` runs offline on CPU (the
+    preset's T = 6 >= 3 steps, one group per level) and logs every update's plan."""
+    from halforder.diffusion.cli import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "tmp"
+    assert main(["--preset", "tiny", "--dcot", DATA, "--steps", "2", "--output-dir", str(out), "--no-progress"]) == 0
+    recs = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    updates = [r for r in recs if "plan" in r]
+    assert [r["step"] for r in updates] == [1, 2] and all(r["plan"].startswith("rlr") for r in updates)
+    assert json.load(open(out / "config.json"))["dcot"] == DATA
+
+
+def test_dcot_honours_gradient_checkpointing():
+    """A DCoT run with gradient_checkpointing builds checkpointed chains."""
+    from halforder.diffusion.config import TrainConfig
+    from halforder.diffusion.run import prepare
+    from halforder.estimators import Checkpointed
+
+    cfg = TrainConfig(model="tiny", reward="brightness", T=6, guidance_scale=2.0, steps=2, batch_size=2, grad_accum=1,
+                      lr=1e-2, lora_rank=2, lora_alpha=2.0, h=2, output_dir=None, progress=False, dcot=DATA,
+                      gradient_checkpointing=True)
+    prepared = prepare(cfg, "cpu")
+    plan = prepared.sampler.sample(prepared.sampler.init(), torch.Generator().manual_seed(0))
+    assert isinstance(prepared.task.chain(plan, prepared.prompts[:2]), Checkpointed)

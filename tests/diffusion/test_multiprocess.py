@@ -14,10 +14,10 @@ pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 pytest.importorskip("accelerate")
 
-from halforder.diffusion.checkpoint import latest_checkpoint, load_checkpoint  # noqa: E402
-from halforder.diffusion.cli import prepare  # noqa: E402
 from halforder.diffusion.config import load_config  # noqa: E402
-from halforder.diffusion.trainer import TrainRNG, local_estimate  # noqa: E402
+from halforder.diffusion.run import prepare  # noqa: E402
+from halforder.training.checkpoints import latest_checkpoint, load_checkpoint  # noqa: E402
+from halforder.training.loop import TrainRNG, local_estimate  # noqa: E402
 
 
 def _norm(d):
@@ -39,7 +39,8 @@ def test_two_processes_average_gradients(tmp_path):
     assert ck.num_processes == 2 and ck.step == 1
 
     cfg = load_config(None, dict(flags, output_dir=str(tmp_path / "reference")))   # same seeds, fresh directory
-    task, sampler, prompts, _ = prepare(cfg)
+    prepared = prepare(cfg)
+    task, sampler, prompts = prepared.task, prepared.sampler, prepared.prompts
     plan = sampler.sample(sampler.init(), TrainRNG.seeded(cfg.seed).plan)
     assert rec["plan"] == str(plan)
     ests = [local_estimate(task, plan, task.params, prompts, cfg, TrainRNG.seeded(cfg.seed, rank))
@@ -57,7 +58,7 @@ def test_two_processes_average_gradients(tmp_path):
 
     # one AdamW step with the averaged gradient reproduces the 2-process weights
     params = {k: torch.nn.Parameter(v.detach().clone()) for k, v in task.params.items()}
-    opt = torch.optim.AdamW(params.values(), lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps,
+    opt = torch.optim.AdamW(params.values(), lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps,
                             weight_decay=cfg.weight_decay)
     for k, p in params.items():
         p.grad = -mean[k]

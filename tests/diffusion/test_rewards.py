@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from halforder.diffusion.components import tiny_tokenizer
-from halforder.diffusion.preprocess import CLIP_STD, ClipPreprocess, clip_preprocess
+from halforder.diffusion.clip_preprocess import CLIP_STD, ClipPreprocess, clip_preprocess
 from halforder.diffusion.rewards import REWARDS, aesthetic_head, load_aesthetic, load_pickscore, make_reward
 
 transformers = pytest.importorskip("transformers")

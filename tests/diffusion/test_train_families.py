@@ -1,4 +1,4 @@
-"""Every estimator family trains through the one trainer code path on a tiny SD UNet with LoRA."""
+"""Every estimator family trains through the one training-loop code path on a tiny SD UNet with LoRA."""
 import pytest
 import torch
 
@@ -6,10 +6,9 @@ pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
 from halforder.diffusion.config import TrainConfig  # noqa: E402
-from halforder.diffusion.rewards import make_reward  # noqa: E402
-from halforder.diffusion.task import build_components, build_task  # noqa: E402
-from halforder.diffusion.trainer import train  # noqa: E402
-from halforder.estimators.samplers import make_sampler  # noqa: E402
+from halforder.diffusion.run import build_components, build_reward, build_task  # noqa: E402
+from halforder.estimators.samplers import FAMILIES, make_sampler  # noqa: E402
+from halforder.training.loop import Hooks, train  # noqa: E402
 
 PROMPTS = ["a red square", "a blue circle", "a green field"]
 
@@ -20,13 +19,13 @@ def _frozen(comp):
             for k, v in m.state_dict().items() if ".lora_" not in k}
 
 
-@pytest.mark.parametrize("estimator", ["full", "truncated", "reinforce", "zeroth_order", "rlr"])
+@pytest.mark.parametrize("estimator", FAMILIES)
 def test_three_updates_train_only_the_lora_weights(tmp_path, estimator):
     cfg = TrainConfig(model="tiny", reward="brightness", T=4, estimator=estimator, h=2, k=2, guidance_scale=2.0,
                       steps=3, batch_size=2, grad_accum=1, lr=1e-2, lora_rank=2, eval_every=0, checkpoint_every=0,
                       output_dir=str(tmp_path / "run"), progress=False)
     comp = build_components(cfg)
-    task = build_task(cfg, make_reward(cfg.reward), comp)
+    task = build_task(cfg, comp, build_reward(cfg))
     frozen = _frozen(comp)
     lora = {k: v.detach().clone() for k, v in task.params.items()}
     assert all(".lora_A." in k or ".lora_B." in k for k in lora)
@@ -36,7 +35,7 @@ def test_three_updates_train_only_the_lora_weights(tmp_path, estimator):
 
     seen = []
     train(task, make_sampler(estimator, cfg.T, h=cfg.h, k=cfg.k), PROMPTS, cfg,
-          on_step=lambda rec, est: seen.append((rec, est)))
+          hooks=Hooks(on_step=lambda rec, est: seen.append((rec, est))))
     assert len(seen) == 3
     for rec, est in seen:
         assert not rec["skipped"]

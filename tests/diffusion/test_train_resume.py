@@ -10,12 +10,11 @@ import torch
 pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
-from halforder.diffusion.checkpoint import latest_checkpoint, load_checkpoint  # noqa: E402
 from halforder.diffusion.config import TrainConfig  # noqa: E402
-from halforder.diffusion.rewards import make_reward  # noqa: E402
-from halforder.diffusion.task import build_components, build_task  # noqa: E402
-from halforder.diffusion.trainer import train  # noqa: E402
+from halforder.diffusion.run import build_components, build_reward, build_task  # noqa: E402
 from halforder.estimators.samplers import SoftmaxRLR  # noqa: E402
+from halforder.training.checkpoints import latest_checkpoint, load_checkpoint  # noqa: E402
+from halforder.training.loop import Hooks, train  # noqa: E402
 
 PROMPTS = ["a red square", "a blue circle", "a green field", "a cat"]
 VOLATILE = ("time_s", "elapsed_s", "memory_bytes")
@@ -30,14 +29,14 @@ def _run(out, steps, resume=None, stop_at=None):
                       guidance_scale=2.0, steps=steps, batch_size=2, grad_accum=2, lr=1e-2, lora_rank=2,
                       eval_every=0, checkpoint_every=1, keep_checkpoints=0, output_dir=str(out), resume=resume,
                       progress=False)
-    task = build_task(cfg, make_reward(cfg.reward), build_components(cfg))
+    task = build_task(cfg, build_components(cfg), build_reward(cfg))
 
     def hook(rec, est):
         if rec["step"] == stop_at:
             raise Interrupt
 
     try:
-        train(task, SoftmaxRLR(cfg.T, cfg.h), PROMPTS, cfg, on_step=hook)
+        train(task, SoftmaxRLR(cfg.T, cfg.h), PROMPTS, cfg, hooks=Hooks(on_step=hook))
     except Interrupt:
         pass
     return task

@@ -20,10 +20,9 @@ import pytest
 import torch
 from scipy import stats
 
-from halforder.diffusion import add_lora, make_sd_chain, tiny_components
+from halforder.diffusion import add_lora, make_chain, tiny_components
 from halforder.diffusion.rewards import make_reward
-from halforder.estimators import Plan, estimate
-from halforder.toy.stats import flatten
+from halforder.estimators import Plan, estimate, flatten
 
 ALPHA = 1e-3
 T = 4
@@ -44,8 +43,8 @@ def setup():
     lora = add_lora(c.unet, rank=1, target_modules=["conv_out"], init=False, seed=0)
     params = {k: v for k, v in lora.items() if ".lora_B." in k}
     rlr = Plan.rlr(T, h=2, j=2)
-    chain = make_sd_chain(c, rlr, ["a photo"], make_reward("brightness"), eta="plan", ho_eta=1.0,
-                          tau="plan", zo_sigma=0.02, guidance_scale=1.0)
+    chain = make_chain(c, rlr.T, ["a photo"], make_reward("brightness"), guidance_scale=1.0).for_plan(
+        rlr, eta="plan", ho_eta=1.0, tau="plan", zo_sigma=0.02)
     assert chain.sigma(2) > 0 and chain.tau(4) > 0
     x_T = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(0))
     return chain, params, x_T, rlr

@@ -8,16 +8,27 @@ import torch
 
 diffusers = pytest.importorskip("diffusers")
 
-from halforder.diffusion.lora import add_lora, lora_params  # noqa: E402
 from halforder.diffusion.chain import rollout  # noqa: E402
-from halforder.diffusion.video import (DecodedVideoReward, VideoTask, decode_frames, fps_unet_class,  # noqa: E402
-                                       frame_indices, load_video_components, load_videocrafter2, make_video_chain,
-                                       tiny_video_components, write_video)
-from halforder.diffusion.video_rewards import make_video_reward, per_frame, temporal_consistency, weighted  # noqa: E402
-from halforder.estimators import Plan, estimate  # noqa: E402
-from halforder.toy.stats import flatten, two_sample_test  # noqa: E402
+from halforder.diffusion.lora import add_lora, lora_params  # noqa: E402
+from halforder.diffusion.previews import write_video  # noqa: E402
+from halforder.diffusion.sd_chain import make_chain  # noqa: E402
+from halforder.diffusion.task import DiffusionTask  # noqa: E402
+from halforder.diffusion.video import (DecodedVideoReward, decode_frames, fps_unet_class,  # noqa: E402
+                                       frame_indices, load_video_components, load_videocrafter2,
+                                       tiny_video_components, video_view)
+from halforder.diffusion.video.rewards import make_video_reward, per_frame, temporal_consistency, weighted  # noqa: E402
+from halforder.estimators import Plan, estimate, flatten  # noqa: E402
+from halforder.toy.stats import two_sample_test  # noqa: E402
 
 BRIGHT = make_video_reward("brightness")
+
+
+def _video_chain(c, plan, prompts, reward, *, num_frames=16, frames="all", eta="plan", ho_eta=1.0, tau="plan",
+                 zo_sigma=1e-3, guidance_scale=7.5):
+    """The video chain of ``plan``: the chain builder with a video view, then the plan's noise."""
+    return make_chain(c, plan.T, prompts, reward, view=video_view(c, num_frames, frames),
+                      guidance_scale=guidance_scale).for_plan(plan, eta=eta, ho_eta=ho_eta, tau=tau,
+                                                              zo_sigma=zo_sigma)
 
 
 def _pipeline(c):
@@ -39,7 +50,7 @@ def test_rollout_matches_text_to_video_pipeline(fps_cond):
     x_T = torch.randn(2, 4, F, 8, 8, generator=torch.Generator().manual_seed(1))
     ref = pipe(prompt_embeds=pe, negative_prompt_embeds=ne, latents=x_T, num_inference_steps=T, num_frames=F,
                guidance_scale=4.0, eta=0.0, output_type="latent").frames
-    chain = make_video_chain(c, Plan.full(T), prompts, BRIGHT, num_frames=F, eta=0.0, guidance_scale=4.0)
+    chain = _video_chain(c, Plan.full(T), prompts, BRIGHT, num_frames=F, eta=0.0, guidance_scale=4.0)
     assert chain.latent_shape == (4, F, 8, 8)
     torch.testing.assert_close(rollout(chain, {}, chain.initial_state(x_T)), ref, rtol=1e-5, atol=1e-5)
 
@@ -143,8 +154,8 @@ def test_every_plan_gives_lora_gradients(plan):
     params = add_lora(c.unet, rank=2, init=False, seed=0)
     frozen = {k: v.clone() for k, v in c.unet.state_dict().items() if "lora_" not in k}
     reward = make_video_reward("random_cnn+0.5*temporal")
-    chain = make_video_chain(c, plan, ["a cat"], reward, num_frames=3, frames="ends", ho_eta=1.0, zo_sigma=0.05,
-                             guidance_scale=2.0)
+    chain = _video_chain(c, plan, ["a cat"], reward, num_frames=3, frames="ends", ho_eta=1.0, zo_sigma=0.05,
+                         guidance_scale=2.0)
     est = estimate(chain, plan, params, chain.sample_start(2, torch.Generator().manual_seed(0)),
                    generator=torch.Generator().manual_seed(1), baseline="loo")
     assert set(est.grad) == set(lora_params(c.unet))
@@ -185,8 +196,8 @@ def test_rlr_mean_gradient_matches_full_backprop():
     c = tiny_video_components(0, latent_size=2)
     params = add_lora(c.unet, rank=1, init=False, target_modules=TARGETS, seed=0)
     T, rlr = 4, Plan.rlr(4, 2, 2)
-    chain = make_video_chain(c, rlr, ["a cat"], make_video_reward("random_cnn"), num_frames=2, frames="all",
-                             ho_eta=1.0, zo_sigma=0.5, guidance_scale=1.0)
+    chain = _video_chain(c, rlr, ["a cat"], make_video_reward("random_cnn"), num_frames=2, frames="all",
+                         ho_eta=1.0, zo_sigma=0.5, guidance_scale=1.0)
     x_T = chain.sample_start(1, torch.Generator().manual_seed(3))
     pilot = _draw(chain, Plan.full(T), params, x_T, 32, seed=10).mean(0)
     U = torch.cat([(pilot / pilot.norm())[:, None],
@@ -231,28 +242,27 @@ def test_video_rewards():
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_video_task_trains_and_writes_gif(tmp_path):
-    """Two training updates of a VideoTask through D2's trainer; metrics, a film-strip grid
-    and a GIF of samples are written."""
+    """Two training updates of a video DiffusionTask through the library's loop
+    (halforder.diffusion.run); metrics, a film-strip grid and a GIF of samples are written."""
     import imageio
 
     from halforder.diffusion.config import load_config
-    from halforder.diffusion.trainer import train
-    from halforder.diffusion.video import prepare_video, tiny_video_preset
+    from halforder.diffusion.run import prepare, run
 
-    overrides, options, writer = tiny_video_preset()
-    overrides.update(steps=2, T=3, eval_every=2, checkpoint_every=0, output_dir=str(tmp_path), progress=False)
-    cfg = load_config(None, overrides)
-    task, sampler, prompts, eval_prompts = prepare_video(cfg, "cpu", options)
+    overrides = dict(steps=2, T=3, eval_every=2, checkpoint_every=0, output_dir=str(tmp_path), progress=False)
+    cfg = load_config(None, overrides, preset="tiny-video")
+    prepared = prepare(cfg, "cpu")
+    task = prepared.task
     before = {k: v.clone() for k, v in task.trainable().items()}
-    result = train(task, sampler, prompts, cfg, eval_prompts=eval_prompts)
+    result = run(cfg, prepared)
     assert result.step == 2
     recs = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert [r["step"] for r in recs] == [1, 2] and all(not r["skipped"] for r in recs)
     assert any(not torch.equal(before[k], v) for k, v in task.trainable().items())
     assert (tmp_path / "samples" / "step_00000002.png").exists()
-    gif = writer(task, eval_prompts, str(tmp_path))
+    gif = tmp_path / "samples" / "final.gif"        # written by run's export
     frames = imageio.mimread(gif)
-    assert len(frames) == options.num_frames and frames[0].shape[1] == 2 * 16 + 1   # two 16-pixel videos
+    assert len(frames) == cfg.num_frames and frames[0].shape[1] == 2 * 16 + 1   # two 16-pixel videos
 
 
 def test_write_video_and_bad_input(tmp_path):
@@ -263,46 +273,49 @@ def test_write_video_and_bad_input(tmp_path):
         write_video(v[0], str(tmp_path / "w.gif"))
     c = tiny_video_components(0)
     with pytest.raises(ValueError, match="prompts"):
-        make_video_chain(c, Plan.full(2), [], BRIGHT)
+        _video_chain(c, Plan.full(2), [], BRIGHT)
     with pytest.raises(ValueError, match="num_frames"):
-        make_video_chain(c, Plan.full(2), ["a"], BRIGHT, num_frames=0)
+        _video_chain(c, Plan.full(2), ["a"], BRIGHT, num_frames=0)
     assert isinstance(fps_unet_class()(block_out_channels=(8, 16), norm_num_groups=4, cross_attention_dim=16,
                                        attention_head_dim=4, layers_per_block=1,
                                        down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
                                        up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"), fps_cond=False),
                       diffusers.UNet3DConditionModel)
-    task = VideoTask(c, {}, BRIGHT, 2, num_frames=2)
-    assert task.images(["a"], torch.Generator().manual_seed(0)).shape == (1, 3, 16, 32)
+    task = DiffusionTask(c, {}, BRIGHT, video_view(c, 2, "random"), 2)
+    assert task.previews(["a"], torch.Generator().manual_seed(0)).shape == (1, 3, 16, 32)
     from halforder.diffusion.config import load_config
-    from halforder.diffusion.video import VideoOptions, build_video_task
-    cfg = load_config(None, {"model": "tiny", "reward": "brightness+temporal", "T": 2, "h": 1})
+    from halforder.diffusion.run import build_components, build_reward, build_task
+    cfg = load_config(None, {"task": "t2v", "model": "tiny", "reward": "brightness+temporal", "T": 2, "h": 1,
+                             "frames": "random"})
     with pytest.raises(ValueError, match="needs at least 2 decoded frames"):
-        build_video_task(cfg, VideoOptions(frames="random"))
+        build_task(cfg, build_components(cfg), build_reward(cfg))
 
 
 def test_video_resume_is_exact(tmp_path):
-    """Interrupted after update 1 and resumed, a VideoTask run with random frames ends with the
+    """Interrupted after update 1 and resumed, a video task run with random frames ends with the
     same LoRA weights and rewards as an uninterrupted one."""
     from halforder.diffusion.config import load_config
-    from halforder.diffusion.trainer import train
-    from halforder.diffusion.video import VideoOptions, build_video_task
+    from halforder.diffusion.run import build_components, build_reward, build_task
     from halforder.estimators.samplers import UniformRLR
+    from halforder.training.loop import Hooks, train
 
     class Interrupt(Exception):
         pass
 
     def run(out, resume=None, stop_at=None):
-        cfg = load_config(None, dict(model="tiny", reward="random_cnn", T=3, h=1, steps=2, batch_size=2, grad_accum=1,
-                                     lr=1e-2, lora_rank=2, eta_plan=1.0, zo_sigma=1e-2, guidance_scale=1.0,
-                                     eval_every=0, checkpoint_every=1, keep_checkpoints=0, output_dir=str(out),
-                                     resume=resume, progress=False))
-        task = build_video_task(cfg, VideoOptions(num_frames=3, frames="random"))
+        cfg = load_config(None, dict(task="t2v", model="tiny", reward="random_cnn", T=3, h=1, steps=2, batch_size=2,
+                                     grad_accum=1, lr=1e-2, lora_rank=2, eta_plan=1.0, zo_sigma=1e-2,
+                                     guidance_scale=1.0, eval_every=0, checkpoint_every=1, keep_checkpoints=0,
+                                     output_dir=str(out), resume=resume, progress=False, num_frames=3,
+                                     frames="random"))
+        task = build_task(cfg, build_components(cfg), build_reward(cfg))
 
         def hook(rec, est):
             if rec["step"] == stop_at:
                 raise Interrupt
         try:
-            result = train(task, UniformRLR(cfg.T, cfg.h), ["a cat", "a dog", "a cow"], cfg, on_step=hook)
+            result = train(task, UniformRLR(cfg.T, cfg.h), ["a cat", "a dog", "a cow"], cfg,
+                           hooks=Hooks(on_step=hook))
         except Interrupt:
             result = None
         return task, result
@@ -316,14 +329,15 @@ def test_video_resume_is_exact(tmp_path):
 
 
 def test_random_frames_follow_the_trainer_generator():
-    """VideoTask.start seeds the chain's frame generator from the trainer's generator (before
-    x_T is drawn): the same generator state gives the same frames, the next update other ones."""
+    """task.chain(plan, prompts, generator) seeds the chain's frame generator from the trainer's
+    generator (before x_T is drawn from it): the same generator state gives the same frames,
+    the next update other ones."""
     c = tiny_video_components(0)
-    task = VideoTask(c, {}, BRIGHT, 2, num_frames=5, frames="random")
-    chain = task.chain(Plan.full(2), ["a"])
+    task = DiffusionTask(c, {}, BRIGHT, video_view(c, 5, "random"), 2)
     g = torch.Generator().manual_seed(0)
     draws = []
     for gen in (g, g, torch.Generator().manual_seed(0)):
-        task.start(chain, 1, gen)
+        chain = task.chain(Plan.full(2), ["a"], gen)
+        chain.sample_start(1, gen)                  # the loop then draws x_T from the same generator
         draws.append(frame_indices("random", 5, 64, chain.reward_fn.frame_generator))
     assert not torch.equal(draws[0], draws[1]) and torch.equal(draws[0], draws[2])

@@ -1,9 +1,25 @@
-"""Diffusers/peft adapters: a Stable Diffusion sampler as a chain, LoRA, rewards.
+"""Diffusion models as chains, and reward fine-tuning of their LoRA adapters.
 
-Needs the ``diffusion`` extra (diffusers, peft, transformers)."""
-from .chain import (DDIMSolver, DecodedReward, DiffusionChain, DPMSolver, ModuleDenoiser, decode_latents,
-                    encode_prompts, eta_schedule, make_sd_chain, make_solver, rollout, tau_schedule)
+Needs the ``diffusion`` extra (diffusers, peft, transformers, accelerate). One idea a module:
+:mod:`.solvers` (DDIM, DPM-Solver), :mod:`.denoiser` (functional call, CFG, per-sample
+parameters), :mod:`.chain` (the chain and its noise schedules), :mod:`.text` (prompt
+embeddings), :mod:`.sd_chain` (the chain builder), :mod:`.components` (loading and tiny models), :mod:`.hub` (offline
+behaviour), :mod:`.lora`, :mod:`.rewards` and :mod:`.clip_preprocess`, :mod:`.task` (the
+training task), :mod:`.dcot`, :mod:`.config`, :mod:`.run` and :mod:`.cli` (a run from a
+config), :mod:`.previews` (sample grids and GIFs), and :mod:`.video`.
+"""
+from .chain import DiffusionChain, eta_schedule, rollout, tau_schedule
 from .components import Components, load_components, make_scheduler, tiny_components
+from .denoiser import ModuleDenoiser
 from .lora import add_lora, lora_params, save_lora, set_lora
-from .preprocess import ClipPreprocess, clip_preprocess
 from .rewards import REWARDS, make_reward, register
+from .solvers import DDIMSolver, DPMSolver, make_solver
+from .sd_chain import DecodedReward, ImageView, decode_latents, make_chain, unet_latent_shape
+from .task import DiffusionTask
+from .text import PromptEncoder, encode_prompts, text_conditioning
+
+__all__ = ["Components", "DDIMSolver", "DPMSolver", "DecodedReward", "DiffusionChain", "DiffusionTask", "ImageView",
+           "ModuleDenoiser", "PromptEncoder", "REWARDS", "add_lora", "decode_latents", "encode_prompts",
+           "eta_schedule", "load_components", "lora_params", "make_chain", "make_reward", "make_scheduler", "make_solver",
+           "register", "rollout", "save_lora", "set_lora", "tau_schedule", "text_conditioning", "tiny_components",
+           "unet_latent_shape"]

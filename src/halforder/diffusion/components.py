@@ -7,24 +7,26 @@ downloaded: the tokenizer's vocabulary is the 256 byte-level symbols, with no me
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from .hub import load_error, local_dir, looks_local, offline
 
 _SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 
 @dataclass(frozen=True, eq=False)
 class Components:
-    """A latent diffusion model split into its parts (diffusers objects).
+    """A diffusion model split into its parts (diffusers objects).
 
     Attributes:
       unet: the denoiser, e.g. ``UNet2DConditionModel``.
-      vae: ``AutoencoderKL`` (latents <-> images); its ``config.scaling_factor`` is used.
-      text_encoder: ``CLIPTextModel``.
-      tokenizer: ``CLIPTokenizer``.
+      vae: ``AutoencoderKL`` (latents <-> images; its ``config.scaling_factor`` is used),
+        or None for a pixel-space model.
+      text_encoder: ``CLIPTextModel``, or None for an unconditional model.
+      tokenizer: ``CLIPTokenizer`` (None with no text encoder).
       scheduler: a diffusers scheduler (DDIM or DPMSolverMultistep for a chain).
     """
 
@@ -36,9 +38,19 @@ class Components:
 
     def freeze(self) -> "Components":
         """Put every module in eval mode with ``requires_grad=False``; returns self."""
-        for m in (self.unet, self.vae, self.text_encoder):
+        for m in self.modules():
             m.eval()
             m.requires_grad_(False)
+        return self
+
+    def modules(self) -> list:
+        """The networks that are present (UNet, VAE, text encoder)."""
+        return [m for m in (self.unet, self.vae, self.text_encoder) if m is not None]
+
+    def to(self, device) -> "Components":
+        """Move every network to ``device``; returns self."""
+        for m in self.modules():
+            m.to(device)
         return self
 
 
@@ -52,7 +64,7 @@ def load_components(model: str, *, dtype: torch.dtype = torch.float32, device: s
         diffusers layout (subfolders ``unet``, ``vae``, ``text_encoder``, ``tokenizer``,
         ``scheduler``).
       dtype, device: where the modules live; every module is frozen (``freeze``).
-      local_files_only: never touch the network (also implied by ``HF_HUB_OFFLINE=1``).
+      local_files_only: never touch the network (implied by ``HF_HUB_OFFLINE=1``).
       revision: a hub revision.
       scheduler: ``"ddim"`` or ``"dpm"`` (``DPMSolverMultistepScheduler``); built from the
         checkpoint's scheduler config.
@@ -65,37 +77,22 @@ def load_components(model: str, *, dtype: torch.dtype = torch.float32, device: s
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    looks_local = os.path.isabs(model) or model.startswith((".", "~")) or os.path.exists(model) \
-        or model.count("/") > 1
-    if looks_local:
-        path = os.path.expanduser(model)
-        if not os.path.isdir(path):
-            raise FileNotFoundError(
-                f"model path {model!r} does not exist. Pass a hub id (e.g. CompVis/stable-diffusion-v1-4) "
-                f"or a directory in the diffusers layout with subfolders {', '.join(_SUBFOLDERS)} "
-                f"(e.g. made by `hf download <id> --local-dir DIR`).")
-        missing = [s for s in _SUBFOLDERS if not os.path.isdir(os.path.join(path, s))]
-        if missing:
-            raise FileNotFoundError(f"model directory {model!r} lacks the subfolders {missing}; "
-                                    f"it must be in the diffusers layout ({', '.join(_SUBFOLDERS)})")
-        model = path
-    kw = dict(local_files_only=local_files_only, revision=revision)
+    if looks_local(model):
+        model = local_dir(model, "model", _SUBFOLDERS)
+    kw = dict(local_files_only=local_files_only or offline(), revision=revision)
     try:
         unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", torch_dtype=dtype, **kw)
         vae = AutoencoderKL.from_pretrained(model, subfolder="vae", torch_dtype=dtype, **kw)
         text_encoder = CLIPTextModel.from_pretrained(model, subfolder="text_encoder", dtype=dtype, **kw)
         tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer", **kw)
-        sched = make_scheduler(scheduler, _load_scheduler_config(model, kw))
+        sched = make_scheduler(scheduler, load_scheduler_config(model, kw))
     except (OSError, ValueError) as e:
-        raise OSError(
-            f"could not load diffusion model {model!r}: {e}\n"
-            f"Without internet access, download it elsewhere (`hf download {model} "
-            f"--local-dir DIR`), copy DIR here and pass its path as the model, or set HF_HOME to a "
-            f"cache that holds it.") from e
+        raise load_error("the diffusion model", model, e) from e
     return Components(unet.to(device), vae.to(device), text_encoder.to(device), tokenizer, sched).freeze()
 
 
-def _load_scheduler_config(model, kw):
+def load_scheduler_config(model: str, kw: dict) -> dict:
+    """The ``scheduler`` subfolder's config of a diffusers model directory or hub id."""
     from diffusers import DDIMScheduler
     return DDIMScheduler.load_config(model, subfolder="scheduler", **kw)
 

@@ -1,251 +1,186 @@
-"""Training configuration: one frozen dataclass, every knob documented in one place.
+"""Everything a fine-tuning run needs to know, in one frozen dataclass.
 
-Values come, in increasing precedence, from the field defaults, a preset (``--preset
-tiny``), a YAML or TOML file, and command-line overrides:
+:class:`TrainConfig` extends the training loop's :class:`~halforder.training.config.LoopConfig`
+with the model, data, reward, estimator, LoRA and video settings. Each field carries its
+help text (``knob``); the command line is generated from the fields
+(:mod:`halforder.diffusion.cli`), so a config file and a flag can set every one of them.
+Values come, in increasing precedence, from the field defaults, a preset, a config file
+(YAML, TOML or JSON: a run's own ``config.json`` reproduces it) and flags:
 
     cfg = load_config("run.yaml", overrides={"lr": 1e-4})
 """
 from __future__ import annotations
 
-import dataclasses
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Mapping
 
-from ..estimators.samplers import FAMILIES, J_SAMPLING
-from .video import TINY_VIDEO_PRESET
+from ..estimators.samplers import FAMILIES, J_SAMPLING, PlanSampler, make_sampler
+from ..training.config import ConfigError, LoopConfig, from_mapping, knob, need, read_mapping_file
+from .denoiser import BATCHING
+from .lora import DEFAULT_TARGETS
+from .rewards import REWARDS
+from .video.components import VIDEOCRAFTER2_BASE
+from .video.frames import FRAME_MODES, parse_frames
+from .video.rewards import VIDEO_REWARDS
 
 TINY_MODEL = "tiny"
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # Offline, CPU, tiny random components: a smoke run of the whole pipeline in well under 2 minutes.
+    # Offline, CPU, tiny random components: a smoke run of the whole pipeline in well under a minute.
     "tiny": dict(model=TINY_MODEL, reward="brightness", T=6, guidance_scale=2.0, steps=6, batch_size=2,
                  grad_accum=1, lr=1e-2, lora_rank=2, lora_alpha=2.0, h=2, eval_every=3, checkpoint_every=3,
                  eval_num=4, output_dir=os.path.join("runs", "tiny")),
-    # Offline, CPU, a tiny random UNet3D (with --task t2v; see halforder.diffusion.video).
-    "tiny-video": TINY_VIDEO_PRESET,
+    # Offline, CPU, a tiny random UNet3D: text-to-video in well under a minute.
+    "tiny-video": dict(task="t2v", model=TINY_MODEL, reward="brightness+0.5*temporal", T=4, guidance_scale=2.0,
+                       steps=4, batch_size=2, grad_accum=1, lr=1e-2, lora_rank=2, lora_alpha=2.0, h=2, eta_plan=1.0,
+                       zo_sigma=1e-2, eval_every=2, checkpoint_every=2, eval_num=2, num_frames=4, frames="ends",
+                       gif_fps=4.0, output_dir=os.path.join("runs", "tiny-video")),
 }
 
-TINY_PROMPTS = ("a red square", "a blue circle", "a green field", "a yellow sun",
-                "a white cloud", "a black cat", "an orange fox", "a purple flower")
-TINY_EVAL_PROMPTS = ("a grey stone", "a pink house", "a brown dog", "a silver car")
+TINY_PROMPTS = {"t2i": ("a red square", "a blue circle", "a green field", "a yellow sun",
+                        "a white cloud", "a black cat", "an orange fox", "a purple flower"),
+                "t2v": ("a red ball bouncing", "a blue car driving", "a green tree swaying", "a yellow bird flying",
+                        "a white boat sailing", "a black cat jumping")}
+TINY_EVAL_PROMPTS = {"t2i": ("a grey stone", "a pink house", "a brown dog", "a silver car"),
+                     "t2v": ("a grey horse running", "a pink kite flying")}
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(LoopConfig):
     """Reward fine-tuning of a diffusion model's LoRA adapter with a gradient estimator."""
 
     # ------------------------------------------------------------------ model
-    task: str = "t2i"
-    """``"t2i"`` (text-to-image, a UNet2DConditionModel) or ``"t2v"`` (text-to-video, a
-    UNet3DConditionModel; its options are in ``halforder.diffusion.video.VideoOptions``)."""
-    model: str = "CompVis/stable-diffusion-v1-4"
-    """Hub id or local directory (diffusers layout) of the Stable Diffusion model; ``"tiny"``
-    builds tiny random components offline (tests, ``--preset tiny``)."""
-    revision: str | None = None
-    """Hub revision of ``model`` (None: the default branch)."""
-    scheduler: str = "ddim"
-    """Sampler of the chain: ``"ddim"`` or ``"dpm"`` (DPM-Solver++ SDE, order 2)."""
-    T: int = 50
-    """Number of sampler steps of the chain (the paper uses 50 DDIM steps)."""
-    guidance_scale: float = 7.5
-    """Classifier-free guidance weight (1.0 turns guidance off)."""
-    mixed_precision: str = "no"
-    """``"no"``, ``"bf16"`` or ``"fp16"``, passed to accelerate (autocast where the device allows).
-    The estimators' gradients are taken without loss scaling, so prefer bf16 to fp16; and a ZO
-    perturbation of relative size zo_sigma / |theta| below bf16's resolution (about 4e-3) is
-    partly rounded away inside autocast regions."""
-    gradient_checkpointing: bool = False
-    """Recompute each step's graph in backward (keeps only the step inputs): memory of full or
-    truncated backprop no longer grows with the number of first-order steps, time roughly doubles."""
+    task: str = knob("t2i", "t2i: text-to-image (a UNet2DConditionModel); t2v: text-to-video (a UNet3D)",
+                     choices=("t2i", "t2v"))
+    model: str = knob("CompVis/stable-diffusion-v1-4",
+                      "hub id or local directory (diffusers layout) of the model; 'tiny': tiny random parts, "
+                      "offline; with video_model videocrafter2, the converted UNet")
+    revision: str | None = knob(None, "hub revision of the model (None: the default branch)")
+    scheduler: str = knob("ddim", "sampler of the chain: ddim, or dpm (DPM-Solver++ SDE, order 2)",
+                          choices=("ddim", "dpm"))
+    T: int = knob(50, "sampler steps of the chain (the paper: 50 DDIM steps for images, 25 for video)")
+    guidance_scale: float = knob(7.5, "classifier-free guidance weight (1: no guidance)")
+    negative_prompt: str = knob("", "the prompt of the unconditional branch of classifier-free guidance")
+    mixed_precision: str = knob("no", "no, bf16 or fp16, passed to accelerate (autocast where the device allows it)",
+                                choices=("no", "bf16", "fp16"))
+    gradient_checkpointing: bool = knob(False, "recompute each step's graph in backward: memory of the first-order "
+                                               "steps stops growing with their number; time roughly doubles")
+    batching: str = knob("vmap", "how per-sample parameters are applied to the UNet: vmap, or loop (slower; for "
+                                 "modules vmap cannot trace)", choices=BATCHING)
 
     # ------------------------------------------------------------------ data
-    prompts: str | None = None
-    """Text file with one training prompt per line (blank lines ignored). None is allowed only
-    with ``model="tiny"``, which then uses a few built-in prompts."""
-    eval_prompts: str | None = None
-    """Text file of held-out prompts for the sample grids (None: the first ``eval_num``
-    training prompts; the tiny model has its own built-in held-out prompts)."""
-    eval_num: int = 4
-    """Number of held-out prompts (images) in each sample grid."""
+    prompts: str | None = knob(None, "text file, one training prompt per line (only the tiny model has built-in "
+                                     "prompts)")
+    eval_prompts: str | None = knob(None, "text file of held-out prompts for the sample grids (None: the first "
+                                          "eval_num training prompts)")
+    eval_num: int = knob(4, "held-out prompts (samples) in each sample grid")
+    dcot: str | None = knob(None, "Diffusive Chain-of-Thought prompt file (YAML/TOML/JSON): train on its prompts, "
+                                  "each step group conditioned on its coarse, mid or fine version (docs/dcot.md)")
+    dcot_split: list[float] | None = knob(None, "DCoT: steps of the coarse, mid and fine groups (3 counts summing "
+                                                "to T, or 3 fractions summing to 1; None: thirds)")
 
     # ------------------------------------------------------------------ reward
-    reward: str = "aesthetic"
-    """Name in the reward registry (``halforder.diffusion.rewards.REWARDS``)."""
-    reward_kwargs: Mapping[str, Any] = field(default_factory=dict)
-    """Keyword arguments of the reward factory (e.g. a local path of the reward model)."""
+    reward: str = knob("aesthetic", f"reward name; images: {', '.join(sorted(REWARDS))}; video: any image reward "
+                                    f"(per frame), {', '.join(sorted(VIDEO_REWARDS))}, or a weighted sum like "
+                                    "'aesthetic+0.5*temporal'")
+    reward_kwargs: dict = knob({}, "keyword arguments of the reward factory, as JSON (e.g. a local model path)",
+                               factory=True)
 
     # ------------------------------------------------------------------ estimator
-    estimator: str = "rlr"
-    """Estimator family: ``full``, ``truncated``, ``reinforce``, ``zeroth_order`` or ``rlr``."""
-    h: int = 2
-    """RLR: length of the half-order block (0 <= h <= T-1; the paper uses 2)."""
-    k: int = 1
-    """Truncated backprop: length K of the first-order prefix (DRaFT-K / AlignProp)."""
-    j_sampling: str = "uniform"
-    """RLR: how the block start j is drawn each step: ``uniform``, ``softmax`` (of running
-    per-block gradient norms, sec. 4.2), ``window`` (uniform on ``j_window``) or ``fixed`` (``j``)."""
-    j: int | None = None
-    """RLR with ``j_sampling="fixed"``: the block start (2 <= j <= T-h+1)."""
-    j_window: tuple[int, int] | None = None
-    """RLR with ``j_sampling="window"``: (a, b), j uniform on a..b, b - a > h (DCoT)."""
-    j_temperature: float = 1.0
-    """RLR with ``j_sampling="softmax"``: temperature dividing the gradient norms."""
-    j_decay: float = 0.9
-    """RLR with ``j_sampling="softmax"``: decay of the running average of the gradient norms."""
-    zo_sigma: float = 1e-3
-    """Standard deviation tau of the parameter noise on zeroth-order steps (paper: 1e-3)."""
-    eta: float | str = "plan"
-    """DDIM eta: ``"plan"`` puts eta_plan > 0 only where an HO block ends (the paper's recipe),
-    a number uses that eta at every step."""
-    eta_plan: float = 0.1
-    """The eta used at HO block ends when ``eta="plan"`` (paper, App. G: 0.1)."""
-    baseline: str | None = "loo"
-    """Control variate of the likelihood-ratio terms: ``"loo"`` (leave-one-out batch mean,
-    needs batch_size >= 2) or None."""
+    estimator: str = knob("rlr", "estimator family (truncated_random and rlr_no_zo are biased, for comparisons)",
+                          choices=FAMILIES)
+    h: int = knob(2, "RLR: length of the half-order block (0 <= h <= T-1; the paper: 2)")
+    k: int = knob(1, "truncated backprop: first-order steps K (truncated_random: K uniform on 1..k)")
+    j_sampling: str = knob("uniform", "RLR: law of the block start j: uniform, softmax (of running gradient norms), "
+                                      "window (uniform on j_window) or fixed (j)", choices=J_SAMPLING)
+    j: int | None = knob(None, "RLR with j_sampling fixed: the block start (2 <= j <= T-h+1)")
+    j_window: list[int] | None = knob(None, "RLR with j_sampling window: a b, j uniform on a..b, b - a > h (DCoT)")
+    j_temperature: float = knob(1.0, "RLR with j_sampling softmax: temperature dividing the gradient norms")
+    j_decay: float = knob(0.9, "RLR with j_sampling softmax: decay of the running gradient norms")
+    zo_sigma: float = knob(1e-3, "standard deviation tau of the parameter noise on zeroth-order steps (the paper: 1e-3)")
+    eta: str = knob("plan", "sampler eta: 'plan' (eta_plan where an HO block ends, 0 elsewhere: the paper's recipe) "
+                            "or one number for every step")
+    eta_plan: float = knob(0.1, "the eta at HO block ends with eta 'plan' (the paper, App. G: 0.1 with DDIM)")
 
     # ------------------------------------------------------------------ LoRA
-    lora_rank: int = 4
-    """LoRA rank of the UNet's attention projections."""
-    lora_alpha: float = 4.0
-    """LoRA scaling alpha (the update is scaled by alpha / rank)."""
+    lora_rank: int = knob(4, "LoRA rank")
+    lora_alpha: float = knob(4.0, "LoRA alpha (the update is scaled by alpha / rank)")
+    lora_targets: list[str] = knob(list(DEFAULT_TARGETS), "UNet module names that get LoRA", factory=True)
 
-    # ------------------------------------------------------------------ optimisation
-    steps: int = 100
-    """Number of optimiser updates."""
-    lr: float = 5e-4
-    """Adam learning rate (paper: 5e-4)."""
-    adam_betas: tuple[float, float] = (0.9, 0.999)
-    """Adam betas."""
-    adam_eps: float = 1e-8
-    """Adam epsilon."""
-    weight_decay: float = 0.0
-    """Decoupled weight decay (AdamW) on the LoRA weights."""
-    batch_size: int = 4
-    """Samples per micro-batch and process (paper: 4)."""
-    grad_accum: int = 2
-    """Micro-batches averaged into one update (paper: 2)."""
-    clip_norm: float | None = 1.0
-    """Clip the gradient's global norm to this value (None: no clipping)."""
-    seed: int = 0
-    """Seed of every random draw (plans, prompts, noise); process r uses seed + r for its data and noise."""
+    # ------------------------------------------------------------------ video (task t2v)
+    num_frames: int = knob(16, "video: frames per video (VideoCrafter2: 16)")
+    frames: str = knob("random", f"video: frames the reward decodes: {', '.join(FRAME_MODES)}, or indices like 0,8,15")
+    latent_size: list[int] | None = knob(None, "video: latent height and width (None: the UNet's sample_size; "
+                                               "320x512 video: 40 64)")
+    video_model: str = knob("t2v", "video: t2v (TextToVideoSDPipeline layout) or videocrafter2 (model is the "
+                                   "converted UNet, video_base the VAE and text encoder)",
+                            choices=("t2v", "videocrafter2"))
+    video_base: str = knob(VIDEOCRAFTER2_BASE, "video, videocrafter2: source of the VAE, text encoder, tokenizer and "
+                                               "scheduler config")
+    fps: float = knob(24.0, "video, videocrafter2: frame-rate conditioning (the conversion's pipeline: 24; the "
+                            "official script: 28)")
+    gif_fps: float = knob(8.0, "video: frame rate of the written GIFs")
 
-    # ------------------------------------------------------------------ output
-    output_dir: str = os.path.join("runs", "halforder")
-    """Directory of metrics.jsonl, checkpoints/, samples/, the final LoRA adapter and config."""
-    eval_every: int = 50
-    """Write a PNG sample grid of the held-out prompts every this many updates (0: never)."""
-    checkpoint_every: int = 50
-    """Write a checkpoint every this many updates (0: only at the end)."""
-    keep_checkpoints: int = 2
-    """Keep the newest this many checkpoints."""
-    resume: str | None = None
-    """Resume from a checkpoint directory, or ``"latest"`` for the newest in ``output_dir``."""
-    progress: bool = True
-    """Show a tqdm progress bar (main process only)."""
-    preset: str | None = None
-    """The preset these values started from (informational; applied by :func:`load_config`)."""
-
-    def __post_init__(self):
-        for name in ("adam_betas", "j_window"):
-            v = getattr(self, name)
-            if v is not None and not isinstance(v, tuple):
-                object.__setattr__(self, name, tuple(v))
-        object.__setattr__(self, "reward_kwargs", dict(self.reward_kwargs or {}))
-        self.check()
+    preset: str | None = knob(None, "start from a preset: tiny (offline CPU smoke run), tiny-video (the same for "
+                                    "text-to-video)", choices=tuple(PRESETS))
 
     def check(self) -> None:
-        """Raise ``ValueError`` on values that cannot work, before anything is written."""
-        def need(cond, msg):
-            if not cond:
-                raise ValueError(msg)
-        need(self.task in ("t2i", "t2v"), f"unknown task {self.task!r}; use 't2i' or 't2v'")
-        need(self.estimator in FAMILIES, f"unknown estimator {self.estimator!r}; known: {', '.join(FAMILIES)}")
-        need(self.j_sampling in J_SAMPLING, f"unknown j sampling {self.j_sampling!r}; known: {', '.join(J_SAMPLING)}")
-        need(self.scheduler in ("ddim", "dpm"), f"unknown scheduler {self.scheduler!r}; use 'ddim' or 'dpm'")
-        need(isinstance(self.T, int) and self.T >= 1, f"T must be a positive integer, got {self.T!r}")
-        if self.estimator == "rlr":
-            need(0 <= self.h <= self.T - 1,
-                 f"h={self.h} is too large: RLR needs 0 <= h <= T-1 = {self.T - 1} (one first-order step)")
-        if self.estimator == "truncated":
-            need(1 <= self.k <= self.T, f"truncated backprop needs 1 <= k <= T={self.T}, got k={self.k}")
+        """Raise :class:`~halforder.training.config.ConfigError` on values that cannot work,
+        before anything is written."""
+        super().check()
+        need(self.T >= 1, f"T must be a positive integer, got {self.T!r}")
+        self.sampler()                              # h, k, j and the window, by the samplers' own rules
         need(self.zo_sigma > 0, f"zo_sigma must be > 0, got {self.zo_sigma}")
-        need(self.eta == "plan" or (isinstance(self.eta, (int, float)) and self.eta >= 0),
-             f"eta must be 'plan' or a number >= 0, got {self.eta!r}")
-        need(self.baseline in (None, "loo"), f"baseline must be 'loo' or None, got {self.baseline!r}")
-        need(self.baseline != "loo" or self.batch_size >= 2, "the 'loo' baseline needs batch_size >= 2")
-        for name in ("steps", "batch_size", "grad_accum", "lora_rank", "eval_num"):
-            need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1,
-                 f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        for name in ("eval_every", "checkpoint_every", "keep_checkpoints"):
-            need(isinstance(getattr(self, name), int) and getattr(self, name) >= 0,
-                 f"{name} must be an integer >= 0, got {getattr(self, name)!r}")
-        need(self.lr > 0, f"lr must be > 0, got {self.lr}")
-        need(self.clip_norm is None or self.clip_norm > 0, f"clip_norm must be > 0 or None, got {self.clip_norm}")
-        need(self.mixed_precision in ("no", "bf16", "fp16"),
-             f"mixed_precision must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}")
-        need(self.j_window is None or len(self.j_window) == 2, f"j_window must be (a, b), got {self.j_window!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain values (lists for tuples), as written to ``output_dir/config.yaml``."""
-        d = dataclasses.asdict(self)
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
-
-
-FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
-
-
-def read_config_file(path: str) -> dict[str, Any]:
-    """The mapping in a ``.yaml``/``.yml`` or ``.toml`` file (ValueError on anything else)."""
-    if not os.path.isfile(path):
-        raise ValueError(f"config file {path!r} does not exist")
-    ext = os.path.splitext(path)[1].lower()
-    if ext in (".yaml", ".yml"):
-        import yaml
-        with open(path, encoding="utf-8") as f:
-            try:
-                data = yaml.safe_load(f)
-            except yaml.YAMLError as e:
-                raise ValueError(f"config file {path!r} is not valid YAML: {e}") from e
-    elif ext == ".toml":
+        need(self.eta_plan > 0, f"eta_plan must be > 0, got {self.eta_plan}")
+        need(self.eta_value() == "plan" or self.eta_value() >= 0, f"eta must be 'plan' or a number >= 0, "
+                                                                  f"got {self.eta!r}")
+        need(self.guidance_scale >= 0, f"guidance_scale must be >= 0, got {self.guidance_scale}")
+        for name in ("lora_rank", "eval_num", "num_frames"):
+            need(getattr(self, name) >= 1, f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        for name in ("lora_alpha", "fps", "gif_fps"):
+            need(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
+        need(bool(self.lora_targets), "lora_targets must name at least one module")
+        need(self.latent_size is None or (len(self.latent_size) == 2 and min(self.latent_size) >= 1),
+             f"latent_size must be two positive integers (h w), got {self.latent_size!r}")
+        need(self.dcot_split is None or self.dcot is not None, "dcot_split needs a DCoT prompt file (dcot)")
         try:
-            import tomllib
-        except ImportError:  # Python 3.10
-            try:
-                import tomli as tomllib
-            except ImportError:
-                raise ValueError("TOML config files need Python >= 3.11 or `pip install tomli`; "
-                                 "or use a .yaml file") from None
-        with open(path, "rb") as f:
-            try:
-                data = tomllib.load(f)
-            except tomllib.TOMLDecodeError as e:
-                raise ValueError(f"config file {path!r} is not valid TOML: {e}") from e
-    else:
-        raise ValueError(f"config file {path!r} must end in .yaml, .yml or .toml")
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ValueError(f"config file {path!r} must hold a mapping of option names to values")
-    return data
+            parse_frames(self.frames)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+
+    def eta_value(self) -> str | float:
+        """``eta`` as the chain takes it: ``"plan"`` or a number."""
+        if self.eta == "plan":
+            return "plan"
+        try:
+            return float(self.eta)
+        except ValueError:
+            raise ConfigError(f"eta must be 'plan' or a number, got {self.eta!r}") from None
+
+    def sampler(self) -> PlanSampler:
+        """The plan sampler of the estimator settings."""
+        try:
+            return make_sampler(self.estimator, self.T, h=self.h, k=self.k, j_sampling=self.j_sampling, j=self.j,
+                                window=None if self.j_window is None else tuple(self.j_window),
+                                temperature=self.j_temperature, decay=self.j_decay)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
 
 def load_config(path: str | None = None, overrides: Mapping[str, Any] | None = None,
                 preset: str | None = None) -> TrainConfig:
-    """Defaults, then ``preset`` (or the file's ``preset`` key), then the file, then ``overrides``
-    (entries with value None are ignored). Unknown keys raise ``ValueError``."""
-    data = read_config_file(path) if path else {}
+    """Defaults, then ``preset`` (or the file's or the overrides' ``preset``), then the file
+    (``.yaml``, ``.yml``, ``.toml`` or ``.json``), then ``overrides`` (entries with value
+    None are ignored). Values are coerced to the fields' types; unknown names raise
+    :class:`~halforder.training.config.ConfigError`."""
+    data = read_mapping_file(path) if path else {}
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
-    preset = overrides.get("preset", preset or data.get("preset"))
+    preset = overrides.get("preset", data.get("preset", preset))
     values: dict[str, Any] = {}
     if preset is not None:
-        if preset not in PRESETS:
-            raise ValueError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
+        need(preset in PRESETS, f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
         values.update(PRESETS[preset], preset=preset)
-    for source, d in (("config file", data), ("overrides", overrides)):
-        unknown = sorted(set(d) - set(FIELDS))
-        if unknown:
-            raise ValueError(f"unknown option(s) in {source}: {', '.join(unknown)}; "
-                             f"known: {', '.join(sorted(FIELDS))}")
-        values.update(d)
-    return TrainConfig(**values)
+    values.update(data)
+    values.update(overrides)
+    return from_mapping(TrainConfig, values, f"config file {path!r}" if path else "config")

@@ -7,10 +7,10 @@ outline, the middle ones the geometric structure, the last ones the fine detail.
    three consecutive step groups on its level's version (:class:`StepSplit`,
    :class:`DCoTConditioning`);
 2. draws the HO block's start j of RLR from a window [a, b] over the steps where the
-   generation is deficient (:func:`window_sampler`; the paper's hand task: a = 30, b = 40
-   of T = 50, with b - a > h).
+   generation is deficient (:class:`~halforder.estimators.samplers.WindowRLR`; the
+   paper's hand task: a = 30, b = 40 of T = 50, with b - a > h).
 
-Step numbering is the chain's (design.md): step t = T is the first one generated (from
+Step numbering is the chain's: step t = T is the first one generated (from
 pure noise), t = 1 the last. The coarse group is t = T..T-n_c+1, the mid group the next
 n_m steps, the fine group the last n_f steps (down to t = 1).
 
@@ -25,15 +25,10 @@ levels; ``data/dcot_hands.yaml`` has the paper's hand prompts::
 """
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
-import torch
-
-from ..estimators import Plan
-from ..estimators.samplers import WindowRLR
+from ..training.config import read_mapping_file
 
 LEVELS = ("coarse", "mid", "fine")
 _KEYS = ("prompt",) + LEVELS
@@ -86,25 +81,8 @@ def parse_dcot_prompts(data, source: str = "<data>") -> tuple[DCoTPrompt, ...]:
 
 
 def load_dcot_prompts(path: str) -> tuple[DCoTPrompt, ...]:
-    """Read a DCoT prompt file (``.yaml``/``.yml`` or ``.json``); ValueError on a bad file."""
-    if not os.path.isfile(path):
-        raise ValueError(f"DCoT prompt file {path!r} does not exist")
-    ext = os.path.splitext(path)[1].lower()
-    with open(path, encoding="utf-8") as f:
-        if ext in (".yaml", ".yml"):
-            import yaml
-            try:
-                data = yaml.safe_load(f)
-            except yaml.YAMLError as e:
-                raise ValueError(f"DCoT prompt file {path!r} is not valid YAML: {e}") from e
-        elif ext == ".json":
-            try:
-                data = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"DCoT prompt file {path!r} is not valid JSON: {e}") from e
-        else:
-            raise ValueError(f"DCoT prompt file {path!r} must end in .yaml, .yml or .json")
-    return parse_dcot_prompts(data, path)
+    """Read a DCoT prompt file (``.yaml``/``.yml``, ``.toml`` or ``.json``); ValueError on a bad file."""
+    return parse_dcot_prompts(read_mapping_file(path, "DCoT prompt file", allow_list=True), path)
 
 
 # ----------------------------------------------------------------------------- the split
@@ -174,8 +152,7 @@ class DCoTConditioning:
     """Maps a batch of original prompts to the per-step prompts of DCoT.
 
     ``conditioning(batch)`` is a callable ``t -> prompts`` (level of step t for every prompt
-    of the batch), the form ``make_sd_chain`` / ``make_video_chain`` take, and
-    ``VideoTask(step_prompts=...)``."""
+    of the batch): the ``step_prompts`` of a :class:`~halforder.diffusion.task.DiffusionTask`."""
 
     prompts: tuple[DCoTPrompt, ...]
     split: StepSplit
@@ -205,68 +182,6 @@ class DCoTConditioning:
 
 
 # ----------------------------------------------------------------------------- the window
-def window_sampler(T: int, h: int, a: int, b: int) -> WindowRLR:
-    """RLR(h, j) with j uniform on a..b (the HO block covers steps j..j+h-1), validated:
-    b - a > h (paper, sec. 5.3) and the window fits, 2 <= a and b <= T-h+1. Uses D2's
-    :class:`~halforder.estimators.samplers.WindowRLR`; ``ValueError`` with the reason."""
-    for name, v in (("T", T), ("h", h), ("a", a), ("b", b)):
-        if not isinstance(v, int) or isinstance(v, bool):
-            raise ValueError(f"the DCoT window needs integers; {name} = {v!r}")
-    if h < 1:
-        raise ValueError(f"the DCoT window places an HO block: h must be >= 1, got {h}")
-    if not a < b:
-        raise ValueError(f"the DCoT window [a, b] = [{a}, {b}] needs a < b")
-    return WindowRLR(T, h, a, b)
-
-
 def window_levels(split: StepSplit, h: int, a: int, b: int) -> tuple[str, ...]:
     """The DCoT groups that the HO blocks of the window [a, b] can touch (steps a..b+h-1)."""
     return tuple(lv for lv in LEVELS if set(split.steps(lv)) & set(range(a, b + h)))
-
-
-# ----------------------------------------------------------------------------- the task
-@dataclass(frozen=True, eq=False)
-class DCoTTask:
-    """A text-to-image task (``SDTask``) with DCoT conditioning, for the trainer.
-
-    The trainer's prompts are the originals; every chain conditions each step group on its
-    level's version, and the reward sees the original prompt. For video, pass
-    ``step_prompts=conditioning`` to :class:`~halforder.diffusion.video.VideoTask` instead."""
-
-    base: object  # SDTask
-    conditioning: DCoTConditioning
-
-    def trainable(self):
-        return self.base.trainable()
-
-    def _chain(self, plan: Plan, prompts: Sequence[str], **kw):
-        from .chain import make_sd_chain
-        b = self.base
-        prompts = list(prompts)
-        if plan.T != self.conditioning.split.T:
-            raise ValueError(f"the plan has T={plan.T} steps but the DCoT split covers {self.conditioning.split.T}")
-        kw.setdefault("eta", b.eta)
-        return make_sd_chain(b.components, plan, self.conditioning(prompts), b.reward, ho_eta=b.eta_plan,
-                             zo_sigma=b.zo_sigma, guidance_scale=b.guidance_scale,
-                             negative_prompt=b.negative_prompt, reward_prompts=prompts, **kw)
-
-    def chain(self, plan: Plan, prompts: Sequence[str]):
-        return self._chain(plan, prompts)
-
-    def start(self, chain, n: int, generator: torch.Generator):
-        return self.base.start(chain, n, generator)
-
-    def images(self, prompts: Sequence[str], generator: torch.Generator) -> torch.Tensor:
-        from .chain import decode_latents, rollout
-        chain = self._chain(Plan.full(self.conditioning.split.T), prompts, eta=0.0, tau=0.0)
-        z = rollout(chain, {}, chain.sample_start(len(prompts), generator, device=self.base.device))
-        with torch.no_grad():
-            return decode_latents(self.base.components.vae, z)
-
-    def save_adapter(self, directory: str) -> None:
-        self.base.save_adapter(directory)
-
-
-def build_dcot_task(base, path: str, T: int, split: Sequence[float] | None = None) -> DCoTTask:
-    """A :class:`DCoTTask` over ``base`` (an ``SDTask``) with the prompts of ``path``."""
-    return DCoTTask(base, DCoTConditioning(load_dcot_prompts(path), StepSplit.make(T, split)))

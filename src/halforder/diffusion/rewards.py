@@ -33,7 +33,8 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from .preprocess import ClipPreprocess, clip_preprocess
+from .clip_preprocess import ClipPreprocess, clip_preprocess
+from .hub import load_error, local_dir, looks_local, offline
 
 Reward = Callable[[torch.Tensor, Sequence[str]], torch.Tensor]
 REWARDS: dict[str, Callable[..., Reward]] = {}
@@ -117,13 +118,6 @@ def random_cnn(seed: int = 0, width: int = 8) -> Reward:
 
 
 # ----------------------------------------------------------------------------- loading
-def _offline_error(what: str, source: str, e: Exception) -> OSError:
-    return OSError(
-        f"could not load {what} from {source!r}: {e}\nWithout internet access, download it elsewhere "
-        f"(`hf download <id> --local-dir DIR`), copy DIR here and pass its path instead of the "
-        f"hub id, or set HF_HOME to a cache that holds it.")
-
-
 def _resolve_file(spec: str, local_files_only: bool) -> str:
     """A local file for ``spec``: an existing path, or ``"repo_id:filename"`` on the hub."""
     if os.path.isfile(spec):
@@ -132,15 +126,15 @@ def _resolve_file(spec: str, local_files_only: bool) -> str:
         raise FileNotFoundError(f"{spec!r} is neither a file nor 'hub_repo_id:filename'")
     from huggingface_hub import hf_hub_download
     repo, filename = spec.split(":", 1)
-    return hf_hub_download(repo, filename, local_files_only=local_files_only)
+    return hf_hub_download(repo, filename, local_files_only=local_files_only or offline())
 
 
 def _clip_parts(source: str, local_files_only: bool, dtype):
     from transformers import CLIPImageProcessor, CLIPModel
-    if not os.path.exists(source) and (source.startswith((".", "/", "~")) or source.count("/") > 1):
-        raise FileNotFoundError(f"CLIP model path {source!r} does not exist")
-    model = CLIPModel.from_pretrained(source, local_files_only=local_files_only, dtype=dtype)
-    proc = CLIPImageProcessor.from_pretrained(source, local_files_only=local_files_only)
+    if looks_local(source):
+        source = local_dir(source, "CLIP model")
+    model = CLIPModel.from_pretrained(source, local_files_only=local_files_only or offline(), dtype=dtype)
+    proc = CLIPImageProcessor.from_pretrained(source, local_files_only=local_files_only or offline())
     return model.eval().requires_grad_(False), ClipPreprocess.from_processor(proc)
 
 
@@ -187,7 +181,7 @@ def load_aesthetic(clip: str = AESTHETIC_CLIP, head: str = AESTHETIC_HEAD, *, lo
         model, pre = _clip_parts(clip, local_files_only, dtype)
         state = torch.load(_resolve_file(head, local_files_only), map_location="cpu", weights_only=True)
     except (OSError, ValueError) as e:
-        raise _offline_error("the aesthetic predictor", f"{clip} + {head}", e) from e
+        raise load_error("the aesthetic predictor", f"{clip} + {head}", e) from e
     mlp = aesthetic_head(model.config.projection_dim)
     mlp.load_state_dict(state)
     return AestheticReward(model, mlp.eval().requires_grad_(False), pre).to(device)
@@ -221,9 +215,9 @@ def load_pickscore(model: str = PICKSCORE_MODEL, processor: str = PICKSCORE_PROC
     try:
         clip, _ = _clip_parts(model, local_files_only, dtype)
         _, pre = _clip_parts(processor, local_files_only, dtype) if processor != model else (None, _)
-        tok = AutoTokenizer.from_pretrained(processor, local_files_only=local_files_only)
+        tok = AutoTokenizer.from_pretrained(processor, local_files_only=local_files_only or offline())
     except (OSError, ValueError) as e:
-        raise _offline_error("PickScore", f"{model} + {processor}", e) from e
+        raise load_error("PickScore", f"{model} + {processor}", e) from e
     return ClipScoreReward(clip, tok, pre).to(device)
 
 
@@ -241,7 +235,7 @@ def load_hpsv2(checkpoint: str = HPSV2_CHECKPOINT, *, local_files_only: bool = F
         state = torch.load(path, map_location="cpu", weights_only=False)
         model.load_state_dict(state.get("state_dict", state))
     except (OSError, ValueError) as e:
-        raise _offline_error("HPSv2", checkpoint, e) from e
+        raise load_error("HPSv2", checkpoint, e) from e
     model = model.eval().requires_grad_(False).to(device)
     tokenizer = open_clip.get_tokenizer("ViT-H-14")
 
@@ -266,7 +260,7 @@ def load_imagereward(model: str = IMAGEREWARD_MODEL, *, device="cpu") -> Reward:
     try:
         rm = RM.load(model, device=device)
     except (OSError, ValueError, RuntimeError) as e:
-        raise _offline_error("ImageReward", model, e) from e
+        raise load_error("ImageReward", model, e) from e
     rm = rm.eval().requires_grad_(False)
 
     def reward(images, prompts):

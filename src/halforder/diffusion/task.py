@@ -1,103 +1,98 @@
-"""The Stable Diffusion side of training: a :class:`~halforder.diffusion.trainer.Task`.
+"""The one diffusion training task: images, video and per-step prompts (DCoT) alike.
 
-``SDTask`` turns (plan, prompts) into the SD chain of :func:`make_sd_chain` (DDIM or
-DPM-Solver, eta and tau following the plan), draws start latents, renders evaluation
-samples with the deterministic sampler (eta = 0) and exports the LoRA adapter.
-:func:`build_task` assembles one from a :class:`TrainConfig`.
+A :class:`DiffusionTask` is what :func:`halforder.training.loop.train` trains: the frozen
+components with a LoRA adapter, a reward, and a *view* that says what the reward sees of
+the final latent (:mod:`.sd_chain`: images; :mod:`.video.frames`: frames). Its chains are
+built once per batch of prompts by :func:`~.sd_chain.make_chain` (each prompt encoded
+once per run) and given each plan's noise scales (:meth:`DiffusionChain.for_plan`). Optional per-step
+prompts (``step_prompts``, e.g. DCoT) condition each step on its own prompt while the
+reward sees the original one; gradient checkpointing wraps every chain.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
 
 from ..estimators import Plan
-from .chain import decode_latents, make_sd_chain, rollout
-from .checkpointing import Checkpointed
-from .components import Components, load_components, tiny_components
-from .config import TINY_MODEL, TrainConfig
-from .lora import add_lora, save_lora
+from ..estimators.gradient_checkpointing import Checkpointed
+from .chain import DiffusionChain, Schedule, rollout
+from .components import Components
+from .lora import save_lora
+from .sd_chain import Reward, View, make_chain
+from .solvers import make_solver
+from .text import PromptEncoder
+
+StepPrompts = Callable[[Sequence[str]], Callable[[int], Sequence[str]]]
 
 
 @dataclass(frozen=True, eq=False)
-class SDTask:
-    """Stable Diffusion with a LoRA adapter, trained on a reward.
+class DiffusionTask:
+    """A diffusion model's LoRA adapter trained on a reward (the training loop's ``Task``).
 
     Attributes:
-      components: the frozen SD parts; ``components.unet`` carries the adapter.
+      components: the frozen parts; ``components.unet`` carries the adapter.
       params: the adapter weights by name (the trainable parameters).
-      reward: ``(images [N,3,H,W] in [0,1], prompts) -> [N]``.
+      reward: ``(what the view decodes, prompts) -> [N]``.
+      view: :class:`~.sd_chain.ImageView` or :class:`~.video.frames.VideoView`.
       T: sampler steps of the chain.
-      guidance_scale, eta, eta_plan, zo_sigma, negative_prompt, gradient_checkpointing: see
-        :class:`TrainConfig` (``eta_plan`` is the eta at HO block ends with the ``"plan"`` schedule).
-      device: where start latents are drawn.
+      guidance_scale, negative_prompt: classifier-free guidance.
+      eta, eta_plan, zo_sigma: the noise scales (:meth:`DiffusionChain.for_plan`: ``eta``
+        ``"plan"`` puts ``eta_plan`` where HO blocks end; ``zo_sigma`` is tau on ZO steps).
+      gradient_checkpointing: recompute each step's graph in backward.
+      step_prompts: None, or ``prompts -> (t -> prompts)``: per-step conditioning (DCoT).
+      batching: how per-sample parameters are applied (``"vmap"`` or ``"loop"``).
     """
 
     components: Components
     params: dict[str, torch.nn.Parameter]
-    reward: Callable
+    reward: Reward
+    view: View
     T: int
     guidance_scale: float = 7.5
-    eta: float | str = "plan"
+    negative_prompt: str = ""
+    eta: Schedule = "plan"
     eta_plan: float = 0.1
     zo_sigma: float = 1e-3
-    negative_prompt: str = ""
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     gradient_checkpointing: bool = False
+    step_prompts: StepPrompts | None = None
+    batching: str = "vmap"
+    _encoder: PromptEncoder | None = field(init=False, repr=False)
+    _solver: object = field(init=False, repr=False)
+
+    def __post_init__(self):
+        c = self.components
+        object.__setattr__(self, "_encoder", PromptEncoder(c) if c.text_encoder is not None else None)
+        object.__setattr__(self, "_solver", make_solver(c.scheduler, self.T))
 
     def trainable(self) -> dict[str, torch.nn.Parameter]:
         return self.params
 
-    def chain(self, plan: Plan, prompts: Sequence[str]):
-        chain = make_sd_chain(self.components, plan, list(prompts), self.reward, eta=self.eta, ho_eta=self.eta_plan,
-                              zo_sigma=self.zo_sigma, guidance_scale=self.guidance_scale,
-                              negative_prompt=self.negative_prompt)
+    def base_chain(self, prompts: Sequence[str], generator: torch.Generator | None = None) -> DiffusionChain:
+        """The chain for a batch of prompts, without noise (eta = 0, tau = 0)."""
+        prompts = list(prompts)
+        conditioning = self.step_prompts(prompts) if self.step_prompts is not None else prompts
+        return make_chain(self.components, self.T, conditioning, self.reward, view=self.view,
+                          guidance_scale=self.guidance_scale, negative_prompt=self.negative_prompt,
+                          reward_prompts=prompts, batching=self.batching, encoder=self._encoder,
+                          solver=self._solver, generator=generator)
+
+    def chain(self, plan: Plan, prompts: Sequence[str], generator: torch.Generator | None = None):
+        """The chain of ``plan`` for a batch of prompts (checkpointed if asked)."""
+        chain = self.base_chain(prompts, generator).for_plan(plan, eta=self.eta, ho_eta=self.eta_plan,
+                                                             zo_sigma=self.zo_sigma)
         return Checkpointed(chain) if self.gradient_checkpointing else chain
 
-    def start(self, chain, n: int, generator: torch.Generator):
-        return chain.sample_start(n, generator, device=self.device)
+    def sample(self, prompts: Sequence[str], generator: torch.Generator) -> torch.Tensor:
+        """Final latents of the deterministic sampler (eta = 0) with the current weights."""
+        chain = self.base_chain(prompts)
+        return rollout(chain, {}, chain.sample_start(len(prompts), generator))
 
-    def images(self, prompts: Sequence[str], generator: torch.Generator) -> torch.Tensor:
-        chain = make_sd_chain(self.components, Plan.full(self.T), list(prompts), self.reward, eta=0.0, tau=0.0,
-                              guidance_scale=self.guidance_scale, negative_prompt=self.negative_prompt)
-        z = rollout(chain, {}, chain.sample_start(len(prompts), generator, device=self.device))
-        with torch.no_grad():
-            return decode_latents(self.components.vae, z)
+    def previews(self, prompts: Sequence[str], generator: torch.Generator) -> torch.Tensor:
+        """Images ``[N, 3, H, W]`` in [0, 1] of :meth:`sample`, for sample grids."""
+        return self.view.preview(self.sample(prompts, generator))
 
     def save_adapter(self, directory: str) -> None:
+        """The LoRA adapter in the layout ``load_lora_weights`` reads."""
         save_lora(self.components.unet, directory)
-
-
-def read_prompts(path: str) -> list[str]:
-    """The non-blank lines of a text file (ValueError if it is missing or has none)."""
-    if not os.path.isfile(path):
-        raise ValueError(f"prompt file {path!r} does not exist")
-    with open(path, encoding="utf-8") as f:
-        prompts = [line.strip() for line in f if line.strip()]
-    if not prompts:
-        raise ValueError(f"prompt file {path!r} is empty: put one prompt per line")
-    return prompts
-
-
-def build_components(cfg: TrainConfig, device: torch.device | str = "cpu") -> Components:
-    """The frozen SD parts ``cfg.model`` names (``"tiny"``: random tiny parts, no download)."""
-    if cfg.model == TINY_MODEL:
-        comp = tiny_components(cfg.seed, scheduler=cfg.scheduler)
-        for m in (comp.unet, comp.vae, comp.text_encoder):
-            m.to(device)
-        return comp
-    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
-    return load_components(cfg.model, device=device, revision=cfg.revision, scheduler=cfg.scheduler,
-                           local_files_only=offline)
-
-
-def build_task(cfg: TrainConfig, reward: Callable, components: Components,
-               device: torch.device | str = "cpu") -> SDTask:
-    """Add the LoRA adapter of ``cfg`` to ``components.unet`` and wrap everything as a task."""
-    params = add_lora(components.unet, rank=cfg.lora_rank, alpha=cfg.lora_alpha, seed=cfg.seed)
-    for p in params.values():
-        p.data = p.data.to(device)
-    return SDTask(components, params, reward, cfg.T, cfg.guidance_scale, cfg.eta, cfg.eta_plan, cfg.zo_sigma,
-                  device=torch.device(device), gradient_checkpointing=cfg.gradient_checkpointing)

@@ -5,14 +5,21 @@
     est = estimate(chain, plan, params, x_T, generator=g)
     est.grad, est.reward, est.parts
 
-See :mod:`.chain` for the chain protocol, :mod:`.plan` for the roles and
-:mod:`.engine` for how each role's estimate is computed.
+:mod:`.protocol` is the chain protocol, :mod:`.plan` the roles, :mod:`.engine` how each
+role's estimate is computed, :mod:`.samplers` which plan each training step uses,
+:mod:`.draws` many per-sample estimates, :mod:`.memory` the activation-memory meter,
+:mod:`.gradient_checkpointing` per-step recomputation, :mod:`.theory` the paper's theory.
 """
 from .baselines import leave_one_out
-from .chain import Chain, detach, latent, with_latent
+from .draws import Samples, draw_estimates, flatten
 from .engine import Estimate, estimate
+from .gradient_checkpointing import Checkpointed
+from .memory import SavedTensorMeter
 from .plan import Plan, Role
-from .samplers import FixedPlan, PlanSampler, SoftmaxRLR, UniformRLR, WindowRLR, make_sampler
+from .protocol import Chain, detach, latent, with_latent
+from .samplers import (DropZO, FixedPlan, PlanSampler, RandomTruncation, SoftmaxRLR, UniformRLR, WindowRLR,
+                       make_sampler)
 
-__all__ = ["Chain", "Estimate", "FixedPlan", "Plan", "PlanSampler", "Role", "SoftmaxRLR", "UniformRLR", "WindowRLR",
-           "detach", "estimate", "latent", "leave_one_out", "make_sampler", "with_latent"]
+__all__ = ["Chain", "Checkpointed", "DropZO", "Estimate", "FixedPlan", "Plan", "PlanSampler", "RandomTruncation",
+           "Role", "Samples", "SavedTensorMeter", "SoftmaxRLR", "UniformRLR", "WindowRLR", "detach", "draw_estimates",
+           "estimate", "flatten", "latent", "leave_one_out", "make_sampler", "with_latent"]

@@ -25,7 +25,7 @@ from typing import Mapping, Union
 import torch
 
 from .baselines import leave_one_out
-from .chain import Chain, State, detach, latent, with_latent
+from .protocol import Chain, State, detach, latent, with_latent
 from .plan import Plan, Role
 
 Baseline = Union[None, str, float, torch.Tensor]

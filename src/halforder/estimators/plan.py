@@ -1,4 +1,5 @@
-"""A plan assigns every step of a chain one gradient-estimation role (design.md §2).
+"""A plan assigns every step of a chain one gradient-estimation role (docs/design.md,
+"The estimator design space").
 
 Write theta_t for the copy of theta used at step t, so that grad J = sum_t grad_{theta_t} J.
 Each role estimates grad_{theta_t} J for its steps:
@@ -130,7 +131,8 @@ class Plan:
         (2 <= j, j+h-1 <= T), ZO on every other step. ``h = 0`` (no j) is RLR without HO."""
         _check_T(T)
         if h < 0 or h > T - 1:
-            raise ValueError(f"RLR needs 0 <= h <= T-1 = {T - 1}, got h={h}")
+            raise ValueError(f"h={h} is {'negative' if h < 0 else 'too large'}: RLR needs 0 <= h <= T-1 = {T - 1} "
+                             f"(step 1 is first order)")
         if h == 0:
             if j is not None:
                 raise ValueError(f"RLR with h=0 has no HO block, so j must be None (got j={j})")

@@ -1,4 +1,4 @@
-"""Plan samplers: which plan a training step uses (design.md §2).
+"""Plan samplers: which plan a training step uses (docs/design.md, "Plan samplers").
 
 A trainer asks a sampler for the plan of each step; every sampler shares one small,
 optax-like API over an explicit state:
@@ -10,7 +10,9 @@ optax-like API over an explicit state:
 RLR(h, j) is unbiased for every fixed j, so j may follow any law that does not look at
 the current sample's noise. Every sampler here draws j *before* the step's noise is
 drawn, from a law that depends only on past steps (through ``state``), so the
-estimate stays unbiased conditionally on j and hence overall.
+estimate stays unbiased conditionally on j and hence overall. The same holds for any
+law over unbiased plans. Two samplers draw biased plans and say so in their plans'
+``is_unbiased``: :class:`RandomTruncation` (AlignProp) and :class:`DropZO`.
 
 Indices follow :meth:`Plan.rlr`: the HO block is steps j..j+h-1 with 2 <= j <= T-h+1
 (step 1 is the FO step). The paper writes j in 1..T-h for the same T-h positions.
@@ -23,7 +25,7 @@ from typing import Mapping, Protocol, runtime_checkable
 
 import torch
 
-from .plan import Plan
+from .plan import Plan, Role
 
 State = dict[str, torch.Tensor]
 
@@ -98,14 +100,15 @@ class WindowRLR:
     b: int
 
     def __post_init__(self):
-        Plan.rlr(self.T, self.h, None if self.h == 0 else 2)
         if self.h < 1:
-            raise ValueError("a window on j needs an HO block, i.e. h >= 1")
+            raise ValueError(f"a window on j needs an HO block, i.e. h >= 1, got h={self.h}")
         if not self.b - self.a > self.h:
             raise ValueError(f"the window [a, b] = [{self.a}, {self.b}] needs b - a > h = {self.h}")
-        if self.a < 2 or self.b > self.T - self.h + 1:
-            raise ValueError(f"the window [a, b] = [{self.a}, {self.b}] does not fit: RLR(h={self.h}) "
-                             f"with T={self.T} needs 2 <= a and b <= T-h+1 = {self.T - self.h + 1}")
+        try:  # both ends must be admissible block starts
+            Plan.rlr(self.T, self.h, self.a)
+            Plan.rlr(self.T, self.h, self.b)
+        except ValueError as e:
+            raise ValueError(f"the window [a, b] = [{self.a}, {self.b}] does not fit: {e}") from None
 
     def init(self) -> State:
         return {}
@@ -130,7 +133,7 @@ class SoftmaxRLR:
     so the first draws are uniform and every j keeps being explored.
 
     The law of j depends only on past steps, never on the current sample's noise, so the
-    estimator stays unbiased (design.md §2).
+    estimator stays unbiased.
     """
 
     T: int
@@ -192,7 +195,53 @@ def parts_norm(grad: Mapping[str, torch.Tensor]) -> float:
     return math.sqrt(sum(float(g.detach().double().pow(2).sum()) for g in grad.values()))
 
 
-FAMILIES = ("full", "truncated", "reinforce", "zeroth_order", "rlr")
+@dataclass(frozen=True)
+class RandomTruncation:
+    """AlignProp's randomized truncation: truncated backprop with K uniform on 1..k_max,
+    drawn afresh every step. Biased (Prop. 6.1) for every K < T."""
+
+    T: int
+    k_max: int
+
+    def __post_init__(self):
+        Plan.truncated(self.T, self.k_max)  # validates T and k_max
+
+    def init(self) -> State:
+        return {}
+
+    def sample(self, state: State, generator: torch.Generator | None = None) -> Plan:
+        return Plan.truncated(self.T, _uniform_int(1, self.k_max, generator))
+
+    def update(self, state: State, plan: Plan, estimate) -> State:
+        return state
+
+
+@dataclass(frozen=True)
+class DropZO:
+    """The plans of ``inner`` with their ZO steps dropped (role NONE). **Biased**: RLR
+    without its zeroth-order term, which is what the official RLR code computes
+    (docs/official-code-notes.md). For comparisons only."""
+
+    inner: PlanSampler
+
+    @property
+    def T(self) -> int:
+        return self.inner.T
+
+    def init(self) -> State:
+        return self.inner.init()
+
+    def sample(self, state: State, generator: torch.Generator | None = None) -> Plan:
+        plan = self.inner.sample(state, generator)
+        roles = [Role.NONE if r is Role.ZO else r for r in plan.roles]
+        return Plan.from_roles(roles, plan.blocks, name=f"{plan}-noZO")
+
+    def update(self, state: State, plan: Plan, estimate) -> State:
+        return self.inner.update(state, plan, estimate)
+
+
+FAMILIES = ("full", "truncated", "reinforce", "zeroth_order", "rlr", "truncated_random", "rlr_no_zo")
+BIASED_FAMILIES = ("truncated", "truncated_random", "rlr_no_zo")
 J_SAMPLING = ("uniform", "softmax", "window", "fixed")
 
 
@@ -203,36 +252,39 @@ def make_sampler(estimator: str, T: int, *, h: int = 2, k: int = 1, j_sampling: 
 
     Args:
       estimator: one of ``full``, ``truncated`` (FO on 1..k), ``reinforce``,
-        ``zeroth_order`` or ``rlr``.
+        ``zeroth_order``, ``rlr``, and two biased variants kept for comparisons:
+        ``truncated_random`` (AlignProp, K uniform on 1..k) and ``rlr_no_zo`` (RLR with
+        its ZO steps dropped).
       T: number of chain steps.
       h, j_sampling, j, window, temperature, decay: RLR only. ``j_sampling`` is
         ``uniform``, ``softmax`` (running gradient norms), ``window`` (j uniform on
         ``window = (a, b)``) or ``fixed`` (the given ``j``).
-      k: truncated only.
+      k: the truncated families only.
+
+    Raises ``ValueError`` naming the problem (the ranges of h and j are
+    :meth:`Plan.rlr`'s).
     """
-    if estimator == "full":
-        return FixedPlan(Plan.full(T))
-    if estimator == "truncated":
-        return FixedPlan(Plan.truncated(T, k))
-    if estimator == "reinforce":
-        return FixedPlan(Plan.reinforce(T))
-    if estimator == "zeroth_order":
-        return FixedPlan(Plan.zeroth_order(T))
-    if estimator != "rlr":
+    fixed = {"full": lambda: Plan.full(T), "truncated": lambda: Plan.truncated(T, k),
+             "reinforce": lambda: Plan.reinforce(T), "zeroth_order": lambda: Plan.zeroth_order(T)}
+    if estimator in fixed:
+        return FixedPlan(fixed[estimator]())
+    if estimator == "truncated_random":
+        return RandomTruncation(T, k)
+    if estimator not in ("rlr", "rlr_no_zo"):
         raise ValueError(f"unknown estimator {estimator!r}; known: {', '.join(FAMILIES)}")
-    if h > T - 1:
-        raise ValueError(f"RLR needs h <= T-1 = {T - 1} (one FO step), got h={h} with T={T}")
     if j_sampling == "uniform":
-        return UniformRLR(T, h)
-    if j_sampling == "softmax":
-        return SoftmaxRLR(T, h, temperature, decay)
-    if j_sampling == "window":
+        sampler = UniformRLR(T, h)
+    elif j_sampling == "softmax":
+        sampler = SoftmaxRLR(T, h, temperature, decay)
+    elif j_sampling == "window":
         if window is None:
             raise ValueError("j_sampling='window' needs a window (a, b)")
-        return WindowRLR(T, h, *window)
-    if j_sampling == "fixed":
-        return FixedPlan(Plan.rlr(T, h, j))
-    raise ValueError(f"unknown j sampling {j_sampling!r}; known: {', '.join(J_SAMPLING)}")
+        sampler = WindowRLR(T, h, *window)
+    elif j_sampling == "fixed":
+        sampler = FixedPlan(Plan.rlr(T, h, j))
+    else:
+        raise ValueError(f"unknown j sampling {j_sampling!r}; known: {', '.join(J_SAMPLING)}")
+    return DropZO(sampler) if estimator == "rlr_no_zo" else sampler
 
 
 def _uniform_int(lo: int, hi: int, generator: torch.Generator | None) -> int:

@@ -25,18 +25,19 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import torch
 
+from .draws import draw_estimates
 from .plan import Plan
 
 
 # ----------------------------------------------------------------------------- budget
-def _check_T(T: int) -> None:
+def _check_rlr_T(T: int) -> None:
     if int(T) != T or T < 2:
         raise ValueError(f"RLR needs an integer T >= 2 (h ranges over 0..T-1), got T={T!r}")
 
 
 def budget_cost(h: int, T: int, B_h: float, B_z: float) -> float:
     """Memory of RLR(h) in the model of eq. (7): B_h * h + B_z * (T - 1 - h)."""
-    _check_T(T)
+    _check_rlr_T(T)
     if not 0 <= h <= T - 1:
         raise ValueError(f"h must be in 0..T-1 = {T - 1}, got h={h}")
     if B_h < 0 or B_z < 0:
@@ -59,7 +60,7 @@ def variance_surrogate(h: int, T: int, V_h: float, V_z: float, ordered_pairs: bo
     ``ordered_pairs=True`` reads the 2 sum_{t != t'} of (7) literally over ordered pairs,
     which double-counts: 2 (sum_t s_t)^2 - sum_t s_t^2.
     """
-    _check_T(T)
+    _check_rlr_T(T)
     if not 0 <= h <= T - 1:
         raise ValueError(f"h must be in 0..T-1 = {T - 1}, got h={h}")
     if V_h < 0 or V_z < 0:
@@ -98,7 +99,7 @@ def paper_h_star(T: int, V_h: float, V_z: float, B: float, B_h: float, B_z: floa
 
     Needs the paper's assumptions B_h > B_z and V_h < V_z (``ValueError`` otherwise). The
     value is returned as printed, even where it is negative or above T - 1."""
-    _check_T(T)
+    _check_rlr_T(T)
     if not B_h > B_z:
         raise ValueError(f"eq. (8) assumes B_h > B_z (got B_h={B_h}, B_z={B_z})")
     budget_term = math.floor((B - B_z * (T - 1)) / (B_h - B_z))
@@ -197,8 +198,6 @@ def measure_step_variances(chain, params: Mapping[str, torch.Tensor], n: int, *,
                            steps: Sequence[int] | None = None, baseline=None) -> StepVariances:
     """Measure (V_h, V_z) on ``chain``: for each step t in ``steps`` (default 2..T, the
     steps RLR can give HO or ZO), n samples of the single-step HO and ZO estimators."""
-    from ..toy.stats import draw_estimates  # toy depends on estimators, not the reverse at import
-
     T = chain.T
     steps = tuple(range(2, T + 1)) if steps is None else tuple(int(t) for t in steps)
     if not steps:

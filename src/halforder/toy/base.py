@@ -6,7 +6,7 @@ from typing import Callable
 
 import torch
 
-from ..estimators.chain import per_step
+from ..estimators.protocol import per_step
 
 
 @dataclass(frozen=True, eq=False)

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import torch
 
-from ..estimators import Plan
+from ..estimators import Plan, draw_estimates, flatten
 from .linear import linear_chain
-from .stats import draw_estimates, flatten, mean_test
+from .stats import mean_test
 
 
 def demo_plans(T: int) -> list[Plan]:

@@ -1,8 +1,8 @@
-"""Many per-sample estimates, and tests of their mean against the truth.
+"""Tests of per-sample estimates' mean against the truth.
 
-``draw_estimates`` runs the engine in chunks (a loop over chunks of samples, each chunk
-vectorised) and returns flattened per-sample estimates; ``mean_test`` is Hotelling's T^2
-test that their mean equals a given vector.
+``mean_test`` is Hotelling's T^2 test that the mean of i.i.d. rows equals a given vector;
+``two_sample_test`` compares the means of two samples; ``reference_gradient`` is a
+high-sample full-backprop estimate for chains without an exact gradient.
 """
 from __future__ import annotations
 
@@ -11,47 +11,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from scipy import stats as sps
-from tqdm.auto import tqdm
 
-from ..estimators import Plan, estimate
-
-
-def flatten(tensors: dict[str, torch.Tensor], sample_axis: bool = False) -> torch.Tensor:
-    """Concatenate a parameter dict into one vector (``[N, P]`` with ``sample_axis``)."""
-    if sample_axis:
-        return torch.cat([v.reshape(v.shape[0], -1) for v in tensors.values()], dim=1)
-    return torch.cat([v.reshape(-1) for v in tensors.values()])
-
-
-@dataclass(frozen=True)
-class Samples:
-    """Per-sample estimates: ``grad`` and each role's part as ``[n, P]``, rewards ``[n]``."""
-
-    grad: torch.Tensor
-    parts: dict[str, torch.Tensor]
-    reward: torch.Tensor
-
-    @property
-    def n(self) -> int:
-        return self.grad.shape[0]
-
-
-def draw_estimates(chain, plan: Plan, params, n: int, *, generator: torch.Generator,
-                   chunk: int = 1 << 14, baseline=None, progress: bool = False) -> Samples:
-    """n per-sample estimates of ``plan`` on ``chain`` (x_T from ``chain.sample_start``).
-
-    With ``baseline="loo"`` the leave-one-out mean is taken within each chunk."""
-    dtype = next(iter(params.values())).dtype
-    grads, parts, rewards = [], {"FO": [], "HO": [], "ZO": []}, []
-    sizes = [min(chunk, n - i) for i in range(0, n, chunk)]
-    for m in tqdm(sizes, desc=str(plan), disable=not progress, leave=False):
-        x_T = chain.sample_start(m, generator, dtype)
-        est = estimate(chain, plan, params, x_T, generator=generator, per_sample=True, baseline=baseline)
-        grads.append(flatten(est.grad, True))
-        for r in parts:
-            parts[r].append(flatten(est.parts[r], True))
-        rewards.append(est.reward)
-    return Samples(torch.cat(grads), {r: torch.cat(v) for r, v in parts.items()}, torch.cat(rewards))
+from ..estimators import Plan, draw_estimates
 
 
 def reference_gradient(chain, params, n: int, *, generator: torch.Generator, chunk: int = 1 << 14):

@@ -2,14 +2,14 @@
 
 A video reward is ``reward(frames, prompts) -> [N]`` with ``frames`` of shape
 ``[N, k, 3, H, W]`` in [0, 1] (the k decoded frames of each sample, in time order, see
-:func:`halforder.diffusion.video.frame_indices`), differentiable in the frames.
+:func:`halforder.diffusion.video.frames.frame_indices`), differentiable in the frames.
 
-* :func:`per_frame` — an image reward of :mod:`.rewards` averaged over the decoded frames.
+* :func:`per_frame` — an image reward of :mod:`halforder.diffusion.rewards` averaged over the decoded frames.
 * :func:`temporal_consistency` — mean cosine similarity of adjacent frames' features
   (in the spirit of VBench's subject/background consistency, which use DINO/CLIP
   features). Features: ``"pixels"`` (centred, 4x4-pooled pixels; CPU-cheap),
   ``"random_cnn"`` (a fixed random conv net; CPU-cheap) or ``"clip"`` (a CLIP image
-  encoder from a hub id or local path, with D1's differentiable preprocessing).
+  encoder from a hub id or local path, with the differentiable CLIP preprocessing).
 * :func:`weighted` — sum_i w_i R_i.
 
 ``make_video_reward(spec)`` reads a spec such as ``"aesthetic"`` (any image reward name,
@@ -24,7 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .rewards import REWARDS, make_reward
+from ..clip_preprocess import ClipPreprocess, clip_preprocess
+from ..hub import load_error, local_dir, looks_local, offline
+from ..rewards import REWARDS, make_reward
 
 VideoReward = Callable[[torch.Tensor, Sequence[str]], torch.Tensor]
 VIDEO_REWARDS: dict[str, Callable[..., VideoReward]] = {}
@@ -90,7 +92,6 @@ class ClipFeatures(nn.Module):
         self.model, self.preprocess = model.eval().requires_grad_(False), preprocess
 
     def forward(self, images):
-        from .preprocess import clip_preprocess
         px = clip_preprocess(images, self.preprocess).to(next(self.model.parameters()).dtype)
         return self.model(pixel_values=px).image_embeds.to(images.dtype)
 
@@ -100,13 +101,14 @@ def load_clip_features(model: str = "openai/clip-vit-large-patch14", *, local_fi
     """:class:`ClipFeatures` from a hub id or a local CLIP directory (``CLIPVisionModelWithProjection``)."""
     from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
-    from .preprocess import ClipPreprocess
+    if looks_local(model):
+        model = local_dir(model, "CLIP model")
+    kw = dict(local_files_only=local_files_only or offline())
     try:
-        m = CLIPVisionModelWithProjection.from_pretrained(model, local_files_only=local_files_only, dtype=dtype)
-        proc = CLIPImageProcessor.from_pretrained(model, local_files_only=local_files_only)
+        m = CLIPVisionModelWithProjection.from_pretrained(model, dtype=dtype, **kw)
+        proc = CLIPImageProcessor.from_pretrained(model, **kw)
     except (OSError, ValueError) as e:
-        raise OSError(f"could not load CLIP features {model!r}: {e}\nWithout internet access, download it "
-                      f"elsewhere (`huggingface-cli download {model} --local-dir DIR`) and pass DIR.") from e
+        raise load_error("CLIP features", model, e) from e
     return ClipFeatures(m, ClipPreprocess.from_processor(proc))
 
 

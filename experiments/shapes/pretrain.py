@@ -1,4 +1,4 @@
-"""Pretrain a small pixel-space diffusion model on :mod:`.shapes`, on CPU, with a cache.
+"""Pretrain a small pixel-space diffusion model on :mod:`.data`, on CPU, with a cache.
 
 The model is a diffusers ``UNet2DModel`` trained with the DDPM noise-prediction loss
 (``DDPMScheduler.add_noise``) and an exponential moving average of its weights; it is
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .shapes import sample_shapes
+from .data import sample_shapes
 
 
 @dataclass(frozen=True)
@@ -82,7 +82,7 @@ def ddim_scheduler(config: PretrainConfig):
 
 
 def train_unet(config: PretrainConfig, progress: bool = True):
-    """Train a UNet on :func:`~halforder.diffusion.shapes.sample_shapes`; returns the EMA model (eval mode)."""
+    """Train a UNet on :func:`~experiments.shapes.data.sample_shapes`; returns the EMA model (eval mode)."""
     from tqdm.auto import tqdm
 
     g = torch.Generator().manual_seed(config.seed)

@@ -8,8 +8,8 @@ A checkpoint is a directory ``step_XXXXXXXX`` holding
     rng.pt                every random generator's state, one dict per process
     meta.json             step, number of processes, format version and the SHA-256 of each file
 
-It is written into a temporary directory beside its final name and renamed into place, so
-a crash leaves either the previous checkpoints or the complete new one. :func:`load_checkpoint`
+It is written through :func:`~halforder.training.files.atomic_dir`, so a crash leaves
+either the previous checkpoints or the complete new one. :func:`load_checkpoint`
 checks every file against ``meta.json`` and raises :class:`CheckpointError` (a ``ValueError``)
 on anything missing, truncated or altered.
 """
@@ -20,11 +20,12 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
+
+from .files import atomic_dir
 
 FORMAT = 1
 _FILES = ("params.safetensors", "sampler.safetensors", "optimizer.pt", "rng.pt")
@@ -58,10 +59,7 @@ def save_checkpoint(root: str, step: int, params: Mapping[str, torch.Tensor], sa
     checkpoints (0: keep all). Returns its path."""
     from safetensors.torch import save_file
 
-    os.makedirs(root, exist_ok=True)
-    final = os.path.join(root, checkpoint_name(step))
-    tmp = tempfile.mkdtemp(prefix=f".tmp-{checkpoint_name(step)}-", dir=root)
-    try:
+    with atomic_dir(os.path.join(root, checkpoint_name(step))) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in params.items()}, os.path.join(tmp, _FILES[0]))
         save_file({k: v.detach().cpu().contiguous() for k, v in sampler_state.items()}, os.path.join(tmp, _FILES[1]))
         torch.save(dict(optimizer), os.path.join(tmp, _FILES[2]))
@@ -70,22 +68,10 @@ def save_checkpoint(root: str, step: int, params: Mapping[str, torch.Tensor], sa
                 "sha256": {f: _sha256(os.path.join(tmp, f)) for f in _FILES}}
         with open(os.path.join(tmp, "meta.json"), "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        if os.path.exists(final):   # re-saving a step (e.g. after a resume): swap, then drop the old one
-            old = tempfile.mkdtemp(prefix=f".old-{checkpoint_name(step)}-", dir=root)
-            os.replace(final, os.path.join(old, "ckpt"))
-            os.replace(tmp, final)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     if keep > 0:
         for path in list_checkpoints(root)[:-keep]:
             shutil.rmtree(path, ignore_errors=True)
-    return final
+    return os.path.join(root, checkpoint_name(step))
 
 
 def list_checkpoints(root: str) -> list[str]:

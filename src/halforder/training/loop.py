@@ -1,46 +1,45 @@
-"""A small trainer that does not know which estimator it runs.
+"""A model-agnostic training loop that does not know which estimator it runs.
 
 Each update:
 
     plan  = sampler.sample(state, plan_generator)          # fixed plan, or RLR with some j law
     for each micro-batch:                                    # gradient accumulation
-        chain = task.chain(plan, prompts);  x_T = task.start(chain, n, noise_generator)
+        chain = task.chain(plan, batch, noise_generator)     # the plan sets the chain's noise scales
+        x_T   = chain.sample_start(n, noise_generator)
         est   = estimate(chain, plan, params, x_T, generator=noise_generator, baseline=...)
     g = mean over micro-batches and processes of est.grad   # an estimate of grad E[R]
-    if rewards and g are finite:  param.grad = -g;  clip;  Adam step
+    if rewards and g are finite:  param.grad = -g;  clip;  AdamW step
     state = sampler.update(state, plan, averaged estimate)
 
-Everything estimator-specific lives in the plan and in :func:`halforder.estimators.estimate`.
-A *task* supplies the model side (see :class:`Task`); :mod:`halforder.diffusion.task` has
-the Stable Diffusion one.
+Everything estimator-specific lives in the plan and in :func:`halforder.estimators.estimate`;
+the model side is a :class:`Task`, and what a caller adds (evaluation, exported weights,
+an early stop, a memory meter) comes in through :class:`Hooks`.
 
 Randomness: the plan generator has the same seed on every process (so all processes use
 the same plan, and the sampler state, updated from process-averaged estimates, stays
-identical); the prompt and noise generators are seeded per process. All of them, the
+identical); the data and noise generators are seeded per process. All of them, the
 optimiser and the sampler state go into checkpoints, so a resumed run continues exactly as
-an uninterrupted one.
+an uninterrupted one. Processes average through ``accelerate``.
 """
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import resource
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Protocol, Sequence
+from typing import Any, Callable, ContextManager, Mapping, Protocol, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 from ..estimators import Estimate, Plan, estimate
-from ..estimators.chain import Chain, State
+from ..estimators.protocol import Chain
 from ..estimators.samplers import PlanSampler
-from .checkpoint import Checkpoint, CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import TrainConfig
+from .checkpoints import Checkpoint, CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import LoopConfig
+from .files import append_jsonl, write_json, write_text
 
 ROLES = ("FO", "HO", "ZO")
 
@@ -49,19 +48,35 @@ class Task(Protocol):
     """The model side of training."""
 
     def trainable(self) -> dict[str, torch.nn.Parameter]:
-        """The parameters to train, by the names ``chain.step`` expects."""
+        """The parameters to train, by the names the chains' ``step`` expects."""
 
-    def chain(self, plan: Plan, prompts: Sequence[str]) -> Chain:
-        """The chain for ``plan`` (noise schedules follow the plan) on a batch of prompts."""
+    def chain(self, plan: Plan, batch: Sequence, generator: torch.Generator) -> Chain:
+        """The chain of ``plan`` (its noise scales follow the plan) for a batch of conditioning
+        items (prompts); ``generator`` draws whatever randomness building it needs."""
 
-    def start(self, chain: Chain, n: int, generator: torch.Generator) -> State:
-        """n start states x_T."""
 
-    def images(self, prompts: Sequence[str], generator: torch.Generator) -> torch.Tensor:
-        """Samples with the current parameters for a grid: ``[N, 3, H, W]`` in [0, 1]."""
+@dataclass(frozen=True)
+class Hooks:
+    """What a caller adds to :func:`train`; every hook is optional.
 
-    def save_adapter(self, directory: str) -> None:
-        """Export the trained weights (for SD: a LoRA that ``load_lora_weights`` reads)."""
+    Attributes:
+      evaluate: ``step -> metrics``, main process only, at step 0 (before training), every
+        ``eval_every`` updates and at the last one; a non-empty result is written as a
+        record ``{"step": step, "eval": metrics}``.
+      on_step: ``(record, estimate)`` after every update (the estimate averaged over
+        micro-batches and processes; ``grad`` is the ascent direction before clipping).
+      stop: ``record -> bool``; True ends training after that update (e.g. a compute budget).
+      export: ``output_dir -> None``, main process only, once at the end: write the
+        trained weights (e.g. a LoRA adapter).
+      around_estimate: a context manager entered around every ``estimate`` call (e.g. a
+        :class:`~halforder.estimators.memory.SavedTensorMeter`).
+    """
+
+    evaluate: Callable[[int], Mapping[str, Any]] | None = None
+    on_step: Callable[[dict[str, Any], Estimate], None] | None = None
+    stop: Callable[[dict[str, Any]], bool] | None = None
+    export: Callable[[str], None] | None = None
+    around_estimate: Callable[[], ContextManager] | None = None
 
 
 @dataclass
@@ -71,13 +86,13 @@ class TrainResult:
 
     step: int
     metrics: list[dict[str, Any]] = field(default_factory=list)
-    output_dir: str = ""
+    output_dir: str | None = None
 
 
 @dataclass
 class TrainRNG:
-    """The trainer's generators: ``plan`` (same seed on every process), ``data`` (prompt
-    draws) and ``noise`` (every noise draw of the estimator), both seeded per process."""
+    """The loop's generators: ``plan`` (same seed on every process), ``data`` (batch
+    draws) and ``noise`` (every draw of the estimator and the chains), seeded per process."""
 
     plan: torch.Generator
     data: torch.Generator
@@ -98,58 +113,61 @@ class TrainRNG:
             getattr(self, k).set_state(state[k].cpu())
 
 
-def check_output_dir(cfg: TrainConfig) -> None:
+def resume_path(cfg: LoopConfig) -> str | None:
+    """The checkpoint ``cfg.resume`` names (``"latest"``: the newest in ``output_dir``), or None."""
+    if cfg.resume == "latest":
+        return latest_checkpoint(os.path.join(cfg.output_dir, "checkpoints")) if cfg.output_dir else None
+    return cfg.resume
+
+
+def check_output_dir(cfg: LoopConfig) -> None:
     """A fresh run (no ``cfg.resume``) must not start over the checkpoints of another run."""
-    if cfg.resume is None and latest_checkpoint(os.path.join(cfg.output_dir, "checkpoints")):
+    if cfg.output_dir and cfg.resume is None and latest_checkpoint(os.path.join(cfg.output_dir, "checkpoints")):
         raise ValueError(f"output directory {cfg.output_dir!r} already holds checkpoints of a run; pass "
                          f"--resume latest to continue it, or choose another --output-dir")
 
 
-def make_accelerator(cfg: TrainConfig, cpu: bool | None = None):
-    """An ``accelerate.Accelerator`` for ``cfg`` (CPU when no GPU is present or ``cpu=True``)."""
+def make_accelerator(mixed_precision: str = "no", cpu: bool | None = None):
+    """An ``accelerate.Accelerator`` (CPU when no GPU is present or ``cpu=True``)."""
     from accelerate import Accelerator
 
     cpu = (not torch.cuda.is_available()) if cpu is None else cpu
     try:
-        return Accelerator(cpu=cpu, mixed_precision=cfg.mixed_precision)
+        return Accelerator(cpu=cpu, mixed_precision=mixed_precision)
     except (ValueError, RuntimeError) as e:
-        raise ValueError(f"mixed_precision={cfg.mixed_precision!r} is not available here: {e}") from e
+        raise ValueError(f"mixed_precision={mixed_precision!r} is not available here: {e}") from e
 
 
-def train(task: Task, sampler: PlanSampler, prompts: Sequence[str], cfg: TrainConfig, *,
-          accelerator=None, eval_prompts: Sequence[str] | None = None,
-          on_step: Callable[[dict[str, Any], Estimate], None] | None = None) -> TrainResult:
-    """Run ``cfg.steps`` updates (continuing from ``cfg.resume`` if given) and write
-    metrics, sample grids, checkpoints and the final adapter under ``cfg.output_dir``.
+def train(task: Task, sampler: PlanSampler, batches: Sequence, cfg: LoopConfig, *, accelerator=None,
+          hooks: Hooks = Hooks()) -> TrainResult:
+    """Run ``cfg.steps`` updates (continuing from ``cfg.resume`` if given); with an
+    ``output_dir``, write ``config.json``, ``metrics.jsonl`` and checkpoints there.
 
     Args:
       task: the model side (:class:`Task`).
       sampler: a plan sampler (:mod:`halforder.estimators.samplers`); its T must match the task's chains.
-      prompts: training prompts; each micro-batch draws ``cfg.batch_size`` of them with replacement.
-      cfg: the :class:`TrainConfig`.
+      batches: the conditioning items (prompts); each micro-batch draws ``cfg.batch_size`` of
+        them with replacement.
+      cfg: a :class:`~halforder.training.config.LoopConfig` (or a config that extends it).
       accelerator: an ``accelerate.Accelerator`` (default: :func:`make_accelerator`).
-      eval_prompts: prompts of the sample grids (default: the first ``cfg.eval_num`` prompts).
-      on_step: called with each update's metric record and its estimate (averaged over
-        micro-batches and processes; ``grad`` is the ascent direction before clipping).
+      hooks: evaluation, export, early stop, ... (:class:`Hooks`).
     """
-    if not prompts:
-        raise ValueError("no training prompts")
+    if not batches:
+        raise ValueError("no training prompts (batches)")
     check_output_dir(cfg)
-    acc = accelerator if accelerator is not None else make_accelerator(cfg)
+    acc = accelerator if accelerator is not None else make_accelerator()
     main = acc.is_main_process
     out = cfg.output_dir
-    ckpt_root = os.path.join(out, "checkpoints")
     params = task.trainable()
     if not params:
         raise ValueError("the task has no trainable parameters")
     names = list(params)
-    opt = torch.optim.AdamW(params.values(), lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps,
+    opt = torch.optim.AdamW(params.values(), lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps,
                             weight_decay=cfg.weight_decay)
     gens = TrainRNG.seeded(cfg.seed, acc.process_index, acc.device)
     sstate = sampler.init()
     start = 0
-
-    resume = latest_checkpoint(ckpt_root) if cfg.resume == "latest" else cfg.resume
+    resume = resume_path(cfg)
     if resume:
         ck = load_checkpoint(resume, map_location=acc.device)
         sstate = _restore(ck, params, opt, gens, sstate, acc)
@@ -157,24 +175,36 @@ def train(task: Task, sampler: PlanSampler, prompts: Sequence[str], cfg: TrainCo
     if start > cfg.steps:
         raise ValueError(f"the checkpoint is at step {start}, past steps={cfg.steps}")
 
-    metrics_path = os.path.join(out, "metrics.jsonl")
+    metrics_path = os.path.join(out, "metrics.jsonl") if out else None
     writer = None
-    if main:
+    if main and out:
         os.makedirs(out, exist_ok=True)
-        _write_text(os.path.join(out, "config.json"), json.dumps(cfg.to_dict(), indent=1))
+        write_json(os.path.join(out, "config.json"), cfg.to_dict())
         _truncate_metrics(metrics_path, start)
         writer = _tensorboard(os.path.join(out, "tensorboard"))
-    eval_prompts = list(eval_prompts or prompts[:cfg.eval_num])[:cfg.eval_num]
-    if main and cfg.eval_every and start == 0:
-        _sample_grid(task, eval_prompts, cfg, acc.device, os.path.join(out, "samples", "step_00000000.png"))
-
     result = TrainResult(start, [], out)
+
+    def log(rec):
+        result.metrics.append(rec)
+        if main and metrics_path:
+            append_jsonl(metrics_path, rec)
+
+    def evaluate(step):
+        if main and hooks.evaluate is not None:
+            metrics = hooks.evaluate(step)
+            if metrics:
+                log({"step": step, "eval": dict(metrics)})
+
+    if cfg.eval_every and start == 0:
+        evaluate(0)
+    around = hooks.around_estimate or contextlib.nullcontext
     t_begin = time.perf_counter()
     bar = tqdm(total=cfg.steps, initial=start, disable=not (main and cfg.progress), desc="train", unit="upd")
     for step in range(start + 1, cfg.steps + 1):
         t0 = time.perf_counter()
         plan = sampler.sample(sstate, gens.plan)
-        est = local_estimate(task, plan, params, prompts, cfg, gens, acc.autocast)
+        with around():
+            est = local_estimate(task, plan, params, batches, cfg, gens, acc.autocast)
         vec = _flatten(est, names)
         if acc.num_processes > 1:
             vec = acc.reduce(vec, reduction="mean")
@@ -189,7 +219,7 @@ def train(task: Task, sampler: PlanSampler, prompts: Sequence[str], cfg: TrainCo
         if reason is None:
             for k, p in params.items():
                 p.grad = est.grad[k].neg().to(p.dtype)   # minimise -R
-            if cfg.clip_norm is not None:
+            if cfg.clip_norm > 0:
                 torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.clip_norm)
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -197,55 +227,48 @@ def train(task: Task, sampler: PlanSampler, prompts: Sequence[str], cfg: TrainCo
         rec.update(skipped=reason is not None, reason=reason, lr=cfg.lr, time_s=time.perf_counter() - t0,
                    elapsed_s=time.perf_counter() - t_begin, memory_bytes=_memory(acc.device))
         result.step = step
-        result.metrics.append(rec)
+        log(rec)
         if main:
-            _append_jsonl(metrics_path, rec)
             if writer is not None:
                 for k, v in rec.items():
                     if isinstance(v, (int, float)) and not isinstance(v, bool):
                         writer.add_scalar(k, v, step)
             bar.update(1)
             bar.set_postfix(reward=rec["reward_mean"], skipped=int(rec["skipped"]))
-        if on_step is not None:
-            on_step(rec, est)
-        last = step == cfg.steps
-        if main and cfg.eval_every and (step % cfg.eval_every == 0 or last):
-            _sample_grid(task, eval_prompts, cfg, acc.device, os.path.join(out, "samples", f"step_{step:08d}.png"))
-        if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or last:
-            _checkpoint(ckpt_root, step, params, sstate, opt, gens, cfg, acc)
+        if hooks.on_step is not None:
+            hooks.on_step(rec, est)
+        last = step == cfg.steps or (hooks.stop is not None and hooks.stop(rec))
+        if cfg.eval_every and (step % cfg.eval_every == 0 or last):
+            evaluate(step)
+        if out and ((cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or last):
+            _checkpoint(os.path.join(out, "checkpoints"), step, params, sstate, opt, gens, cfg, acc)
+        if last:
+            break
     bar.close()
     if writer is not None:
         writer.close()
-    if main:
-        _atomic_dir(os.path.join(out, "lora"), task.save_adapter)
+    if main and out and hooks.export is not None:
+        hooks.export(out)
     acc.wait_for_everyone()
     return result
 
 
 # ----------------------------------------------------------------------------- one update
-def local_estimate(task: Task, plan: Plan, params, prompts: Sequence[str], cfg: TrainConfig, rng: TrainRNG,
+def local_estimate(task: Task, plan: Plan, params, batches: Sequence, cfg: LoopConfig, rng: TrainRNG,
                    autocast=contextlib.nullcontext) -> Estimate:
     """This process's estimate for one update: the mean over ``cfg.grad_accum`` micro-batches,
-    each ``cfg.batch_size`` prompts drawn with ``rng.data`` and noise from ``rng.noise``."""
-    grad, parts, rewards = None, None, []
+    each ``cfg.batch_size`` items drawn with ``rng.data`` and noise from ``rng.noise``."""
+    baseline = None if cfg.baseline == "none" else cfg.baseline
+    ests = []
     for _ in range(cfg.grad_accum):
-        idx = torch.randint(len(prompts), (cfg.batch_size,), generator=rng.data)
-        batch = [prompts[i] for i in idx.tolist()]
-        chain = task.chain(plan, batch)
-        x_T = task.start(chain, cfg.batch_size, rng.noise)
+        idx = torch.randint(len(batches), (cfg.batch_size,), generator=rng.data)
+        chain = task.chain(plan, [batches[i] for i in idx.tolist()], rng.noise)
+        x_T = chain.sample_start(cfg.batch_size, rng.noise)
         with autocast():
-            est = estimate(chain, plan, params, x_T, generator=rng.noise, baseline=cfg.baseline)
-        w = 1.0 / cfg.grad_accum
-        if grad is None:
-            grad = {k: v * w for k, v in est.grad.items()}
-            parts = {r: {k: v * w for k, v in est.parts[r].items()} for r in ROLES}
-        else:
-            for k in grad:
-                grad[k] += est.grad[k] * w
-                for r in ROLES:
-                    parts[r][k] += est.parts[r][k] * w
-        rewards.append(est.reward.float())
-    return Estimate(grad, torch.cat(rewards), parts)
+            ests.append(estimate(chain, plan, params, x_T, generator=rng.noise, baseline=baseline))
+    mean = (lambda ds: {k: sum(d[k] for d in ds) / len(ds) for k in ds[0]})
+    return Estimate(mean([e.grad for e in ests]), torch.cat([e.reward.float() for e in ests]),
+                    {r: mean([e.parts[r] for e in ests]) for r in ROLES})
 
 
 def _flatten(est: Estimate, names) -> torch.Tensor:
@@ -324,39 +347,15 @@ def _restore(ck: Checkpoint, params, opt, gens, sstate, acc):
 
 
 # ----------------------------------------------------------------------------- outputs
-def _append_jsonl(path: str, rec: Mapping[str, Any]) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(rec, allow_nan=False) + "\n")
-
-
 def _truncate_metrics(path: str, step: int) -> None:
     """Keep the records of updates <= ``step`` (those after the checkpoint are redone)."""
+    import json
+
     if not os.path.exists(path):
         return
     with open(path, encoding="utf-8") as f:
         keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
-    _write_text(path, "".join(keep))
-
-
-def _write_text(path: str, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(path) or ".")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def _atomic_dir(final: str, write: Callable[[str], None]) -> None:
-    """``write(tmp)`` into a temporary directory, then rename it to ``final``."""
-    parent = os.path.dirname(final) or "."
-    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
-    try:
-        write(tmp)
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    write_text(path, "".join(keep))
 
 
 def _tensorboard(logdir: str):
@@ -365,30 +364,3 @@ def _tensorboard(logdir: str):
     except ImportError:
         return None
     return SummaryWriter(logdir)
-
-
-def _sample_grid(task, prompts, cfg, device, path: str) -> None:
-    """A PNG grid of the task's samples for ``prompts`` (fixed seed, so grids are comparable)."""
-    g = torch.Generator(device=device).manual_seed(cfg.seed + 7919)
-    images = task.images(prompts, g)
-    save_grid(images, path)
-
-
-def save_grid(images: torch.Tensor, path: str, ncol: int | None = None) -> None:
-    """Write images ``[N, 3, H, W]`` in [0, 1] as one PNG grid (1-pixel gaps)."""
-    from PIL import Image
-
-    images = images.detach().float().cpu().clamp(0, 1)
-    n, c, hgt, wid = images.shape
-    ncol = ncol or math.ceil(math.sqrt(n))
-    nrow = math.ceil(n / ncol)
-    grid = torch.ones(c, nrow * (hgt + 1) - 1, ncol * (wid + 1) - 1)
-    for i in range(n):
-        r, q = divmod(i, ncol)
-        grid[:, r * (hgt + 1):r * (hgt + 1) + hgt, q * (wid + 1):q * (wid + 1) + wid] = images[i]
-    arr = (grid.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=os.path.dirname(path) or ".")
-    os.close(fd)
-    Image.fromarray(arr.squeeze(-1) if c == 1 else arr).save(tmp)
-    os.replace(tmp, path)

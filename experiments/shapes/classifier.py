@@ -1,4 +1,4 @@
-"""A differentiable reward on :mod:`.shapes` images: the probability that the shape is a circle.
+"""A differentiable reward on :mod:`.data` images: the probability that the shape is a circle.
 
 A small CNN is trained in-process to tell circles, squares and triangles apart (with
 Gaussian pixel noise as augmentation, so that it is defined on imperfect samples). The
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .shapes import SHAPES, sample_shapes
+from .data import SHAPES, sample_shapes
 
 
 @dataclass(frozen=True)
@@ -101,11 +101,10 @@ def pretrained_classifier(config: ClassifierConfig, cache_dir: str | os.PathLike
 
 @dataclass(frozen=True, eq=False)
 class CircleReward:
-    """``reward(x0) -> [N]``: the classifier's probability that x0 (images in [-1, 1]) is a circle.
-
-    Images are clamped to [-1, 1] first, as a sampler's output would be displayed."""
+    """An image reward ``reward(images, prompts) -> [N]``: the classifier's probability that
+    each image (in [0, 1], as a sampler's output is displayed) is a circle."""
 
     classifier: ShapeClassifier
 
-    def __call__(self, x0: torch.Tensor) -> torch.Tensor:
-        return self.classifier(x0.clamp(-1, 1)).softmax(-1)[:, SHAPES.index("circle")]
+    def __call__(self, images: torch.Tensor, prompts=None) -> torch.Tensor:
+        return self.classifier(images * 2 - 1).softmax(-1)[:, SHAPES.index("circle")]

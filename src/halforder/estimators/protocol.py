@@ -1,4 +1,5 @@
-"""The recursive chain that every estimator differentiates (design.md §1).
+"""The chain protocol: the recursive chain that every estimator differentiates
+(docs/design.md, "The chain").
 
 A chain has T steps, applied in generation order t = T, T-1, ..., 1:
 
@@ -11,6 +12,12 @@ and the objective is J(theta) = E[R(x_0)]. A chain object provides
     sigma(t)               inherent noise scale of step t (x-space), >= 0
     tau(t)                 parameter noise scale of step t, >= 0
     reward(x0)             R(x_0), one value per sample, shape [N]
+    sample_start(n, g)     n start states x_T drawn from the generator g
+
+The noise scales sigma and tau are part of the chain: an estimator is unbiased for the
+chain it is given. Chains whose scales depend on the plan (the diffusion chains put
+inherent noise where HO blocks end and parameter noise on ZO steps) are built once and
+given each plan's scales afterwards, without rebuilding.
 
 Conventions shared by all chains:
 
@@ -51,6 +58,8 @@ class Chain(Protocol):
     def tau(self, t: int) -> float: ...
 
     def reward(self, x0: torch.Tensor) -> torch.Tensor: ...
+
+    def sample_start(self, n: int, generator: torch.Generator | None = None) -> State: ...
 
 
 def latent(x: State) -> torch.Tensor:

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from ..estimators.chain import Params, State
+from .protocol import Params, State
 
 
 @dataclass(frozen=True, eq=False)
@@ -46,6 +46,9 @@ class Checkpointed:
 
     def reward(self, x0: torch.Tensor) -> torch.Tensor:
         return self.chain.reward(x0)
+
+    def sample_start(self, n: int, generator: torch.Generator | None = None, *args, **kwargs) -> State:
+        return self.chain.sample_start(n, generator, *args, **kwargs)
 
     def __getattr__(self, name):
         if name == "chain":

@@ -1,0 +1,109 @@
+"""The denoiser: a diffusers network called functionally, with classifier-free guidance
+and per-sample parameters.
+
+``denoiser(x_t, t, params) -> model output`` (what the scheduler's ``prediction_type``
+names: epsilon, v or sample). Any network drives a chain this way:
+``UNet2DConditionModel`` (latents [N,C,H,W], text conditioning), ``UNet2DModel`` (pixels,
+unconditional) and ``UNet3DConditionModel`` (latents [N,C,F,H,W]). ``params`` are the
+trainable tensors (the LoRA weights) by name, given to ``torch.func.functional_call``; a
+value with a leading sample axis (parameter noise, per-sample gradients) gives every
+sample its own copy.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
+
+import torch
+from torch.func import functional_call, vmap
+
+Params = Mapping[str, torch.Tensor]
+Denoiser = Callable[[torch.Tensor, int, Params], torch.Tensor]
+BATCHING = ("vmap", "loop")
+
+
+@dataclass(frozen=True, eq=False)
+class ModuleDenoiser:
+    """``denoiser(x, t, params)`` for a diffusers network (UNet2DConditionModel,
+    UNet2DModel, UNet3DConditionModel, ...): ``module(x, timestep, encoder_hidden_states=c).sample``.
+
+    Attributes:
+      module: the network; its own parameters stay frozen, ``params`` replace some of them
+        (by name) through ``functional_call``.
+      timesteps: ``timesteps[t-1]`` is the model timestep of chain step t (``solver.timesteps``).
+      context: None (unconditional), a tensor ``[N or 1, L, D]`` used at every step, or a
+        callable ``t -> tensor`` (per-step conditioning, e.g. different prompts for
+        different step ranges).
+      negative_context: the unconditional embedding ``[N or 1, L, D]`` for classifier-free guidance.
+      guidance_scale: CFG weight w: out = u + w (c - u), as ``StableDiffusionPipeline``
+        with ``guidance_rescale=0``; CFG is off when w <= 1 or no negative context is given.
+      batching: how params with a leading sample axis (one copy per sample) are applied:
+        ``"vmap"`` (``torch.func.vmap`` over samples, only the params batched) or ``"loop"``
+        (one call per sample; slower, for modules that vmap cannot trace).
+    """
+
+    module: torch.nn.Module
+    timesteps: torch.Tensor
+    context: None | torch.Tensor | Callable[[int], torch.Tensor] = None
+    negative_context: torch.Tensor | None = None
+    guidance_scale: float = 1.0
+    batching: str = "vmap"
+    _shapes: dict = field(init=False, repr=False)
+
+    def __post_init__(self):
+        if self.batching not in BATCHING:
+            raise ValueError(f"batching must be 'vmap' or 'loop', got {self.batching!r}")
+        object.__setattr__(self, "_shapes", {k: v.shape for k, v in self.module.named_parameters()})
+
+    @property
+    def cfg(self) -> bool:
+        return self.context is not None and self.negative_context is not None and self.guidance_scale > 1
+
+    def _context(self, t: int, n: int):
+        if self.context is None:
+            return None, None
+        c = self.context(t) if callable(self.context) else self.context
+        c = c.expand(n, *c.shape[1:]) if c.shape[0] == 1 else c
+        u = None
+        if self.cfg:
+            u = self.negative_context
+            u = u.expand(n, *u.shape[1:]) if u.shape[0] == 1 else u
+        if c.shape[0] != n or (u is not None and u.shape[0] != n):
+            raise ValueError(f"context has {c.shape[0]} rows but the state has {n} samples")
+        return c, u
+
+    def _call(self, params, x, timestep, c, u):
+        if c is None:
+            return functional_call(self.module, params, (x, timestep)).sample
+        if u is None:
+            return functional_call(self.module, params, (x, timestep), {"encoder_hidden_states": c}).sample
+        out = functional_call(self.module, params, (torch.cat([x, x]), timestep),
+                              {"encoder_hidden_states": torch.cat([u, c])}).sample
+        uncond, cond = out.chunk(2)
+        return uncond + self.guidance_scale * (cond - uncond)
+
+    def __call__(self, x: torch.Tensor, t: int, params: Params) -> torch.Tensor:
+        n = x.shape[0]
+        timestep = self.timesteps[t - 1].to(x.device)
+        c, u = self._context(t, n)
+        unknown = [k for k in params if k not in self._shapes]
+        if unknown:
+            raise ValueError(f"not parameters of the denoiser's module: {unknown[:3]} (was LoRA added "
+                             f"after the denoiser was built?)")
+        batched = {k: v.dim() == len(self._shapes[k]) + 1 for k, v in params.items()}
+        if not any(batched.values()):
+            return self._call(params, x, timestep, c, u)
+        for k, v in params.items():
+            if batched[k] and v.shape[0] != n:
+                raise ValueError(f"per-sample parameter {k} has {v.shape[0]} copies for {n} samples")
+
+        def one(p, xi, ci, ui):
+            add = (lambda v: None if v is None else v.unsqueeze(0))
+            return self._call(p, xi.unsqueeze(0), timestep, add(ci), add(ui)).squeeze(0)
+
+        if self.batching == "loop":
+            return torch.stack([one({k: v[i] if batched[k] else v for k, v in params.items()}, x[i],
+                                    None if c is None else c[i], None if u is None else u[i]) for i in range(n)])
+        dims = {k: 0 if b else None for k, b in batched.items()}
+        return vmap(one, in_dims=(dims, 0, None if c is None else 0, None if u is None else 0),
+                    randomness="error")(dict(params), x, c, u)

@@ -1,0 +1,160 @@
+"""A fine-tuning run from a :class:`~halforder.diffusion.config.TrainConfig`: one path for
+images, video and DCoT.
+
+:func:`prepare` checks every input and builds the task, the plan sampler and the prompts
+without writing anything; :func:`run` trains them with the library's loop
+(:func:`halforder.training.loop.train`), adding what a diffusion run writes: sample grids
+(``samples/step_XXXXXXXX.png``), the LoRA adapter (``lora/``) and, for video, a GIF of the
+held-out prompts (``samples/final.gif``).
+"""
+from __future__ import annotations
+
+import inspect
+import os
+from dataclasses import dataclass
+
+import torch
+
+from ..estimators.samplers import PlanSampler
+from ..training.checkpoints import load_checkpoint
+from ..training.files import atomic_dir
+from ..training.loop import Hooks, TrainResult, check_output_dir, make_accelerator, resume_path, train
+from .components import Components, load_components, tiny_components
+from .config import TINY_EVAL_PROMPTS, TINY_MODEL, TINY_PROMPTS, TrainConfig
+from .dcot import DCoTConditioning, StepSplit, load_dcot_prompts
+from .lora import add_lora
+from .previews import save_grid, write_video
+from .rewards import REWARDS, make_reward
+from .sd_chain import ImageView, unet_latent_shape
+from .task import DiffusionTask, StepPrompts
+from .video.components import load_video_components, load_videocrafter2, tiny_video_components
+from .video.frames import VideoView, frame_indices, parse_frames, video_view
+from .video.rewards import VIDEO_REWARDS, make_video_reward, min_frames
+
+EVAL_SEED_OFFSET = 7919   # sample grids use seed + this, so that they are comparable across a run
+
+
+@dataclass(frozen=True, eq=False)
+class Prepared:
+    """What :func:`prepare` builds: the task, the plan sampler, the training prompts and the
+    held-out prompts of the sample grids."""
+
+    task: DiffusionTask
+    sampler: PlanSampler
+    prompts: list[str]
+    eval_prompts: list[str]
+
+
+def read_prompts(path: str) -> list[str]:
+    """The non-blank lines of a text file (ValueError if it is missing, unreadable or empty)."""
+    if not os.path.isfile(path):
+        raise ValueError(f"prompt file {path!r} does not exist")
+    try:
+        with open(path, encoding="utf-8") as f:
+            prompts = [line.strip() for line in f if line.strip()]
+    except UnicodeDecodeError as e:
+        raise ValueError(f"prompt file {path!r} is not UTF-8 text: {e}") from None
+    if not prompts:
+        raise ValueError(f"prompt file {path!r} is empty: put one prompt per line")
+    return prompts
+
+
+def build_components(cfg: TrainConfig, device="cpu") -> Components:
+    """The frozen parts ``cfg.model`` names (``"tiny"``: random tiny parts, no download)."""
+    video = cfg.task == "t2v"
+    if cfg.model == TINY_MODEL:
+        comp = (tiny_video_components if video else tiny_components)(cfg.seed, scheduler=cfg.scheduler)
+    elif video and cfg.video_model == "videocrafter2":
+        comp = load_videocrafter2(cfg.model, cfg.video_base, fps=cfg.fps, revision=cfg.revision,
+                                  scheduler=cfg.scheduler)
+    else:
+        comp = (load_video_components if video else load_components)(cfg.model, revision=cfg.revision,
+                                                                      scheduler=cfg.scheduler)
+    return comp.to(device)
+
+
+def build_reward(cfg: TrainConfig, device="cpu"):
+    """The reward of ``cfg`` on ``device``: an image reward, or for video a spec of
+    :func:`~halforder.diffusion.video.rewards.make_video_reward`."""
+    kwargs = dict(cfg.reward_kwargs)
+    factory = REWARDS.get(cfg.reward) or VIDEO_REWARDS.get(cfg.reward)
+    if factory is not None and "device" in inspect.signature(factory).parameters:
+        kwargs.setdefault("device", str(device))
+    reward = (make_video_reward if cfg.task == "t2v" else make_reward)(cfg.reward, **kwargs)
+    return reward.to(device) if isinstance(reward, torch.nn.Module) else reward
+
+
+def build_task(cfg: TrainConfig, components: Components, reward, device="cpu",
+               step_prompts: StepPrompts | None = None) -> DiffusionTask:
+    """Add the LoRA adapter of ``cfg`` to ``components.unet`` and make the task (image or
+    video view by ``cfg.task``)."""
+    unet = components.unet
+    params = add_lora(unet, rank=cfg.lora_rank, alpha=cfg.lora_alpha, target_modules=cfg.lora_targets, seed=cfg.seed)
+    for p in params.values():
+        p.data = p.data.to(device)
+    if cfg.task == "t2v":
+        view = video_view(components, cfg.num_frames, parse_frames(cfg.frames), cfg.latent_size)
+        k = frame_indices(view.frames, cfg.num_frames, 1, torch.Generator()).shape[1]
+        if k < min_frames(reward):
+            raise ValueError(f"the reward {cfg.reward!r} needs at least {min_frames(reward)} decoded frames per "
+                             f"video, but frames={cfg.frames!r} decodes {k}")
+    else:
+        view = ImageView(components.vae, unet_latent_shape(unet, cfg.latent_size))
+    return DiffusionTask(components, params, reward, view, cfg.T, cfg.guidance_scale, cfg.negative_prompt,
+                         cfg.eta_value(), cfg.eta_plan, cfg.zo_sigma, cfg.gradient_checkpointing, step_prompts,
+                         cfg.batching)
+
+
+def prepare(cfg: TrainConfig, device="cpu") -> Prepared:
+    """Check every input and build the run, without writing anything.
+
+    Raises ``ValueError`` or ``OSError`` with a message on bad input."""
+    step_prompts = None
+    if cfg.dcot is not None:
+        if cfg.prompts is not None:
+            raise ValueError("give either a prompt file or a DCoT prompt file (dcot), not both")
+        step_prompts = DCoTConditioning(load_dcot_prompts(cfg.dcot), StepSplit.make(cfg.T, cfg.dcot_split))
+        prompts, eval_prompts = step_prompts.originals, None
+    elif cfg.prompts is not None:
+        prompts, eval_prompts = read_prompts(cfg.prompts), None
+    elif cfg.model == TINY_MODEL:
+        prompts, eval_prompts = list(TINY_PROMPTS[cfg.task]), list(TINY_EVAL_PROMPTS[cfg.task])
+    else:
+        raise ValueError("a prompt file is needed (--prompts FILE, one prompt per line)")
+    if cfg.eval_prompts is not None:
+        eval_prompts = read_prompts(cfg.eval_prompts)
+    sampler = cfg.sampler()
+    reward = build_reward(cfg, device)
+    check_output_dir(cfg)
+    resume = resume_path(cfg)
+    if resume:
+        load_checkpoint(resume)   # verified now, before anything is written
+    task = build_task(cfg, build_components(cfg, device), reward, device, step_prompts)
+    plan = sampler.sample(sampler.init(), torch.Generator().manual_seed(cfg.seed))
+    plan.validate(task.chain(plan, prompts[:1]))   # e.g. an HO block needs eta > 0 where it ends
+    return Prepared(task, sampler, prompts, list(eval_prompts or prompts)[:cfg.eval_num])
+
+
+def run(cfg: TrainConfig, prepared: Prepared, accelerator=None) -> TrainResult:
+    """Train ``prepared`` with the library's loop, writing sample grids, the LoRA adapter and
+    (video) a GIF under ``cfg.output_dir``."""
+    acc = accelerator if accelerator is not None else make_accelerator(cfg.mixed_precision)
+    task, eval_prompts = prepared.task, prepared.eval_prompts
+
+    def generator():
+        return torch.Generator(device=acc.device).manual_seed(cfg.seed + EVAL_SEED_OFFSET)
+
+    def evaluate(step: int) -> dict:
+        save_grid(task.previews(eval_prompts, generator()),
+                  os.path.join(cfg.output_dir, "samples", f"step_{step:08d}.png"))
+        return {}
+
+    def export(out: str) -> None:
+        with atomic_dir(os.path.join(out, "lora")) as tmp:
+            task.save_adapter(tmp)
+        if isinstance(task.view, VideoView):
+            videos = task.view.videos(task.sample(eval_prompts, generator()))
+            write_video(videos, os.path.join(out, "samples", "final.gif"), cfg.gif_fps)
+
+    hooks = Hooks(evaluate=evaluate if cfg.output_dir else None, export=export)
+    return train(task, prepared.sampler, prepared.prompts, cfg, accelerator=acc, hooks=hooks)

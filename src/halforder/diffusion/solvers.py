@@ -1,0 +1,205 @@
+"""Solvers: the part of a diffusers scheduler step that does not call the network.
+
+One chain step t (t = T..1, generation order; diffusers' step index is T - t) is
+
+    x_{t-1} = mean_t(x_t; out) + sigma_t * eps_t,
+
+where ``out`` is the denoiser's output at x_t and mean_t the scheduler's update with the
+noise term left out. A solver is built once from a scheduler and T (``from_scheduler``);
+its per-step eta, which sets sigma_t, is given separately (``with_etas``), so one
+solver serves every plan.
+
+* :class:`DDIMSolver` — DDIM (Song et al. 2021, eq. 12) with eta_t per step,
+  sigma_t = eta_t * sqrt((1 - a_{t-1})/(1 - a_t) * (1 - a_t/a_{t-1})), as
+  ``DDIMScheduler.step(..., eta=eta_t, variance_noise=eps)``.
+* :class:`DPMSolver` — DPM-Solver++(2M) (multistep, midpoint, order 2). Its state is
+  the tuple (x, previous data prediction). With s = eta * sigma_next * sqrt(1 - e^{-2h})
+  the update is
+
+      x' = c_x x + c_D (D0 + D1/2) + s * eps,
+      c_x = sqrt(sigma_next^2 - s^2) / sigma_cur,   c_D = alpha_next - c_x * alpha_cur,
+
+  which is exactly diffusers' ``sde-dpmsolver++`` step at eta = 1 and its (ODE)
+  ``dpmsolver++`` step at eta = 0; 0 < eta < 1 interpolates the injected variance,
+  keeping the marginal variance of the first-order step (no diffusers counterpart).
+  The paper's Table 8 recipe is stochastic (eta = 1) only at the steps that end an HO
+  block. Checked against diffusers 0.42 (tests/diffusion/test_chain.py): per step, with
+  the same noise, for eta = 1 (SDE), eta = 0 (ODE) and a schedule mixing both (the
+  history carried between two schedulers), T = 6 and 16, default and Karras sigmas,
+  epsilon prediction; and a whole SDE rollout against ``StableDiffusionPipeline``.
+  Not checked: order 3, the heun solver type, v-prediction with DPM (implemented by the
+  same conversion as DDIM's, which is checked).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Sequence, Union
+
+import torch
+
+from ..estimators.protocol import State, per_step
+
+Schedule = Union[str, float, Sequence[float]]
+
+
+def _fresh(scheduler, T: int):
+    """A copy of ``scheduler`` with ``set_timesteps(T)`` (the caller's object is left alone)."""
+    s = type(scheduler).from_config(scheduler.config)
+    s.set_timesteps(T)
+    return s
+
+
+@dataclass(frozen=True, eq=False)
+class DDIMSolver:
+    """DDIM steps of a ``DDIMScheduler`` for T inference steps with per-step ``etas``
+    (``etas[t-1]`` for chain step t). Coefficients are computed in float64 from the
+    scheduler's ``alphas_cumprod``; ``base[t-1] = (a_t, a_prev, v_t)`` do not depend on eta,
+    and sigma_t = eta_t sqrt(v_t) (Song et al. 2021, eq. 16)."""
+
+    T: int
+    timesteps: torch.Tensor          # timesteps[t-1]: the model timestep of chain step t
+    prediction_type: str
+    clip: float | None
+    base: tuple[tuple[float, float, float], ...]
+    etas: tuple[float, ...] = ()
+    coef: tuple = field(init=False, repr=False)   # (a_t, a_prev, sigma, dir) per step t
+
+    def __post_init__(self):
+        etas = per_step(self.etas or 0.0, self.T, "etas")
+        object.__setattr__(self, "etas", etas)
+        coef = []
+        for (a_t, a_prev, var), eta in zip(self.base, etas):
+            sig = eta * math.sqrt(var)
+            coef.append((a_t, a_prev, sig, math.sqrt(max(1 - a_prev - sig ** 2, 0.0))))
+        object.__setattr__(self, "coef", tuple(coef))
+
+    @classmethod
+    def from_scheduler(cls, scheduler, T: int, etas: Schedule = 0.0) -> "DDIMSolver":
+        s = _fresh(scheduler, T)
+        if getattr(s.config, "thresholding", False):
+            raise ValueError("DDIMSolver does not support dynamic thresholding (thresholding=True)")
+        ac = s.alphas_cumprod.double()
+        base = []
+        for t in range(1, T + 1):
+            ts = int(s.timesteps[T - t])
+            prev = ts - s.config.num_train_timesteps // T
+            a_t = float(ac[ts])
+            a_prev = float(ac[prev]) if prev >= 0 else float(s.final_alpha_cumprod)
+            base.append((a_t, a_prev, (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)))
+        clip = float(s.config.clip_sample_range) if s.config.clip_sample else None
+        return cls(T, s.timesteps.flip(0).clone(), s.config.prediction_type, clip, tuple(base), etas)
+
+    def with_etas(self, etas: Schedule) -> "DDIMSolver":
+        """The same solver with another per-step eta."""
+        return dataclasses.replace(self, etas=per_step(etas, self.T, "etas"))
+
+    def initial_state(self, x_T: torch.Tensor) -> State:
+        return x_T
+
+    def sigma(self, t: int) -> float:
+        return self.coef[t - 1][2]
+
+    def step(self, t: int, x: State, out: torch.Tensor) -> State:
+        a_t, a_prev, _, direction = self.coef[t - 1]
+        x0, eps = _x0_eps(self.prediction_type, x, out, math.sqrt(a_t), math.sqrt(1 - a_t))
+        if self.clip is not None:
+            x0 = x0.clamp(-self.clip, self.clip)
+        return math.sqrt(a_prev) * x0 + direction * eps
+
+
+def _x0_eps(prediction_type, x, out, alpha, sigma):
+    """(predicted x_0, predicted noise) from x = alpha x_0 + sigma eps and a model output."""
+    if prediction_type == "epsilon":
+        return (x - sigma * out) / alpha, out
+    if prediction_type == "v_prediction":
+        return alpha * x - sigma * out, alpha * out + sigma * x
+    if prediction_type == "sample":
+        return out, (x - alpha * out) / sigma
+    raise ValueError(f"unsupported prediction_type {prediction_type!r}")
+
+
+@dataclass(frozen=True, eq=False)
+class DPMSolver:
+    """DPM-Solver++(2M) of a ``DPMSolverMultistepScheduler`` (midpoint, order <= 2) with
+    per-step ``etas`` in [0, 1] (see module docstring). State: (x, previous data prediction).
+    ``base[t-1] = (alpha_cur, sigma_cur, alpha_next, sigma_next, h, order, r0)`` do not
+    depend on eta."""
+
+    T: int
+    timesteps: torch.Tensor
+    prediction_type: str
+    base: tuple[tuple[float, float, float, float, float, int, float], ...]
+    etas: tuple[float, ...] = ()
+    coef: tuple = field(init=False, repr=False)   # (alpha_cur, sigma_cur, c_x, c_D, noise s, order, r0)
+
+    def __post_init__(self):
+        etas = per_step(self.etas or 0.0, self.T, "etas")
+        if any(e > 1 for e in etas):
+            raise ValueError("DPM-Solver etas must lie in [0, 1] (1 = diffusers' sde-dpmsolver++ step)")
+        object.__setattr__(self, "etas", etas)
+        coef = []
+        for (a_c, s_c, a_n, s_n, h, order, r0), eta in zip(self.base, etas):
+            if s_n == 0.0:       # final step to sigma = 0: x' = D0, no noise
+                noise, c_x = 0.0, 0.0
+            else:
+                noise = eta * s_n * math.sqrt(-math.expm1(-2 * h))
+                c_x = math.sqrt(max(s_n ** 2 - noise ** 2, 0.0)) / s_c
+            coef.append((a_c, s_c, c_x, a_n - c_x * a_c, noise, order, r0))
+        object.__setattr__(self, "coef", tuple(coef))
+
+    @classmethod
+    def from_scheduler(cls, scheduler, T: int, etas: Schedule = 0.0) -> "DPMSolver":
+        s = _fresh(scheduler, T)
+        cfg = s.config
+        if cfg.algorithm_type not in ("dpmsolver++", "sde-dpmsolver++"):
+            raise ValueError(f"DPMSolver needs algorithm_type dpmsolver++ or sde-dpmsolver++, got {cfg.algorithm_type}")
+        if cfg.solver_order > 2 or cfg.solver_type != "midpoint" or cfg.thresholding \
+                or getattr(cfg, "use_flow_sigmas", False):
+            raise ValueError("DPMSolver supports solver_order <= 2, solver_type='midpoint', no thresholding, "
+                             "no flow sigmas")
+        sig = s.sigmas.double()
+        alpha = 1.0 / torch.sqrt(sig ** 2 + 1)
+        sg = sig * alpha                      # diffusers' _sigma_to_alpha_sigma_t
+        lam = torch.log(alpha) - torch.log(sg)
+        base = []
+        for t in range(1, T + 1):
+            i = T - t
+            last = i == T - 1 and (cfg.euler_at_final or (cfg.lower_order_final and T < 15)
+                                   or cfg.final_sigmas_type == "zero")
+            order = 1 if (cfg.solver_order == 1 or i == 0 or last) else 2
+            a_c, s_c, a_n, s_n = (float(v) for v in (alpha[i], sg[i], alpha[i + 1], sg[i + 1]))
+            h = float(lam[i + 1] - lam[i]) if s_n > 0 else 0.0
+            r0 = float((lam[i] - lam[i - 1]) / (lam[i + 1] - lam[i])) if order == 2 else 1.0
+            base.append((a_c, s_c, a_n, s_n, h, order, r0))
+        return cls(T, s.timesteps.flip(0).clone(), cfg.prediction_type, tuple(base), etas)
+
+    def with_etas(self, etas: Schedule) -> "DPMSolver":
+        """The same solver with another per-step eta."""
+        return dataclasses.replace(self, etas=per_step(etas, self.T, "etas"))
+
+    def initial_state(self, x_T: torch.Tensor) -> State:
+        return (x_T, torch.zeros_like(x_T))
+
+    def sigma(self, t: int) -> float:
+        return self.coef[t - 1][4]
+
+    def step(self, t: int, x: State, out: torch.Tensor) -> State:
+        a_c, s_c, c_x, c_D, _, order, r0 = self.coef[t - 1]
+        z, prev = x
+        d0, _ = _x0_eps(self.prediction_type, z, out, a_c, s_c)
+        d = d0 if order == 1 else d0 + 0.5 * (d0 - prev) / r0
+        return (c_x * z + c_D * d, d0)
+
+
+def make_solver(scheduler, T: int, etas: Schedule = 0.0):
+    """The solver for a diffusers scheduler (DDIM or DPM-Solver multistep)."""
+    name = type(scheduler).__name__
+    if name == "DDIMScheduler":
+        return DDIMSolver.from_scheduler(scheduler, T, etas)
+    if name == "DPMSolverMultistepScheduler":
+        return DPMSolver.from_scheduler(scheduler, T, etas)
+    raise ValueError(f"unsupported scheduler {name}; use DDIMScheduler or DPMSolverMultistepScheduler")
+
+

@@ -1,0 +1,122 @@
+"""Text-to-video models: loaded (the ``TextToVideoSDPipeline`` layout, VideoCrafter2) or
+built tiny from configs for tests (no download).
+
+A video model's parts are :class:`~halforder.diffusion.components.Components` like an
+image model's, with a ``UNet3DConditionModel`` whose latents are ``[N, C, F, h, w]``
+(F frames); the DDIM and DPM-Solver steps act elementwise, so the same chain, task and
+estimators serve video (:mod:`halforder.diffusion.video.frames` decodes frames for the
+reward).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from ..components import SD_SCHEDULER_CONFIG, Components, load_scheduler_config, make_scheduler, tiny_tokenizer
+from ..hub import load_error, local_dir, looks_local, offline
+from .fps_unet import fps_unet_class
+
+VIDEOCRAFTER2_UNET = "adamdad/videocrafterv2_diffusers"
+VIDEOCRAFTER2_BASE = "cerspense/zeroscope_v2_576w"
+_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+def tiny_video_components(seed: int = 0, *, scheduler: str = "ddim", latent_size: int = 8, text_length: int = 16,
+                          fps_cond: bool = False, fps: float = 24.0) -> Components:
+    """Tiny random text-to-video parts built from configs (no download), frozen, float32, CPU.
+
+    A two-level ``UNet3DConditionModel`` (8 and 16 channels, cross-attention width 16; with
+    ``fps_cond`` the :class:`FPSUNet3DConditionModel` of the same size), a tiny
+    ``AutoencoderKL`` (latent ``latent_size`` -> image ``2 * latent_size``) and a one-layer
+    CLIP text encoder over a byte-level vocabulary. The number of frames is free (chosen by
+    the chain). The UNet uses diffusers' classic ``AttnProcessor``, which ``torch.func.vmap``
+    batches (per-sample parameter noise), unlike the fused CPU attention kernel.
+    """
+    from diffusers import AutoencoderKL, UNet3DConditionModel
+    from diffusers.models.attention_processor import AttnProcessor
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = tiny_tokenizer(text_length)
+    with torch.random.fork_rng(devices=[]):  # the libraries initialise weights from the global RNG
+        torch.manual_seed(seed)
+        kw = dict(sample_size=latent_size, in_channels=4, out_channels=4, layers_per_block=1,
+                  block_out_channels=(8, 16), norm_num_groups=4, cross_attention_dim=16, attention_head_dim=4,
+                  down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
+                  up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"))
+        unet = fps_unet_class()(**kw, fps_cond=True, fps=fps) if fps_cond else UNet3DConditionModel(**kw)
+        # the classic attention processor: torch.func.vmap (per-sample parameters) has a batching
+        # rule for its ops, not for the fused CPU attention kernel, which it would run sample by sample
+        unet.set_attn_processor(AttnProcessor())
+        vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
+                            layers_per_block=1, norm_num_groups=4, sample_size=2 * latent_size,
+                            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+            max_position_embeddings=text_length, bos_token_id=0, eos_token_id=1, pad_token_id=1, projection_dim=16))
+    return Components(unet, vae, text_encoder, tokenizer, make_scheduler(scheduler, SD_SCHEDULER_CONFIG)).freeze()
+
+
+def _load_base(model, unet_cls, *, dtype, device, local_files_only, revision, scheduler):
+    """The parts of a diffusers model directory or hub id (no UNet when ``unet_cls`` is None)."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    if looks_local(model):
+        model = local_dir(model, "model", _SUBFOLDERS if unet_cls is not None else _SUBFOLDERS[1:])
+    kw = dict(local_files_only=local_files_only or offline(), revision=revision)
+    try:
+        unet = unet_cls.from_pretrained(model, subfolder="unet", torch_dtype=dtype, **kw) if unet_cls else None
+        vae = AutoencoderKL.from_pretrained(model, subfolder="vae", torch_dtype=dtype, **kw)
+        text_encoder = CLIPTextModel.from_pretrained(model, subfolder="text_encoder", dtype=dtype, **kw)
+        tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer", **kw)
+        sched = make_scheduler(scheduler, load_scheduler_config(model, kw))
+    except (OSError, ValueError) as e:
+        raise load_error("the text-to-video model", model, e) from e
+    return Components(unet, vae, text_encoder, tokenizer, sched).to(device)
+
+
+def load_video_components(model: str, *, dtype: torch.dtype = torch.float32, device="cpu",
+                          local_files_only: bool = False, revision: str | None = None,
+                          scheduler: str = "ddim") -> Components:
+    """A model of the ``TextToVideoSDPipeline`` family (e.g. ``damo-vilab/text-to-video-ms-1.7b``,
+    ``cerspense/zeroscope_v2_576w``): hub id or local directory with subfolders ``unet``
+    (``UNet3DConditionModel``), ``vae``, ``text_encoder``, ``tokenizer``, ``scheduler``.
+    The scheduler is rebuilt as DDIM or DPM-Solver (``"ddim"``/``"dpm"``) from its config.
+
+    Raises ``FileNotFoundError`` for a missing local path, ``OSError`` (saying how to point
+    at a local copy) when the model cannot be loaded."""
+    from diffusers import UNet3DConditionModel
+
+    return _load_base(model, UNet3DConditionModel, dtype=dtype, device=device, local_files_only=local_files_only,
+                      revision=revision, scheduler=scheduler).freeze()
+
+
+def load_videocrafter2(unet: str = VIDEOCRAFTER2_UNET, base: str = VIDEOCRAFTER2_BASE, *, fps: float = 24.0,
+                       unet_subfolder: str | None = None, dtype: torch.dtype = torch.float32, device="cpu",
+                       local_files_only: bool = False, revision: str | None = None,
+                       scheduler: str = "ddim") -> Components:
+    """VideoCrafter2 in diffusers format: the converted UNet (``adamdad/videocrafterv2_diffusers``,
+    a single ``config.json`` + ``diffusion_pytorch_model.safetensors``; ``unet_subfolder`` if
+    your copy keeps it in a subfolder) loaded as :class:`FPSUNet3DConditionModel` with frame
+    rate ``fps``, and the VAE, OpenCLIP-H text encoder, tokenizer and scheduler config of a
+    ``TextToVideoSDPipeline`` model ``base`` (Zeroscope, as the conversion's own pipeline does).
+
+    Raises ``ValueError`` if the UNet checkpoint has no fps-embedding weights (it is then not
+    a VideoCrafter2 conversion: use :func:`load_video_components`)."""
+    parts = _load_base(base, None, dtype=dtype, device=device, local_files_only=local_files_only,
+                       revision=revision, scheduler=scheduler)
+    if looks_local(unet):
+        unet = local_dir(unet, "VideoCrafter2 UNet")
+    kw = dict(local_files_only=local_files_only or offline(), torch_dtype=dtype, fps_cond=True, fps=float(fps))
+    if unet_subfolder:
+        kw["subfolder"] = unet_subfolder
+    try:
+        model, info = fps_unet_class().from_pretrained(unet, output_loading_info=True, **kw)
+    except (OSError, ValueError) as e:
+        raise load_error("the VideoCrafter2 UNet", unet, e) from e
+    missing = [k for k in info["missing_keys"] if k.startswith("fps_")]
+    if missing:
+        raise ValueError(f"{unet!r} has no fps-embedding weights ({missing[:2]}...): not a VideoCrafter2 "
+                         "conversion; load a plain UNet3D model with load_video_components")
+    return dataclasses.replace(parts, unet=model.to(device)).freeze()

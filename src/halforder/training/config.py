@@ -1,0 +1,175 @@
+"""The training loop's settings, and ``knob``, the one way a setting is declared.
+
+Every setting is a field of a frozen dataclass declared with :func:`knob`: its default,
+its help text and, where it has them, its choices. The command line and the config
+files are generated from these fields, so a setting documented here is a setting a user
+can set (``halforder.diffusion.cli``).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import os
+from dataclasses import dataclass
+import typing
+from typing import Any, Mapping, Sequence
+
+
+def knob(default: Any, help: str, *, choices: Sequence[Any] | None = None, factory: bool = False) -> Any:
+    """A dataclass field with its help text (and choices) in ``metadata``, as
+    ``transformers.HfArgumentParser`` reads it. ``factory=True`` for a list or dict default
+    (each instance gets a copy)."""
+    meta = {"help": help}
+    if choices is not None:
+        meta["choices"] = list(choices)
+    if factory:
+        return dataclasses.field(default_factory=lambda: copy.copy(default), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work; raised before anything is written."""
+
+
+def need(cond: bool, msg: str) -> None:
+    """Raise :class:`ConfigError` with ``msg`` unless ``cond``."""
+    if not cond:
+        raise ConfigError(msg)
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    """Settings of :func:`halforder.training.loop.train` (optimiser, batches, outputs)."""
+
+    steps: int = knob(100, "number of optimiser updates")
+    lr: float = knob(5e-4, "Adam learning rate (the paper: 5e-4)")
+    adam_betas: list[float] = knob([0.9, 0.999], "Adam betas (two numbers)", factory=True)
+    adam_eps: float = knob(1e-8, "Adam epsilon")
+    weight_decay: float = knob(0.0, "decoupled weight decay (AdamW)")
+    batch_size: int = knob(4, "samples per micro-batch and process (the paper: 4)")
+    grad_accum: int = knob(2, "micro-batches averaged into one update (the paper: 2)")
+    clip_norm: float = knob(1.0, "clip the gradient's global norm to this value (0: no clipping)")
+    baseline: str = knob("loo", "control variate of the likelihood-ratio terms: loo (leave-one-out batch mean, "
+                                "needs batch_size >= 2) or none", choices=("loo", "none"))
+    seed: int = knob(0, "seed of every random draw; process r draws its data and noise from seed + r")
+    output_dir: str | None = knob(os.path.join("runs", "halforder"),
+                                  "directory of metrics.jsonl, config.json, checkpoints and outputs "
+                                  "(None in Python: keep nothing on disk)")
+    eval_every: int = knob(50, "evaluate (e.g. write a sample grid) every this many updates (0: never)")
+    checkpoint_every: int = knob(50, "write a checkpoint every this many updates (0: only at the end)")
+    keep_checkpoints: int = knob(2, "keep the newest this many checkpoints (0: all)")
+    resume: str | None = knob(None, "checkpoint directory to resume from, or 'latest' in output_dir")
+    progress: bool = knob(True, "show a progress bar (main process only)")
+
+    def __post_init__(self):
+        self.check()
+
+    def check(self) -> None:
+        """Raise :class:`ConfigError` on values that cannot work."""
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            need(not isinstance(v, float) or math.isfinite(v), f"{f.name} must be a finite number, got {v!r}")
+            choices = f.metadata.get("choices")
+            need(choices is None or v is None or v in choices, f"{f.name} must be one of {', '.join(map(str, choices or ()))}; "
+                                                  f"got {v!r}")
+        for name in ("steps", "batch_size", "grad_accum"):
+            v = getattr(self, name)
+            need(isinstance(v, int) and v >= 1, f"{name} must be a positive integer, got {v!r}")
+        for name in ("eval_every", "checkpoint_every", "keep_checkpoints", "seed"):
+            v = getattr(self, name)
+            need(isinstance(v, int) and v >= 0, f"{name} must be an integer >= 0, got {v!r}")
+        for name in ("lr", "adam_eps", "weight_decay", "clip_norm"):
+            v = getattr(self, name)
+            need(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0,
+                 f"{name} must be a finite number >= 0, got {v!r}")
+        need(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        need(len(self.adam_betas) == 2 and all(0 <= b < 1 for b in self.adam_betas),
+             f"adam_betas must be two numbers in [0, 1), got {self.adam_betas!r}")
+        need(self.baseline != "loo" or self.batch_size >= 2, "the 'loo' baseline needs batch_size >= 2")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values (lists for tuples), as written to ``output_dir/config.json``."""
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
+
+
+def read_mapping_file(path: str, what: str = "config file", allow_list: bool = False) -> Any:
+    """The mapping in a ``.yaml``/``.yml``, ``.toml`` or ``.json`` file (a list too with
+    ``allow_list``); ``ConfigError`` naming ``what`` on a missing, unreadable or malformed file."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"{what} {path!r} does not exist")
+    ext = os.path.splitext(path)[1].lower()
+    try:
+        if ext in (".yaml", ".yml"):
+            import yaml
+            with open(path, encoding="utf-8") as f:
+                data = yaml.safe_load(f)
+        elif ext == ".toml":
+            import tomllib
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        elif ext == ".json":
+            import json
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        else:
+            raise ConfigError(f"{what} {path!r} must end in .yaml, .yml, .toml or .json")
+    except (OSError, UnicodeDecodeError, ValueError) as e:  # YAML, TOML and JSON errors are ValueErrors
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"{what} {path!r} cannot be read: {e}") from e
+    except Exception as e:  # yaml.YAMLError is not a ValueError
+        raise ConfigError(f"{what} {path!r} is not valid {ext[1:].upper()}: {e}") from e
+    if data is None:
+        data = {}
+    if not isinstance(data, dict) and not (allow_list and isinstance(data, list)):
+        raise ConfigError(f"{what} {path!r} must hold a mapping of names to values")
+    return data
+
+
+def coerce(tp: Any, value: Any, name: str) -> Any:
+    """``value`` as the declared type ``tp`` of field ``name``: numbers written as strings
+    (YAML reads ``5e-4`` as a string) become numbers, lists' items are coerced, None stays
+    None where the type allows it. ``ConfigError`` when it cannot be."""
+    args = typing.get_args(tp)
+    if value is None:
+        need(type(None) in args, f"{name} cannot be None")
+        return None
+    if type(None) in args:  # X | None
+        tp = next(a for a in args if a is not type(None))
+    origin = typing.get_origin(tp)
+    if origin in (list, tuple):
+        need(isinstance(value, (list, tuple)), f"{name} must be a list, got {value!r}")
+        item = typing.get_args(tp)[0] if typing.get_args(tp) else Any
+        return [coerce(item, v, name) for v in value]
+    try:
+        if tp is bool:
+            if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+                return value.lower() in ("true", "yes", "1")
+            need(isinstance(value, bool), f"{name} must be true or false, got {value!r}")
+            return value
+        if tp is int:
+            need(not isinstance(value, bool), f"{name} must be an integer, got {value!r}")
+            v = float(value) if isinstance(value, str) else value
+            need(float(v).is_integer(), f"{name} must be an integer, got {value!r}")
+            return int(v)
+        if tp is float:
+            need(not isinstance(value, bool), f"{name} must be a number, got {value!r}")
+            return float(value)
+        if tp is str:
+            need(isinstance(value, (str, int, float)) and not isinstance(value, bool),
+                 f"{name} must be a string, got {value!r}")
+            return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be of type {getattr(tp, '__name__', tp)}, got {value!r}") from None
+    return value
+
+
+def from_mapping(cls, values: Mapping[str, Any], source: str = "config"):
+    """An instance of the config dataclass ``cls`` from ``values``, each coerced to its field's
+    declared type; unknown names are refused."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    need(not unknown, f"unknown option(s) in {source}: {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+    return cls(**{k: coerce(hints[k], v, k) for k, v in values.items()})
