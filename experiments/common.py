@@ -6,7 +6,7 @@ W = 0.9 Q with Q a random orthogonal matrix (so a step's influence decays like 0
 and truncation matters over tens of steps, as in a diffusion sampler whose steps are
 near the identity), inherent noise sigma_t = 0.5 and parameter noise tau_t = 0.1 at
 every step, reward R(x) = -|x - target|^2. Its objective and gradient are exact.
-Both RL and RLR run on this same chain (design.md §5: the paper's RL and RLR use
+Both RL and RLR run on this same chain (docs/design.md: the paper's RL and RLR use
 different samplers; here they do not).
 """
 from __future__ import annotations
@@ -81,7 +81,7 @@ def ho_tiling(T: int, h: int) -> Plan:
 def j_strata(T: int, h: int, k: int = 8) -> list[int]:
     """Evenly spaced block starts j in 2..T-h+1, as many as the largest power of two <= k
     that fits; RLR(h) draws j uniformly from them (any j distribution keeps RLR unbiased,
-    design.md §2). A power of two so that 8 chunks split evenly into strata."""
+    docs/design.md, "Plan samplers"). A power of two so that 8 chunks split evenly into strata."""
     lo, hi = 2, T - h + 1
     m = 1
     while 2 * m <= min(k, hi - lo + 1):
@@ -100,17 +100,19 @@ class Draw:
 
 
 def draw(chain, params, plans: Plan | Sequence[Plan], n: int, *, seed: int, chunk: int,
-         baseline=None, name: str | None = None) -> Draw:
+         baseline=None, name: str | None = None, pairing=None) -> Draw:
     """n samples in chunks of ``chunk``; with several plans (a stratified j distribution),
     chunk i uses ``plans[i % len(plans)]``. Every call with the same seed and chunk draws
-    the same x_T and noise, so sample i of two estimators is paired (common random numbers)."""
+    the same x_T and noise, so sample i of two estimators is paired (common random numbers).
+    With ``pairing`` each sample is the mean of an antithetic group (G chain evaluations)."""
     plans = [plans] if isinstance(plans, Plan) else list(plans)
     if n % chunk or (n // chunk) % len(plans):
         raise ValueError(f"n={n} must be a multiple of chunk={chunk} x {len(plans)} strata")
     g = torch.Generator().manual_seed(seed)
     grads, rewards = [], []
     for i in range(n // chunk):
-        s = draw_estimates(chain, plans[i % len(plans)], params, chunk, generator=g, chunk=chunk, baseline=baseline)
+        s = draw_estimates(chain, plans[i % len(plans)], params, chunk, generator=g, chunk=chunk, baseline=baseline,
+                           pairing=pairing)
         grads.append(s.grad)
         rewards.append(s.reward)
     label = name or (str(plans[0]) if len(plans) == 1 else f"{plans[0]}..")

@@ -20,7 +20,7 @@ ALPHA = 1e-3
 
 
 def plans(T: int):
-    """(label, plans, baseline): the families of design.md §2 (a list = stratified j)."""
+    """(label, plans, baseline): the families of docs/design.md (a list = stratified j)."""
     rlr2 = [Plan.rlr(T, 2, j) for j in j_strata(T, 2)]
     two_blocks = Plan.from_roles(["FO", "FO", "HO", "HO"] + ["ZO"] * (T - 6) + ["HO", "HO"],
                                  blocks=[(3, 2), (T - 1, 2)], name="FO2+HO(3,2)+HO(T-1,2)")

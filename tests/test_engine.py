@@ -1,5 +1,5 @@
 """The engine computes each role exactly: deterministic identities, then statistical
-unbiasedness on the exact linear chain (issue 2's acceptance set), bias detection for
+unbiasedness on the exact linear chain (the acceptance set of seven plans), bias detection for
 truncated backprop, and the leave-one-out baseline.
 
 Every statistical assertion is Hotelling's T^2 test at level ALPHA (its false-failure
