@@ -29,6 +29,7 @@ finetune_samples.png, finetune_table.md, finetune_results.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import math
 import os
@@ -47,7 +48,7 @@ from experiments.shapes.classifier import CircleReward, ClassifierConfig, pretra
 from experiments.shapes.data import SHAPES, sample_shapes  # noqa: E402
 from experiments.shapes.pretrain import PretrainConfig, ddim_scheduler, pretrained_unet  # noqa: E402
 from halforder.diffusion import Components, DiffusionTask, ImageView, add_lora, rollout  # noqa: E402
-from halforder.estimators import SavedTensorMeter, estimate, make_sampler  # noqa: E402
+from halforder.estimators import Pairing, SavedTensorMeter, estimate, group_means, grouped, make_sampler  # noqa: E402
 from halforder.training import Hooks, LoopConfig, make_accelerator, train  # noqa: E402
 from halforder.training.files import write_json  # noqa: E402
 
@@ -70,7 +71,10 @@ class ExperimentConfig:
       batch: samples per gradient estimate (the leave-one-out baseline needs >= 2).
       budget: UNet evaluations (per sample, forward + backward) that each run may spend;
         a run stops at the first step that reaches it.
-      lr: Adam learning rate, the same for every method.
+      lrs: the Adam learning rates swept for every method on ``sweep_seed``; each method
+        then runs ``seeds`` with the rate that gave it the highest mean reward over the
+        budget in the sweep.
+      sweep_seed: the seed of the learning-rate sweep (not among ``seeds``).
       lora_rank: LoRA rank on ``lora_targets``.
       lora_targets: UNet modules that get LoRA.
       seeds: one run per seed and method (the seed drives plans and noise).
@@ -88,34 +92,53 @@ class ExperimentConfig:
     zo_sigma: float = 0.05
     batch: int = 8
     budget: int = 4800
-    lr: float = 1e-3
+    lrs: tuple[float, ...] = (3e-4, 1e-3, 3e-3)
+    sweep_seed: int = 100
     lora_rank: int = 2
     lora_targets: tuple[str, ...] = ("conv1", "conv2")
-    seeds: tuple[int, ...] = (0, 1, 2)
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     n_eval: int = 48
     n_points: int = 5
-    n_var: int = 16
-    methods: tuple[str, ...] = ("full", "draft1", "alignprop", "reinforce", "zeroth_order",
-                                "rlr_h0", "rlr_h1", "rlr_h2", "rlr_h3", "rlr_h2_noZO")
+    n_var: int = 32
+    methods: tuple[str, ...] = ("full", "draft1", "alignprop", "reinforce", "reinforce_paired", "zeroth_order",
+                                "zeroth_order_paired", "rlr_h0", "rlr_h1", "rlr_h2", "rlr_h3", "rlr_h0_paired",
+                                "rlr_h1_paired", "rlr_h2_paired", "rlr_h3_paired", "rlr_h2_paired4", "rlr_h2_noZO")
 
 
 QUICK = ExperimentConfig(pretrain=PretrainConfig(channels=(16, 32), steps=20, batch=16),
                          reward=ClassifierConfig(steps=20, batch=32),
                          heldout=ClassifierConfig(width=8, steps=20, batch=32, seed=1),
-                         T=4, batch=4, budget=96, seeds=(0,), n_eval=8, n_points=2, n_var=4)
+                         T=4, batch=8, budget=192, lrs=(1e-3, 3e-3), seeds=(0,), n_eval=8, n_points=2, n_var=8,
+                         methods=("full", "draft1", "reinforce", "reinforce_paired", "zeroth_order",
+                                  "zeroth_order_paired", "rlr_h2_paired", "rlr_h2_paired4", "rlr_h2_noZO"))
 
 
-def methods(T: int) -> dict[str, tuple[object, bool]]:
-    """name -> (plan sampler, gradient checkpointing). AlignProp and the ZO-dropping RLR are
-    the library's biased samplers (``truncated_random``, ``rlr_no_zo``)."""
-    out = {"full": (make_sampler("full", T), True),
-           "draft1": (make_sampler("truncated", T, k=1), False),
-           "alignprop": (make_sampler("truncated_random", T, k=T), False),
-           "reinforce": (make_sampler("reinforce", T), False),
-           "zeroth_order": (make_sampler("zeroth_order", T), False)}
+@dataclass(frozen=True)
+class Method:
+    """A method: a plan sampler of the library, gradient checkpointing, and a pairing."""
+
+    sampler: object
+    checkpointing: bool = False
+    pairing: str = "none"
+
+
+def methods(T: int) -> dict[str, Method]:
+    """Every method by name. AlignProp and the ZO-dropping RLR are the library's biased
+    samplers (``truncated_random``, ``rlr_no_zo``). ``_paired``: antithetic pairs with the
+    parameter noise mirrored (REINFORCE, which has no ZO part: the noise where its blocks
+    end); ``_paired4``: groups of four mirroring both."""
+    out = {"full": Method(make_sampler("full", T), True),
+           "draft1": Method(make_sampler("truncated", T, k=1)),
+           "alignprop": Method(make_sampler("truncated_random", T, k=T)),
+           "reinforce": Method(make_sampler("reinforce", T)),
+           "reinforce_paired": Method(make_sampler("reinforce", T), pairing="ho"),
+           "zeroth_order": Method(make_sampler("zeroth_order", T)),
+           "zeroth_order_paired": Method(make_sampler("zeroth_order", T), pairing="param")}
     for h in range(0, min(3, T - 1) + 1):
-        out[f"rlr_h{h}"] = (make_sampler("rlr", T, h=h), False)
-    out["rlr_h2_noZO"] = (make_sampler("rlr_no_zo", T, h=min(2, T - 1)), False)
+        out[f"rlr_h{h}"] = Method(make_sampler("rlr", T, h=h))
+        out[f"rlr_h{h}_paired"] = Method(make_sampler("rlr", T, h=h), pairing="param")
+    out["rlr_h2_paired4"] = Method(make_sampler("rlr", T, h=min(2, T - 1)), pairing="param+ho")
+    out["rlr_h2_noZO"] = Method(make_sampler("rlr_no_zo", T, h=min(2, T - 1)))
     return out
 
 
@@ -227,31 +250,35 @@ def evaluate(setup: Setup, task: DiffusionTask) -> tuple[dict, torch.Tensor]:
                 "circle_fraction": float((logits.argmax(-1) == SHAPES.index("circle")).float().mean())}, x0
 
 
-def gradient_variance(setup: Setup, sampler, checkpointing: bool) -> dict:
-    """Trace of the covariance of a one-sample estimate, per role, at the start (per_sample)."""
+def gradient_variance(setup: Setup, method: Method) -> dict:
+    """Variance per chain evaluation of the estimate at the start, per role: G x the trace of
+    the covariance of a group mean (G = 1 unpaired), from ``n_var`` samples (per_sample)."""
     g = torch.Generator().manual_seed(777)
-    plan = sampler.sample(sampler.init(), g)
-    task = setup.task(checkpointing)
-    chain = task.chain(plan, UNCONDITIONAL * setup.cfg.n_var, g)
-    est = estimate(chain, plan, task.params, chain.sample_start(setup.cfg.n_var, g), generator=g, per_sample=True,
-                   baseline="loo")
-    out = {role: sum(float(v.var(0).sum()) for v in est.parts[role].values()) for role in ROLES}
-    out["total"] = sum(float(v.var(0).sum()) for v in est.grad.values())
+    plan = method.sampler.sample(method.sampler.init(), g)
+    task = setup.task(method.checkpointing)
+    G = Pairing.parse(method.pairing).size
+    n = setup.cfg.n_var
+    chain = task.chain(plan, UNCONDITIONAL * n, g)
+    est = estimate(chain, plan, task.params, grouped(chain.sample_start(n // G, g), G), generator=g,
+                   per_sample=True, baseline="loo", pairing=method.pairing)
+    var = (lambda d: G * sum(float(group_means(v, G).var(0).sum()) for v in d.values()))  # noqa: E731
+    out = {role: var(est.parts[role]) for role in ROLES}
+    out["total"] = var(est.grad)
     out["mean_sq_norm"] = sum(float(v.mean(0).pow(2).sum()) for v in est.grad.values())
     return out
 
 
 # ----------------------------------------------------------------------------- one run
-def run(setup: Setup, name: str, seed: int, progress=None) -> dict:
-    """Fine-tune from the start with method ``name`` until the budget is spent, through the
-    library's training loop."""
+def run(setup: Setup, name: str, seed: int, lr: float, progress=None) -> dict:
+    """Fine-tune from the start with method ``name`` at learning rate ``lr`` until the budget
+    is spent, through the library's training loop."""
     cfg = setup.cfg
-    sampler, checkpointing = methods(cfg.T)[name]
-    task = setup.task(checkpointing)
+    method = methods(cfg.T)[name]
+    task = setup.task(method.checkpointing)
     counter = Counter()
     meter = SavedTensorMeter(exclude=[*setup.unet.parameters(), *task.params.values()])
     first, x0 = evaluate(setup, task)
-    curve, train_curve, plans = [{"compute": 0, **first}], [], []
+    curve, train_curve, plans = [{"compute": 0, "seconds": 0.0, **first}], [], []
     marks = [cfg.budget * (i + 1) / cfg.n_points for i in range(cfg.n_points)]
 
     def on_step(rec, est):
@@ -263,23 +290,24 @@ def run(setup: Setup, name: str, seed: int, progress=None) -> dict:
             counter.active = False          # evaluations are not part of the budget
             point, x0 = evaluate(setup, task)
             counter.active = True
-            curve.append({"compute": counter.total, **point})
+            curve.append({"compute": counter.total, "seconds": rec["elapsed_s"], **point})
         if progress is not None:
             progress.set_postfix(method=name, seed=seed, compute=counter.total, refresh=False)
 
-    loop = LoopConfig(steps=10 ** 9, lr=cfg.lr, batch_size=cfg.batch, grad_accum=1, clip_norm=0.0, baseline="loo",
-                      seed=seed, output_dir=None, eval_every=0, progress=False)
+    loop = LoopConfig(steps=10 ** 9, lr=lr, batch_size=cfg.batch, grad_accum=1, clip_norm=0.0, baseline="loo",
+                      pairing=method.pairing, seed=seed, output_dir=None, eval_every=0, progress=False)
     hooks = Hooks(on_step=on_step, stop=lambda rec: counter.total >= cfg.budget, around_estimate=lambda: meter)
     handle = counter.attach(setup.unet)
     try:
-        result = train(task, sampler, UNCONDITIONAL, loop, accelerator=make_accelerator(cpu=True), hooks=hooks)
+        result = train(task, method.sampler, UNCONDITIONAL, loop, accelerator=make_accelerator(cpu=True), hooks=hooks)
     finally:
         handle.remove()
     times = [r["time_s"] for r in result.metrics]
-    return {"method": name, "seed": seed, "curve": curve, "train": train_curve, "steps": result.step,
+    return {"method": name, "seed": seed, "lr": lr, "pairing": method.pairing, "curve": curve, "train": train_curve, "steps": result.step,
             "forward": counter.forward, "backward": counter.backward,
             "time_per_step": sum(times) / len(times), "activation_bytes": meter.peak,
-            "plans": plans[:5], "final_samples": x0[:16].tolist() if seed == cfg.seeds[0] else None}
+            "plans": plans[:5], "final_samples": x0[:16].tolist() if seed == cfg.seeds[0] else None,
+            "seconds": result.metrics[-1]["elapsed_s"]}
 
 
 # ----------------------------------------------------------------------------- main
@@ -306,7 +334,7 @@ def main(argv=None) -> dict:
     p.add_argument("--seeds", type=int, nargs="+", help="override the seeds")
     p.add_argument("--methods", nargs="+", help="override the methods")
     p.add_argument("--zo-sigma", type=float, help="override the ZO parameter-noise scale tau")
-    p.add_argument("--lr", type=float, help="override the learning rate")
+    p.add_argument("--lrs", type=float, nargs="+", help="override the learning rates swept (one value: no sweep)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel (processes, one thread each)")
     args = p.parse_args(argv)
@@ -317,7 +345,7 @@ def main(argv=None) -> dict:
     cfg = QUICK if args.quick else ExperimentConfig()
     over = {k: v for k, v in (("budget", args.budget), ("seeds", tuple(args.seeds or ()) or None),
                                ("methods", tuple(args.methods or ()) or None), ("zo_sigma", args.zo_sigma),
-                               ("lr", args.lr)) if v is not None}
+                               ("lrs", tuple(args.lrs or ()) or None)) if v is not None}
     cfg = dataclasses.replace(cfg, **over)
     unknown = set(cfg.methods) - set(methods(cfg.T))
     if unknown:
@@ -326,32 +354,51 @@ def main(argv=None) -> dict:
     t0 = time.perf_counter()
     setup = build_setup(cfg, cache)
     base, base_samples = evaluate(setup, setup.task())
-    gvar = {name: gradient_variance(setup, *methods(cfg.T)[name]) for name in cfg.methods}
-    jobs = [(name, seed) for name in cfg.methods for seed in cfg.seeds]
-    with tqdm(total=len(jobs), desc="runs") as bar:
-        if args.jobs > 1:
-            import multiprocessing as mp
-            from concurrent.futures import ProcessPoolExecutor
-
-            with ProcessPoolExecutor(args.jobs, mp.get_context("spawn"), _init_worker, (cfg, cache)) as pool:
-                results = []
-                for r in pool.map(_run_in_worker, jobs):
-                    results.append(r)
-                    bar.update()
-        else:
-            results = []
-            for name, seed in jobs:
-                results.append(run(setup, name, seed, bar))
-                bar.update()
+    gvar = {name: gradient_variance(setup, methods(cfg.T)[name]) for name in cfg.methods}
+    sweep_jobs = [(name, cfg.sweep_seed, lr) for name in cfg.methods for lr in cfg.lrs] if len(cfg.lrs) > 1 else []
+    with _runner(setup, cfg, cache, args.jobs) as run_all:
+        sweep = run_all(sweep_jobs, "learning-rate sweep")
+        chosen = {name: max(cfg.lrs, key=lambda lr: next(report.auc(r) for r in sweep
+                                                         if r["method"] == name and r["lr"] == lr))
+                  for name in cfg.methods} if sweep else {name: cfg.lrs[0] for name in cfg.methods}
+        results = run_all([(name, seed, chosen[name]) for name in cfg.methods for seed in cfg.seeds], "runs")
     table = report.summarise(results, setup, gvar, methods(cfg.T))
-    claims = report.claims(results, cfg.methods, setup.reference)
-    report.write_table(table, setup, os.path.join(out, "finetune_table.md"), ["", "## Claims", "", *claims])
+    claims = report.claims(results, cfg.methods, setup.reference, gvar)
+    sweep_md = report.sweep_table(sweep, chosen, cfg.lrs) if sweep else []
+    report.write_table(table, setup, os.path.join(out, "finetune_table.md"),
+                       ["", "## Claims", "", *claims, "", *sweep_md])
     report.plot(results, setup, out, base_samples)
-    summary = {"config": dataclasses.asdict(cfg), "reference": setup.reference, "base": base,
+    summary = {"config": dataclasses.asdict(cfg), "reference": setup.reference, "base": base, "chosen_lr": chosen,
                "table": table, "wall_seconds": time.perf_counter() - t0,
+               "sweep": [{k: v for k, v in r.items() if k != "final_samples"} for r in sweep],
                "runs": [{k: v for k, v in r.items() if k != "final_samples"} for r in results]}
     write_json(os.path.join(out, "finetune_results.json"), summary)
     return summary
+
+
+@contextlib.contextmanager
+def _runner(setup: Setup, cfg: ExperimentConfig, cache: str, jobs: int):
+    """``run_all(jobs, desc) -> results``: runs in this process, or in ``jobs`` worker processes."""
+    pool = None
+    if jobs > 1:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        pool = ProcessPoolExecutor(jobs, mp.get_context("spawn"), _init_worker, (cfg, cache))
+
+    def run_all(todo, desc):
+        with tqdm(total=len(todo), desc=desc) as bar:
+            results = []
+            for r in (pool.map(_run_in_worker, todo) if pool else (run(setup, *job, bar) for job in todo)):
+                results.append(r)
+                bar.update()
+        return results
+
+    try:
+        yield run_all
+    finally:
+        if pool is not None:
+            pool.shutdown()
 
 
 if __name__ == "__main__":

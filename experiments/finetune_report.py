@@ -25,7 +25,7 @@ def summarise(results: list, setup, gvar: dict, methods: dict) -> dict:
     table = {}
     for name in cfg.methods:
         runs = [r for r in results if r["method"] == name]
-        sampler, _ = methods[name]
+        sampler = methods[name].sampler
         plan = sampler.sample(sampler.init(), torch.Generator().manual_seed(0))
         row = {k: _ci([r["curve"][-1][k] for r in runs]) for k in ("reward", "heldout", "diversity", "off_data",
                                                                  "circle_fraction")}
@@ -34,6 +34,8 @@ def summarise(results: list, setup, gvar: dict, methods: dict) -> dict:
         row["time_per_step"] = sum(r["time_per_step"] for r in runs) / len(runs)
         row["cost"] = plan.cost()
         row["grad_var"] = gvar[name]
+        row["lr"] = runs[0]["lr"]
+        row["pairing"] = methods[name].pairing
         table[name] = row
     return table
 
@@ -49,18 +51,21 @@ def write_table(table: dict, setup, path: str, extra: list[str] = ()) -> None:
              f"diversity {ref['data_diversity']:.3f}, off-data {ref['data_off_data']:.3f}, "
              f"circles {ref['data_circle_fraction']:.3f}.",
              "",
-             "| Method | Reward | Held-out reward | Circle fraction | Diversity | Off-data | Activation memory (MB) "
-             "| Time per step (s) | Steps | Plan cost fwd/bwd/graph | Grad var FO / HO / ZO |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| Method | Pairing | lr | Reward | Held-out reward | Circle fraction | Diversity | Off-data "
+             "| Activation memory (MB) | Time per step (s) | Steps | Plan cost fwd/bwd/graph | Grad var FO / HO / ZO |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, row in table.items():
         c, gv = row["cost"], row["grad_var"]
         f = (lambda k: f"{row[k][0]:.3f} ± {row[k][1]:.3f}")
-        lines.append(f"| {name} | {f('reward')} | {f('heldout')} | {f('circle_fraction')} | {f('diversity')} | {f('off_data')} | "
+        lines.append(f"| {name} | {row['pairing']} | {row['lr']:g} | {f('reward')} | {f('heldout')} | {f('circle_fraction')} | {f('diversity')} | {f('off_data')} | "
                      f"{row['activation_mb']:.2f} | {row['time_per_step']:.3f} | {row['steps']:.0f} | "
                      f"{c['forward']}/{c['backward']}/{c['graph_steps']} | "
                      f"{gv['FO']:.3g} / {gv['HO']:.3g} / {gv['ZO']:.3g} |")
     lines += ["", "Plan cost is `Plan.cost()` of one draw (AlignProp and RLR draw K or j per step). "
-              "Gradient variance: trace of the covariance of a one-sample estimate at the start, per role. "
+              "lr: the learning rate chosen by the sweep (below). "
+              "Gradient variance: per chain evaluation at the start, per role: G x the trace of the covariance of a "
+              f"group mean of G samples (G = 1 unpaired, 2 paired, 4 for `paired4`), from {cfg.n_var} samples. "
+              "Time per step: wall time on a shared 2-core machine, two runs at once; compare within a table only. "
               "Activation memory: peak bytes saved for backward (checkpointed calls excluded, see notes). "
               "Diversity: per-pixel variance over the evaluation samples. Off-data: the base model's denoising "
               "loss on the samples (lower = closer to the pretraining data)."]
@@ -83,37 +88,59 @@ def _welch(a, b) -> tuple[float, float]:
     return d, float(stats.t.ppf(0.975, df) * se)
 
 
-def _auc(run: dict, key: str = "reward") -> float:
+def auc(run: dict, key: str = "reward") -> float:
     """Mean of ``key`` over the budget (trapezoid rule over the evaluation points)."""
     c = run["curve"]
     area = sum((q["compute"] - p["compute"]) * (p[key] + q[key]) / 2 for p, q in zip(c, c[1:]))
     return area / c[-1]["compute"]
 
 
-def claims(runs: list, methods_run, reference: dict) -> list[str]:
-    """Markdown lines with the numbers behind the paper's claims (mean ± 95% interval over seeds)."""
+def claims(runs: list, methods_run, reference: dict, gvar: dict) -> list[str]:
+    """Markdown lines with the numbers behind the claims (mean ± 95% interval over seeds)."""
     by = {m: [r for r in runs if r["method"] == m] for m in methods_run}
     fin = {m: [r["curve"][-1]["reward"] for r in rs] for m, rs in by.items()}
-    auc = {m: [_auc(r) for r in rs] for m, rs in by.items()}
+    area = {m: [auc(r) for r in rs] for m, rs in by.items()}
     f = (lambda v: "{:.3f} ± {:.3f}".format(*_ci(v)))
     g = (lambda d: "{:+.3f} ± {:.3f}".format(*d))
     lines = ["| Method | final reward | mean reward over the budget (sample efficiency) | final held-out | "
-             "final diversity / data | final off-data / data | reward at half budget |",
-             "|---|---|---|---|---|---|---|"]
+             "final diversity / data | final off-data / data | reward at half budget | seconds per run |",
+             "|---|---|---|---|---|---|---|---|"]
     for m, rs in by.items():
         half = [min(r["curve"], key=lambda p: abs(p["compute"] - r["curve"][-1]["compute"] / 2))["reward"] for r in rs]
-        lines.append(f"| {m} | {f(fin[m])} | {f(auc[m])} | {f([r['curve'][-1]['heldout'] for r in rs])} | "
+        lines.append(f"| {m} | {f(fin[m])} | {f(area[m])} | {f([r['curve'][-1]['heldout'] for r in rs])} | "
                      f"{f([r['curve'][-1]['diversity'] / reference['data_diversity'] for r in rs])} | "
-                     f"{f([r['curve'][-1]['off_data'] / reference['data_off_data'] for r in rs])} | {f(half)} |")
+                     f"{f([r['curve'][-1]['off_data'] / reference['data_off_data'] for r in rs])} | {f(half)} | "
+                     f"{f([r['seconds'] for r in rs])} |")
     lines.append("")
-    for m in [m for m in methods_run if m.startswith("rlr")]:
-        if "reinforce" in by:
-            lines.append(f"- {m} − reinforce: final reward {g(_welch(fin[m], fin['reinforce']))}, "
-                         f"mean reward over the budget {g(_welch(auc[m], auc['reinforce']))} (Welch 95%).")
-    hs = [m for m in ("rlr_h0", "rlr_h1", "rlr_h2", "rlr_h3") if m in by]
-    for a, b in zip(hs, hs[1:]):
-        lines.append(f"- {b} − {a}: final reward {g(_welch(fin[b], fin[a]))}, "
-                     f"mean reward over the budget {g(_welch(auc[b], auc[a]))}.")
+    start = by[methods_run[0]][0]["curve"][0]["reward"]
+    for m in [m for m in methods_run if m.endswith(("_paired", "_paired4"))]:
+        lines.append(f"- {m}: final reward − start ({start:.3f}) {g(_welch(fin[m], [start] * 2))}; "
+                     + (f"− full backprop {g(_welch(fin[m], fin['full']))}; final / full = "
+                        f"{_ci(fin[m])[0] / _ci(fin['full'])[0]:.3f}" if "full" in by else ""))
+    for a, b in (("rlr_h2_paired", "reinforce"), ("rlr_h2_paired", "reinforce_paired"),
+                 ("rlr_h0_paired", "reinforce_paired"), ("rlr_h2_paired", "zeroth_order_paired"),
+                 ("rlr_h2_paired4", "rlr_h2_paired"), ("rlr_h2_paired", "full")):
+        if a in by and b in by:
+            lines.append(f"- {a} − {b}: final reward {g(_welch(fin[a], fin[b]))}, "
+                         f"mean reward over the budget {g(_welch(area[a], area[b]))} (Welch 95%).")
+    for base in ("zeroth_order", "rlr_h0", "rlr_h1", "rlr_h2", "rlr_h3"):
+        if base in gvar and f"{base}_paired" in gvar and gvar[f"{base}_paired"]["ZO"] > 0:
+            lines.append(f"- ZO variance per evaluation at the start, {base} unpaired / paired: "
+                         f"{gvar[base]['ZO'] / gvar[f'{base}_paired']['ZO']:.3g}x "
+                         f"({gvar[base]['ZO']:.3g} / {gvar[f'{base}_paired']['ZO']:.3g}).")
+    return lines
+
+
+def sweep_table(sweep: list, chosen: dict, lrs) -> list[str]:
+    """The learning-rate sweep: mean reward over the budget per method and rate."""
+    lines = ["## Learning-rate sweep", "",
+             f"One run per method and rate on the sweep seed; the rate with the highest mean reward over the budget "
+             "is used for every seed above.", "",
+             "| Method | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " | chosen |",
+             "|---|" + "---|" * (len(lrs) + 1)]
+    for m in chosen:
+        vals = [next(auc(r) for r in sweep if r["method"] == m and r["lr"] == lr) for lr in lrs]
+        lines.append(f"| {m} | " + " | ".join(f"{v:.3f}" for v in vals) + f" | {chosen[m]:g} |")
     return lines
 
 
@@ -125,26 +152,29 @@ def plot(results: list, setup, out: str, base_samples: torch.Tensor) -> None:
     import matplotlib.pyplot as plt
 
     cfg = setup.cfg
-    colours = plt.cm.tab10.colors
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    colours = plt.cm.tab20.colors
+    style = (lambda name: "--" if "_paired" in name else ":" if name.endswith("noZO") else "-")  # noqa: E731
+    fig, axes = plt.subplots(1, 3, figsize=(18, 5))
     for i, name in enumerate(cfg.methods):
         runs = [r for r in results if r["method"] == name]
-        for ax, key in zip(axes, ("reward", "heldout")):
-            xs = torch.tensor([[p["compute"] for p in r["curve"]] for r in runs], dtype=torch.float64).mean(0)
+        for ax, (x, key) in zip(axes, (("compute", "reward"), ("compute", "heldout"), ("seconds", "reward"))):
+            xs = torch.tensor([[p[x] for p in r["curve"]] for r in runs], dtype=torch.float64).mean(0)
             ys = torch.tensor([[p[key] for p in r["curve"]] for r in runs], dtype=torch.float64)
-            m = ys.mean(0)
-            ax.plot(xs, m, color=colours[i % 10], label=name, marker="o", ms=3)
+            ax.plot(xs, ys.mean(0), color=colours[i % 20], ls=style(name), label=name, marker="o", ms=3)
             if len(runs) > 1:
-                ax.fill_between(xs, ys.min(0).values, ys.max(0).values, color=colours[i % 10], alpha=0.12)
-    for ax, title in zip(axes, ("trained reward (classifier A)", "held-out reward (classifier B)")):
-        ax.set_xlabel("UNet evaluations (per sample, forward + backward)")
+                ax.fill_between(xs, ys.min(0).values, ys.max(0).values, color=colours[i % 20], alpha=0.08)
+    titles = ("trained reward (classifier A) vs compute", "held-out reward (classifier B) vs compute",
+              "trained reward vs wall time")
+    for ax, title in zip(axes, titles):
+        ax.set_xlabel("seconds (one run at a time per core, shared machine)" if "wall" in title
+                      else "UNet evaluations (per sample, forward + backward)")
         ax.set_ylabel("P(circle)")
         ax.set_title(title)
-        ax.axhline(setup.reference["data_reward" if "A" in title else "data_heldout"], color="k", ls=":", lw=1)
-    axes[0].legend(fontsize=7, ncol=2)
-    fig.suptitle("Reward vs compute: mean over seeds, band = min..max")
+        ax.axhline(setup.reference["data_heldout" if "B" in title else "data_reward"], color="k", ls=":", lw=1)
+    axes[0].legend(fontsize=6, ncol=2)
+    fig.suptitle("Reward vs compute and time: mean over seeds, band = min..max; dashed = paired")
     fig.tight_layout(rect=(0, 0, 1, 0.95))
-    fig.savefig(os.path.join(out, "finetune_reward_vs_compute.png"), dpi=120)
+    fig.savefig(os.path.join(out, "finetune_reward_vs_compute.png"), dpi=110)
     plt.close(fig)
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
@@ -155,9 +185,9 @@ def plot(results: list, setup, out: str, base_samples: torch.Tensor) -> None:
             runs = [r for r in results if r["method"] == name]
             rw = torch.tensor([[p["reward"] for p in r["curve"]] for r in runs]).mean(0)
             dv = torch.tensor([[p[key] for p in r["curve"]] for r in runs]).mean(0)
-            ax.plot(rw, dv, color=colours[i % 10], lw=1, alpha=0.6)
+            ax.plot(rw, dv, color=colours[i % 20], lw=1, alpha=0.6)
             ax.scatter([r["curve"][-1]["reward"] for r in runs], [r["curve"][-1][key] for r in runs],
-                       color=colours[i % 10], label=name, s=18)
+                       color=colours[i % 20], label=name, s=18)
         ax.axhline(setup.reference[f"data_{key}"], color="k", ls=":", lw=1, label="data")
         ax.set_xlabel("reward P(circle)")
         ax.set_ylabel(labels[key])

@@ -13,7 +13,7 @@ import time
 
 from tqdm.auto import tqdm
 
-from . import e1_unbiasedness, e2_variance, e3_truncation, e4_hstar, e5_convergence, e6_compute
+from . import e1_unbiasedness, e2_variance, e3_truncation, e4_hstar, e5_convergence, e6_compute, e7_pairing
 from .common import cli, setup
 
 
@@ -21,7 +21,7 @@ def main() -> None:
     args = cli("Run all halforder experiments (figures and tables into docs/results/).")
     setup()
     times = {}
-    bar = tqdm(total=6, desc="experiments")
+    bar = tqdm(total=7, desc="experiments")
     t0 = time.perf_counter()
 
     def step(name, fn, *a, **kw):
@@ -38,6 +38,7 @@ def main() -> None:
     step("e4_hstar", e4_hstar.run)
     step("e5_convergence", e5_convergence.run)
     step("e6_compute", e6_compute.run, measured=e2["measured"])
+    step("e7_pairing", e7_pairing.run)
     bar.close()
     times["total"] = round(time.perf_counter() - t0, 1)
     print("wall seconds:", json.dumps(times))

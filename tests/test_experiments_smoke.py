@@ -14,8 +14,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 STEMS = ["e1_unbiasedness", "e2_variance", "e2_prop62_cosine", "e3_truncation", "e4_hstar", "e4_variance_by_h",
-         "e5_convergence", "e6_compute"]
-FIGURES = ["e1_unbiasedness", "e2_variance", "e3_truncation", "e4_hstar", "e5_convergence", "e6_compute"]
+         "e5_convergence", "e6_compute", "e7_pairing", "e7_pairing_cosine"]
+FIGURES = ["e1_unbiasedness", "e2_variance", "e3_truncation", "e4_hstar", "e5_convergence", "e6_compute", "e7_pairing"]
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +50,11 @@ def test_quick_tables_are_consistent(quick_out):
     e3 = _rows(quick_out / "e3_truncation.csv")
     exact = [float(r["|bias| exact"]) for r in e3]
     assert exact[-1] == 0.0 and all(b < a for a, b in zip(exact, exact[1:]))
+    # e7: every plan with every pairing; G is the group size of the pairing
+    e7 = _rows(quick_out / "e7_pairing.csv")
+    sizes = {"none": 1, "param": 2, "ho": 2, "param+ho": 4}
+    assert len(e7) == 5 * len(sizes) and {r["pairing"] for r in e7} == set(sizes)
+    assert all(int(r["G"]) == sizes[r["pairing"]] for r in e7)
     # e4: the solver's h* is the largest affordable h and never exceeds it
     for r in _rows(quick_out / "e4_hstar.csv"):
         assert int(r["solver h*"]) == int(r["largest feasible h"])

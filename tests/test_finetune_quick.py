@@ -34,6 +34,10 @@ def test_quick_run_writes_every_output(tmp_path, monkeypatch):
     assert set(table) == set(cfg.methods)
     runs = summary["runs"]
     assert len(runs) == len(cfg.methods) * len(cfg.seeds)
+    # each method's rate was swept on its own seed, and the chosen one is used for every seed
+    assert len(summary["sweep"]) == len(cfg.methods) * len(cfg.lrs)
+    assert all(r["seed"] == cfg.sweep_seed for r in summary["sweep"])
+    assert all(r["lr"] == summary["chosen_lr"][r["method"]] for r in runs)
     for r in runs:
         used = r["forward"] + r["backward"]
         # every run spends the budget, overshooting by at most its last step
@@ -45,6 +49,10 @@ def test_quick_run_writes_every_output(tmp_path, monkeypatch):
     assert gv["zeroth_order"]["FO"] == 0 and gv["zeroth_order"]["HO"] == 0 and gv["zeroth_order"]["ZO"] > 0
     assert gv["reinforce"]["HO"] > 0 and gv["reinforce"]["FO"] == 0 and gv["reinforce"]["ZO"] == 0
     assert gv["full"]["HO"] == 0 and gv["full"]["ZO"] == 0
+    # mirrored parameter noise cancels most of the ZO variance; pairs mirror only what they say
+    assert gv["zeroth_order_paired"]["ZO"] < gv["zeroth_order"]["ZO"] / 10
+    assert gv["reinforce_paired"]["HO"] > 0 and gv["reinforce_paired"]["ZO"] == 0
+    assert {r["pairing"] for r in runs if r["method"].endswith("_paired")} <= {"param", "ho"}
     # only plans with backward passes store activations; ZO stores none
     assert table["zeroth_order"]["activation_mb"] == 0
     assert table["draft1"]["activation_mb"] > 0

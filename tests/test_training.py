@@ -99,7 +99,7 @@ def test_grad_accumulation_averages_micro_batches(tmp_path):
     from halforder.training.loop import TrainRNG, local_estimate
 
     task, plan = ToyTask(), Plan.rlr(4, 2, 2)
-    cfg = _cfg(tmp_path, batch_size=2, grad_accum=2)
+    cfg = _cfg(tmp_path, batch_size=2, grad_accum=2, pairing="none")
     est = local_estimate(task, plan, task.params, ["a", "b", "c"], cfg, TrainRNG.seeded(0))
     rng = TrainRNG.seeded(0)
     singles = []
@@ -111,6 +111,41 @@ def test_grad_accumulation_averages_micro_batches(tmp_path):
     for k in task.params:
         assert torch.allclose(est.grad[k], (singles[0].grad[k] + singles[1].grad[k]) / 2, rtol=1e-12, atol=0)
     assert torch.equal(est.reward, torch.cat([s.reward.float() for s in singles]))
+
+
+@pytest.mark.parametrize("pairing,plan,G", [("auto", Plan.rlr(4, 2, 2), 2), ("auto", Plan.full(4), 1),
+                                            ("param+ho", Plan.rlr(4, 2, 2), 4)])
+def test_pairing_draws_antithetic_groups_sharing_items_and_starts(tmp_path, pairing, plan, G):
+    """A micro-batch of batch_size samples holds batch_size / G groups; each group shares
+    its item (prompt) and start state; "auto" pairs plans with ZO steps only."""
+    from halforder.estimators import estimate, grouped
+    from halforder.training.loop import TrainRNG, local_estimate
+
+    task = ToyTask()
+    cfg = _cfg(tmp_path, batch_size=8, pairing=pairing)
+    seen = []
+    chain_of = task.chain
+    task.chain = lambda plan, prompts, generator=None: seen.append(list(prompts)) or chain_of(plan, prompts, generator)
+    est = local_estimate(task, plan, task.params, ["a", "b", "c"], cfg, TrainRNG.seeded(0))
+    assert len(seen[0]) == 8 and seen[0] == grouped(seen[0][::G], G)
+    rng = TrainRNG.seeded(0)
+    torch.randint(3, (8 // G,), generator=rng.data)
+    chain = chain_of(plan, seen[0], rng.noise)
+    x_T = grouped(chain.sample_start(8 // G, rng.noise), G)
+    ref = estimate(chain, plan, task.params, x_T, generator=rng.noise, baseline="loo",
+                   pairing="param" if pairing == "auto" and G == 2 else ("none" if G == 1 else pairing))
+    for k in task.params:
+        assert torch.equal(est.grad[k], ref.grad[k])
+
+
+def test_pairing_needs_batches_of_whole_groups(tmp_path):
+    from halforder.training.config import ConfigError
+
+    with pytest.raises(ConfigError, match="multiple of 4"):
+        _cfg(tmp_path, batch_size=6, pairing="param+ho")
+    with pytest.raises(ConfigError, match="at least 2 groups"):
+        _cfg(tmp_path, batch_size=2, pairing="param")
+    assert _cfg(tmp_path, batch_size=2, pairing="param", baseline="none").pairing == "param"
 
 
 def test_checkpoint_roundtrip_and_corruption(tmp_path):

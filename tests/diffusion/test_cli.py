@@ -127,7 +127,7 @@ def test_plan_that_does_not_fit_the_chain(tmp_path, capsys):
 # value need not work in a tiny run (e.g. task t2v, a hub model id), only pass TrainConfig.check.
 SETTINGS = dict(
     steps=7, lr=1e-3, adam_betas=[0.8, 0.99], adam_eps=1e-6, weight_decay=0.01, batch_size=3, grad_accum=3,
-    clip_norm=0.0, baseline="none", seed=5, output_dir=os.path.join("elsewhere", "run"), eval_every=7,
+    clip_norm=0.0, baseline="none", pairing="param", seed=5, output_dir=os.path.join("elsewhere", "run"), eval_every=7,
     checkpoint_every=7, keep_checkpoints=0, resume="latest", progress=False,
     task="t2v", model="some-org/some-model", revision="v1.0", scheduler="dpm", T=20, guidance_scale=3.0,
     negative_prompt="blurry, low quality", mixed_precision="bf16", gradient_checkpointing=True, batching="loop",
@@ -139,7 +139,8 @@ SETTINGS = dict(
     fps=28.0, gif_fps=4.0, preset="tiny",
 )
 # Settings that are only valid together with another one.
-NEEDS = dict(j=dict(j_sampling="fixed"), j_window=dict(j_sampling="window"), dcot_split=dict(dcot="dcot.yaml"))
+NEEDS = dict(j=dict(j_sampling="fixed"), j_window=dict(j_sampling="window"), dcot_split=dict(dcot="dcot.yaml"),
+             batch_size=dict(pairing="none"))
 FIELDS = [f.name for f in dataclasses.fields(TrainConfig)]
 
 

@@ -167,7 +167,7 @@ def test_dcot_honours_gradient_checkpointing():
     from halforder.diffusion.run import prepare
     from halforder.estimators import Checkpointed
 
-    cfg = TrainConfig(model="tiny", reward="brightness", T=6, guidance_scale=2.0, steps=2, batch_size=2, grad_accum=1,
+    cfg = TrainConfig(model="tiny", reward="brightness", T=6, guidance_scale=2.0, steps=2, batch_size=4, grad_accum=1,
                       lr=1e-2, lora_rank=2, lora_alpha=2.0, h=2, output_dir=None, progress=False, dcot=DATA,
                       gradient_checkpointing=True)
     prepared = prepare(cfg, "cpu")

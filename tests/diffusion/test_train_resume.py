@@ -26,7 +26,7 @@ class Interrupt(Exception):
 
 def _run(out, steps, resume=None, stop_at=None):
     cfg = TrainConfig(model="tiny", reward="brightness", T=4, estimator="rlr", h=1, j_sampling="softmax",
-                      guidance_scale=2.0, steps=steps, batch_size=2, grad_accum=2, lr=1e-2, lora_rank=2,
+                      guidance_scale=2.0, steps=steps, batch_size=4, grad_accum=2, lr=1e-2, lora_rank=2,
                       eval_every=0, checkpoint_every=1, keep_checkpoints=0, output_dir=str(out), resume=resume,
                       progress=False)
     task = build_task(cfg, build_components(cfg), build_reward(cfg))

@@ -303,7 +303,7 @@ def test_video_resume_is_exact(tmp_path):
         pass
 
     def run(out, resume=None, stop_at=None):
-        cfg = load_config(None, dict(task="t2v", model="tiny", reward="random_cnn", T=3, h=1, steps=2, batch_size=2,
+        cfg = load_config(None, dict(task="t2v", model="tiny", reward="random_cnn", T=3, h=1, steps=2, batch_size=4,
                                      grad_accum=1, lr=1e-2, lora_rank=2, eta_plan=1.0, zo_sigma=1e-2,
                                      guidance_scale=1.0, eval_every=0, checkpoint_every=1, keep_checkpoints=0,
                                      output_dir=str(out), resume=resume, progress=False, num_frames=3,

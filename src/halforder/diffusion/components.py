@@ -74,21 +74,32 @@ def load_components(model: str, *, dtype: torch.dtype = torch.float32, device: s
       OSError: the model could not be loaded (offline without a cached copy, a typo in the
         hub id, ...); the message says how to point at a local copy.
     """
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
+
+    return load_parts(model, UNet2DConditionModel, "the diffusion model", dtype=dtype, device=device,
+                      local_files_only=local_files_only, revision=revision, scheduler=scheduler).freeze()
+
+
+def load_parts(model: str, unet_cls, what: str, *, dtype: torch.dtype = torch.float32, device="cpu",
+               local_files_only: bool = False, revision: str | None = None, scheduler: str = "ddim") -> Components:
+    """The parts of a diffusers model (hub id or local directory), the UNet as ``unet_cls``
+    (None: no UNet, e.g. when it comes from elsewhere); not frozen. ``what`` names the
+    model in errors."""
+    from diffusers import AutoencoderKL
     from transformers import CLIPTextModel, CLIPTokenizer
 
     if looks_local(model):
-        model = local_dir(model, "model", _SUBFOLDERS)
+        model = local_dir(model, "model", _SUBFOLDERS if unet_cls is not None else _SUBFOLDERS[1:])
     kw = dict(local_files_only=local_files_only or offline(), revision=revision)
     try:
-        unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", torch_dtype=dtype, **kw)
+        unet = unet_cls.from_pretrained(model, subfolder="unet", torch_dtype=dtype, **kw) if unet_cls else None
         vae = AutoencoderKL.from_pretrained(model, subfolder="vae", torch_dtype=dtype, **kw)
         text_encoder = CLIPTextModel.from_pretrained(model, subfolder="text_encoder", dtype=dtype, **kw)
         tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer", **kw)
         sched = make_scheduler(scheduler, load_scheduler_config(model, kw))
     except (OSError, ValueError) as e:
-        raise load_error("the diffusion model", model, e) from e
-    return Components(unet.to(device), vae.to(device), text_encoder.to(device), tokenizer, sched).freeze()
+        raise load_error(what, model, e) from e
+    return Components(unet, vae, text_encoder, tokenizer, sched).to(device)
 
 
 def load_scheduler_config(model: str, kw: dict) -> dict:

@@ -28,12 +28,12 @@ TINY_MODEL = "tiny"
 
 PRESETS: dict[str, dict[str, Any]] = {
     # Offline, CPU, tiny random components: a smoke run of the whole pipeline in well under a minute.
-    "tiny": dict(model=TINY_MODEL, reward="brightness", T=6, guidance_scale=2.0, steps=6, batch_size=2,
+    "tiny": dict(model=TINY_MODEL, reward="brightness", T=6, guidance_scale=2.0, steps=6, batch_size=4,
                  grad_accum=1, lr=1e-2, lora_rank=2, lora_alpha=2.0, h=2, eval_every=3, checkpoint_every=3,
                  eval_num=4, output_dir=os.path.join("runs", "tiny")),
     # Offline, CPU, a tiny random UNet3D: text-to-video in well under a minute.
     "tiny-video": dict(task="t2v", model=TINY_MODEL, reward="brightness+0.5*temporal", T=4, guidance_scale=2.0,
-                       steps=4, batch_size=2, grad_accum=1, lr=1e-2, lora_rank=2, lora_alpha=2.0, h=2, eta_plan=1.0,
+                       steps=4, batch_size=4, grad_accum=1, lr=1e-2, lora_rank=2, lora_alpha=2.0, h=2, eta_plan=1.0,
                        zo_sigma=1e-2, eval_every=2, checkpoint_every=2, eval_num=2, num_frames=4, frames="ends",
                        gif_fps=4.0, output_dir=os.path.join("runs", "tiny-video")),
 }

@@ -118,10 +118,11 @@ class StepSplit:
         s = list(split)
         if len(s) != 3:
             raise ValueError(f"the DCoT split needs 3 values (coarse, mid, fine), got {s}")
-        if all(isinstance(v, int) and not isinstance(v, bool) for v in s):
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) and float(v).is_integer()
+               for v in s):  # step counts (a config may give them as floats: 17.0)
             if sum(s) != T:
                 raise ValueError(f"the DCoT split {s} covers {sum(s)} steps, but T = {T}")
-            return cls(*s)
+            return cls(*(int(v) for v in s))
         if any(not isinstance(v, (int, float)) or not v > 0 for v in s) or abs(sum(s) - 1) > 1e-9:
             raise ValueError(f"the DCoT split {s} must be 3 step counts summing to T={T} "
                              "or 3 positive fractions summing to 1")

@@ -7,7 +7,7 @@
 
 :mod:`.protocol` is the chain protocol, :mod:`.plan` the roles, :mod:`.engine` how each
 role's estimate is computed, :mod:`.samplers` which plan each training step uses,
-:mod:`.draws` many per-sample estimates, :mod:`.memory` the activation-memory meter,
+:mod:`.draws` many per-sample estimates, :mod:`.pairing` antithetic groups, :mod:`.memory` the activation-memory meter,
 :mod:`.gradient_checkpointing` per-step recomputation, :mod:`.theory` the paper's theory.
 """
 from .baselines import leave_one_out
@@ -15,11 +15,13 @@ from .draws import Samples, draw_estimates, flatten
 from .engine import Estimate, estimate
 from .gradient_checkpointing import Checkpointed
 from .memory import SavedTensorMeter
+from .pairing import PAIRINGS, Pairing, group_means, grouped, pairing_for
 from .plan import Plan, Role
 from .protocol import Chain, detach, latent, with_latent
 from .samplers import (DropZO, FixedPlan, PlanSampler, RandomTruncation, SoftmaxRLR, UniformRLR, WindowRLR,
                        make_sampler)
 
-__all__ = ["Chain", "Checkpointed", "DropZO", "Estimate", "FixedPlan", "Plan", "PlanSampler", "RandomTruncation",
-           "Role", "Samples", "SavedTensorMeter", "SoftmaxRLR", "UniformRLR", "WindowRLR", "detach", "draw_estimates",
-           "estimate", "flatten", "latent", "leave_one_out", "make_sampler", "with_latent"]
+__all__ = ["PAIRINGS", "Chain", "Checkpointed", "DropZO", "Estimate", "FixedPlan", "Pairing", "Plan", "PlanSampler",
+           "RandomTruncation", "Role", "Samples", "SavedTensorMeter", "SoftmaxRLR", "UniformRLR", "WindowRLR", "detach",
+           "draw_estimates", "estimate", "flatten", "group_means", "grouped", "latent", "leave_one_out", "make_sampler",
+           "pairing_for", "with_latent"]

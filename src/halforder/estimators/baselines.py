@@ -8,10 +8,18 @@ from __future__ import annotations
 import torch
 
 
-def leave_one_out(R: torch.Tensor) -> torch.Tensor:
-    """b_n = mean of R_m over m != n (the batch is i.i.d., so b_n is independent of
-    sample n's noise). Needs at least two samples."""
+def leave_one_out(R: torch.Tensor, group: int = 1) -> torch.Tensor:
+    """b_n = the mean of R over the samples outside n's group of ``group`` consecutive
+    samples (``group=1``: every m != n).
+
+    Groups are independent of each other, so b_n does not depend on sample n's noise;
+    the other members of n's group share that noise (antithetic pairing,
+    :mod:`~halforder.estimators.pairing`) and must be left out too. Needs two groups."""
     N = R.shape[0]
-    if N < 2:
-        raise ValueError("the leave-one-out baseline needs at least 2 samples in the batch")
-    return (R.sum(0, keepdim=True) - R) / (N - 1)
+    if N % group:
+        raise ValueError(f"{N} samples do not split into groups of {group}")
+    if N < 2 * group:
+        raise ValueError(f"the leave-one-out baseline needs at least 2 groups of {group} in the batch, got {N} "
+                         f"samples")
+    own = R.reshape(N // group, group).sum(1, keepdim=True).expand(N // group, group).reshape(N)
+    return (R.sum(0, keepdim=True) - own) / (N - group)

@@ -14,6 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .engine import estimate
+from .pairing import Pairing, group_means, grouped
 from .plan import Plan
 from .protocol import Chain
 
@@ -39,18 +40,24 @@ class Samples:
 
 
 def draw_estimates(chain: Chain, plan: Plan, params, n: int, *, generator: torch.Generator,
-                   chunk: int = 1 << 14, baseline=None, progress: bool = False) -> Samples:
-    """n per-sample estimates of ``plan`` on ``chain`` (x_T from ``chain.sample_start``).
+                   chunk: int = 1 << 14, baseline=None, pairing: str | Pairing | None = None,
+                   progress: bool = False) -> Samples:
+    """n i.i.d. per-sample estimates of ``plan`` on ``chain`` (x_T from ``chain.sample_start``).
 
-    With ``baseline="loo"`` the leave-one-out mean is taken within each chunk."""
+    With ``pairing`` (:mod:`~halforder.estimators.pairing`) each row is the mean of one
+    antithetic group of G samples sharing its start state, so n rows cost n * G chain
+    evaluations. With ``baseline="loo"`` the leave-one-out mean is taken within each chunk."""
+    pairing = Pairing.parse(pairing)
+    G = pairing.size
     dtype = next(iter(params.values())).dtype
     grads, parts, rewards = [], {"FO": [], "HO": [], "ZO": []}, []
     sizes = [min(chunk, n - i) for i in range(0, n, chunk)]
     for m in tqdm(sizes, desc=str(plan), disable=not progress, leave=False):
-        x_T = chain.sample_start(m, generator, dtype)
-        est = estimate(chain, plan, params, x_T, generator=generator, per_sample=True, baseline=baseline)
-        grads.append(flatten(est.grad, True))
+        x_T = grouped(chain.sample_start(m, generator, dtype), G)
+        est = estimate(chain, plan, params, x_T, generator=generator, per_sample=True, baseline=baseline,
+                       pairing=pairing)
+        grads.append(group_means(flatten(est.grad, True), G))
         for r in parts:
-            parts[r].append(flatten(est.parts[r], True))
-        rewards.append(est.reward)
+            parts[r].append(group_means(flatten(est.parts[r], True), G))
+        rewards.append(group_means(est.reward, G))
     return Samples(torch.cat(grads), {r: torch.cat(v) for r, v in parts.items()}, torch.cat(rewards))

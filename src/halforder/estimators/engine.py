@@ -13,6 +13,10 @@ carry a plus sign here; the paper's minus in eq. (6) multiplies grad_z log f(z) 
 The ZO surrogate's gradient is computed in closed form, R * eps'_t / tau_t, from a
 running sum of eps'_t / tau_t per sample: no per-step parameter noise is kept.
 
+With ``pairing``, samples come in antithetic groups of consecutive rows that share their
+noise except for a mirrored part (:mod:`~halforder.estimators.pairing`); every member's
+estimate is unbiased, and so is their mean.
+
 Memory follows ``Plan.cost()``: the rollout keeps only the FO prefix's graph; each HO
 block is recomputed from its stored input state (and its own h steps of noise) after
 the FO backward pass has freed that graph.
@@ -25,6 +29,7 @@ from typing import Mapping, Union
 import torch
 
 from .baselines import leave_one_out
+from .pairing import Pairing
 from .protocol import Chain, State, detach, latent, with_latent
 from .plan import Plan, Role
 
@@ -50,11 +55,11 @@ class Estimate:
 
 def estimate(chain: Chain, plan: Plan, params: Mapping[str, torch.Tensor], x_T: State, *,
              generator: torch.Generator | None = None, per_sample: bool = False,
-             baseline: Baseline = None) -> Estimate:
+             baseline: Baseline = None, pairing: str | Pairing | None = None) -> Estimate:
     """Estimate grad_theta E[R(x_0)] with ``plan`` over ``chain``, from the start states ``x_T``.
 
     Args:
-      chain: a :class:`~halforder.estimators.chain.Chain`.
+      chain: a :class:`~halforder.estimators.protocol.Chain`.
       plan: a :class:`~halforder.estimators.plan.Plan` with ``plan.T == chain.T``; its
         roles' needs are checked on the chain (``ValueError`` naming the step otherwise).
       params: name -> tensor, the parameters theta (their own shapes, no sample axis).
@@ -63,14 +68,27 @@ def estimate(chain: Chain, plan: Plan, params: Mapping[str, torch.Tensor], x_T: 
       per_sample: return ``[N, *shape]`` per-sample estimates instead of their mean.
       baseline: control variate b subtracted from R in the HO and ZO terms: None, a number,
         a tensor of shape [N] that does not depend on this batch's noise, or ``"loo"`` for
-        the leave-one-out mean over the batch. Each keeps the estimate unbiased.
+        the leave-one-out mean over the batch (over the other groups, with pairing). Each
+        keeps the estimate unbiased.
+      pairing: ``None``/``"none"`` (independent samples), ``"param"``, ``"ho"`` or
+        ``"param+ho"``: rows come in antithetic groups of G = 2 or 4 consecutive samples that
+        share every noise draw except the mirrored ones (see
+        :mod:`~halforder.estimators.pairing`). N must be a multiple of G; give the members
+        of a group the same start state (:func:`~halforder.estimators.pairing.grouped`)
+        for the variance reduction. ``per_sample`` rows are per member; the mean over a
+        group is one i.i.d. estimate. Memory and compute are those of N samples.
 
     Returns:
       An :class:`Estimate`.
     """
     plan.validate(chain)
+    pairing = Pairing.parse(pairing)
+    G = pairing.size
     x0_latent = latent(x_T)
     N = x0_latent.shape[0]
+    if N % G:
+        raise ValueError(f"pairing {pairing.name!r} draws groups of {G} samples, but x_T has {N} rows")
+    ends = {j for j, _ in plan.blocks}
     if per_sample:
         leaves = {k: v.detach().unsqueeze(0).repeat(N, *([1] * v.dim())).requires_grad_() for k, v in params.items()}
     else:
@@ -87,10 +105,12 @@ def estimate(chain: Chain, plan: Plan, params: Mapping[str, torch.Tensor], x_T: 
     x = x_T
     for t in range(plan.T, 0, -1):
         tau, sig = float(chain.tau(t)), float(chain.sigma(t))
-        dtheta = {k: torch.randn((N, *v.shape), generator=generator, dtype=v.dtype, device=v.device).mul_(tau)
+        dtheta = {k: pairing.expand(torch.randn((N // G, *v.shape), generator=generator, dtype=v.dtype,
+                                                device=v.device).mul_(tau), "param")
                   for k, v in params.items()} if tau > 0 else None
         lat = latent(x)
-        eps = torch.randn(lat.shape, generator=generator, dtype=lat.dtype, device=lat.device) if sig > 0 else None
+        eps = pairing.expand(torch.randn((N // G, *lat.shape[1:]), generator=generator, dtype=lat.dtype,
+                                         device=lat.device), "ho" if t in ends else "") if sig > 0 else None
         if t in block_start:
             stored[block_start[t]] = detach(x)
         if t in ho_steps:
@@ -115,7 +135,7 @@ def estimate(chain: Chain, plan: Plan, params: Mapping[str, torch.Tensor], x_T: 
     fo = dict(zeros)
     if K > 0:
         fo = _grad(R.sum(), leaves, reduce)
-    w = R.detach() - _baseline(R.detach(), baseline)
+    w = R.detach() - _baseline(R.detach(), baseline, G)
 
     ho = dict(zeros)
     for (j, h), x_in in stored.items():
@@ -154,13 +174,13 @@ def _grad(surrogate, leaves, reduce):
     return {k: reduce(torch.zeros_like(v) if g is None else g) for (k, v), g in zip(leaves.items(), gs)}
 
 
-def _baseline(R: torch.Tensor, baseline: Baseline) -> torch.Tensor:
+def _baseline(R: torch.Tensor, baseline: Baseline, group: int) -> torch.Tensor:
     if baseline is None:
         return torch.zeros_like(R)
     if isinstance(baseline, str):
         if baseline != "loo":
             raise ValueError(f"unknown baseline {baseline!r}; use None, a number, a tensor or 'loo'")
-        return leave_one_out(R)
+        return leave_one_out(R, group)
     b = torch.as_tensor(baseline, dtype=R.dtype, device=R.device)
     if b.dim() not in (0, 1) or (b.dim() == 1 and b.shape != R.shape):
         raise ValueError(f"a baseline tensor must be a scalar or have shape {tuple(R.shape)}")

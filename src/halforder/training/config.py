@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import typing
 from typing import Any, Mapping, Sequence
 
+from ..estimators.pairing import AUTO, PAIRINGS, Pairing
+
 
 def knob(default: Any, help: str, *, choices: Sequence[Any] | None = None, factory: bool = False) -> Any:
     """A dataclass field with its help text (and choices) in ``metadata``, as
@@ -52,6 +54,10 @@ class LoopConfig:
     clip_norm: float = knob(1.0, "clip the gradient's global norm to this value (0: no clipping)")
     baseline: str = knob("loo", "control variate of the likelihood-ratio terms: loo (leave-one-out batch mean, "
                                 "needs batch_size >= 2) or none", choices=("loo", "none"))
+    pairing: str = knob(AUTO, "antithetic groups of samples sharing their noise: none; param (pairs with mirrored "
+                               "parameter noise); ho (pairs with mirrored noise where HO blocks end); param+ho (groups "
+                               "of 4); auto (param for plans with ZO steps, none otherwise). batch_size counts "
+                               "samples, so compute stays the same", choices=(AUTO, *PAIRINGS))
     seed: int = knob(0, "seed of every random draw; process r draws its data and noise from seed + r")
     output_dir: str | None = knob(os.path.join("runs", "halforder"),
                                   "directory of metrics.jsonl, config.json, checkpoints and outputs "
@@ -86,7 +92,11 @@ class LoopConfig:
         need(self.lr > 0, f"lr must be > 0, got {self.lr}")
         need(len(self.adam_betas) == 2 and all(0 <= b < 1 for b in self.adam_betas),
              f"adam_betas must be two numbers in [0, 1), got {self.adam_betas!r}")
-        need(self.baseline != "loo" or self.batch_size >= 2, "the 'loo' baseline needs batch_size >= 2")
+        G = 2 if self.pairing == AUTO else Pairing.parse(self.pairing).size
+        need(self.batch_size % G == 0, f"pairing {self.pairing} draws groups of {G} samples: batch_size must be a "
+                                       f"multiple of {G}, got {self.batch_size} (pairing none draws single samples)")
+        need(self.baseline != "loo" or self.batch_size >= 2 * G,
+             f"the 'loo' baseline needs at least 2 groups: batch_size >= {2 * G} with pairing {self.pairing}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values (lists for tuples), as written to ``output_dir/config.json``."""

@@ -5,8 +5,8 @@ Each update:
     plan  = sampler.sample(state, plan_generator)          # fixed plan, or RLR with some j law
     for each micro-batch:                                    # gradient accumulation
         chain = task.chain(plan, batch, noise_generator)     # the plan sets the chain's noise scales
-        x_T   = chain.sample_start(n, noise_generator)
-        est   = estimate(chain, plan, params, x_T, generator=noise_generator, baseline=...)
+        x_T   = chain.sample_start(n, noise_generator)       # in antithetic groups with pairing
+        est   = estimate(chain, plan, params, x_T, generator=noise_generator, baseline=..., pairing=...)
     g = mean over micro-batches and processes of est.grad   # an estimate of grad E[R]
     if rewards and g are finite:  param.grad = -g;  clip;  AdamW step
     state = sampler.update(state, plan, averaged estimate)
@@ -34,7 +34,7 @@ from typing import Any, Callable, ContextManager, Mapping, Protocol, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from ..estimators import Estimate, Plan, estimate
+from ..estimators import Estimate, Plan, estimate, grouped, pairing_for
 from ..estimators.protocol import Chain
 from ..estimators.samplers import PlanSampler
 from .checkpoints import Checkpoint, CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
@@ -211,6 +211,7 @@ def train(task: Task, sampler: PlanSampler, batches: Sequence, cfg: LoopConfig, 
         rewards = acc.gather(est.reward) if acc.num_processes > 1 else est.reward
         est = _unflatten(vec, params, rewards)
         rec = {"step": step, "plan": str(plan), "j": plan.blocks[0][0] if len(plan.blocks) == 1 else None,
+               "pairing": pairing_for(cfg.pairing, plan).name,
                "reward_mean": _num(rewards.mean()), "reward_std": _num(rewards.std()) if len(rewards) > 1 else 0.0,
                "grad_norm": _norm(est.grad.values())}
         rec.update({f"grad_norm_{r}": _norm(est.parts[r].values()) for r in ROLES})
@@ -256,16 +257,20 @@ def train(task: Task, sampler: PlanSampler, batches: Sequence, cfg: LoopConfig, 
 # ----------------------------------------------------------------------------- one update
 def local_estimate(task: Task, plan: Plan, params, batches: Sequence, cfg: LoopConfig, rng: TrainRNG,
                    autocast=contextlib.nullcontext) -> Estimate:
-    """This process's estimate for one update: the mean over ``cfg.grad_accum`` micro-batches,
-    each ``cfg.batch_size`` items drawn with ``rng.data`` and noise from ``rng.noise``."""
+    """This process's estimate for one update: the mean over ``cfg.grad_accum`` micro-batches
+    of ``cfg.batch_size`` samples each, items drawn with ``rng.data`` and noise from
+    ``rng.noise``. With pairing (``cfg.pairing``) a micro-batch holds ``batch_size / G``
+    antithetic groups, the members of a group sharing their item and start state."""
     baseline = None if cfg.baseline == "none" else cfg.baseline
+    pairing = pairing_for(cfg.pairing, plan)
+    G = pairing.size
     ests = []
     for _ in range(cfg.grad_accum):
-        idx = torch.randint(len(batches), (cfg.batch_size,), generator=rng.data)
-        chain = task.chain(plan, [batches[i] for i in idx.tolist()], rng.noise)
-        x_T = chain.sample_start(cfg.batch_size, rng.noise)
+        idx = torch.randint(len(batches), (cfg.batch_size // G,), generator=rng.data)
+        chain = task.chain(plan, grouped([batches[i] for i in idx.tolist()], G), rng.noise)
+        x_T = grouped(chain.sample_start(cfg.batch_size // G, rng.noise), G)
         with autocast():
-            ests.append(estimate(chain, plan, params, x_T, generator=rng.noise, baseline=baseline))
+            ests.append(estimate(chain, plan, params, x_T, generator=rng.noise, baseline=baseline, pairing=pairing))
     mean = (lambda ds: {k: sum(d[k] for d in ds) / len(ds) for k in ds[0]})
     return Estimate(mean([e.grad for e in ests]), torch.cat([e.reward.float() for e in ests]),
                     {r: mean([e.parts[r] for e in ests]) for r in ROLES})

@@ -13,13 +13,12 @@ import dataclasses
 
 import torch
 
-from ..components import SD_SCHEDULER_CONFIG, Components, load_scheduler_config, make_scheduler, tiny_tokenizer
+from ..components import SD_SCHEDULER_CONFIG, Components, load_parts, make_scheduler, tiny_tokenizer
 from ..hub import load_error, local_dir, looks_local, offline
 from .fps_unet import fps_unet_class
 
 VIDEOCRAFTER2_UNET = "adamdad/videocrafterv2_diffusers"
 VIDEOCRAFTER2_BASE = "cerspense/zeroscope_v2_576w"
-_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 
 def tiny_video_components(seed: int = 0, *, scheduler: str = "ddim", latent_size: int = 8, text_length: int = 16,
@@ -57,25 +56,6 @@ def tiny_video_components(seed: int = 0, *, scheduler: str = "ddim", latent_size
     return Components(unet, vae, text_encoder, tokenizer, make_scheduler(scheduler, SD_SCHEDULER_CONFIG)).freeze()
 
 
-def _load_base(model, unet_cls, *, dtype, device, local_files_only, revision, scheduler):
-    """The parts of a diffusers model directory or hub id (no UNet when ``unet_cls`` is None)."""
-    from diffusers import AutoencoderKL
-    from transformers import CLIPTextModel, CLIPTokenizer
-
-    if looks_local(model):
-        model = local_dir(model, "model", _SUBFOLDERS if unet_cls is not None else _SUBFOLDERS[1:])
-    kw = dict(local_files_only=local_files_only or offline(), revision=revision)
-    try:
-        unet = unet_cls.from_pretrained(model, subfolder="unet", torch_dtype=dtype, **kw) if unet_cls else None
-        vae = AutoencoderKL.from_pretrained(model, subfolder="vae", torch_dtype=dtype, **kw)
-        text_encoder = CLIPTextModel.from_pretrained(model, subfolder="text_encoder", dtype=dtype, **kw)
-        tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer", **kw)
-        sched = make_scheduler(scheduler, load_scheduler_config(model, kw))
-    except (OSError, ValueError) as e:
-        raise load_error("the text-to-video model", model, e) from e
-    return Components(unet, vae, text_encoder, tokenizer, sched).to(device)
-
-
 def load_video_components(model: str, *, dtype: torch.dtype = torch.float32, device="cpu",
                           local_files_only: bool = False, revision: str | None = None,
                           scheduler: str = "ddim") -> Components:
@@ -88,8 +68,8 @@ def load_video_components(model: str, *, dtype: torch.dtype = torch.float32, dev
     at a local copy) when the model cannot be loaded."""
     from diffusers import UNet3DConditionModel
 
-    return _load_base(model, UNet3DConditionModel, dtype=dtype, device=device, local_files_only=local_files_only,
-                      revision=revision, scheduler=scheduler).freeze()
+    return load_parts(model, UNet3DConditionModel, "the text-to-video model", dtype=dtype, device=device,
+                      local_files_only=local_files_only, revision=revision, scheduler=scheduler).freeze()
 
 
 def load_videocrafter2(unet: str = VIDEOCRAFTER2_UNET, base: str = VIDEOCRAFTER2_BASE, *, fps: float = 24.0,
@@ -104,8 +84,8 @@ def load_videocrafter2(unet: str = VIDEOCRAFTER2_UNET, base: str = VIDEOCRAFTER2
 
     Raises ``ValueError`` if the UNet checkpoint has no fps-embedding weights (it is then not
     a VideoCrafter2 conversion: use :func:`load_video_components`)."""
-    parts = _load_base(base, None, dtype=dtype, device=device, local_files_only=local_files_only,
-                       revision=revision, scheduler=scheduler)
+    parts = load_parts(base, None, "the text-to-video model", dtype=dtype, device=device,
+                       local_files_only=local_files_only, revision=revision, scheduler=scheduler)
     if looks_local(unet):
         unet = local_dir(unet, "VideoCrafter2 UNet")
     kw = dict(local_files_only=local_files_only or offline(), torch_dtype=dtype, fps_cond=True, fps=float(fps))
