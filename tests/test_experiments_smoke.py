@@ -14,7 +14,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 STEMS = ["e1_unbiasedness", "e2_variance", "e2_prop62_cosine", "e3_truncation", "e4_hstar", "e4_variance_by_h",
-         "e5_convergence", "e6_compute", "e7_pairing", "e7_pairing_cosine"]
+         "e5_convergence", "e6_compute", "e7_pairing", "e7_pairing_cosine", "e7_pairing_tau"]
 FIGURES = ["e1_unbiasedness", "e2_variance", "e3_truncation", "e4_hstar", "e5_convergence", "e6_compute", "e7_pairing"]
 
 

@@ -87,7 +87,7 @@ def test_input_errors():
         theory.solve_h_star(10, 1.0, 2.0, B=0.5, B_h=1.0, B_z=0.1)
     with pytest.raises(ValueError, match="T >= 2"):
         theory.variance_surrogate(0, 1, 1.0, 2.0)
-    with pytest.raises(ValueError, match="h must be"):
+    with pytest.raises(ValueError, match="h=10 is too large"):
         theory.budget_cost(10, 10, 1.0, 0.1)
     with pytest.raises(ValueError, match="V_h < V_z"):
         theory.paper_h_star(10, 2.0, 1.0, 5.0, 1.0, 0.1)

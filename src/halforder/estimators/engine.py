@@ -110,7 +110,7 @@ def estimate(chain: Chain, plan: Plan, params: Mapping[str, torch.Tensor], x_T: 
                   for k, v in params.items()} if tau > 0 else None
         lat = latent(x)
         eps = pairing.expand(torch.randn((N // G, *lat.shape[1:]), generator=generator, dtype=lat.dtype,
-                                         device=lat.device), "ho" if t in ends else "") if sig > 0 else None
+                                         device=lat.device), "ho" if t in ends else "inherent") if sig > 0 else None
         if t in block_start:
             stored[block_start[t]] = detach(x)
         if t in ho_steps:

@@ -35,11 +35,15 @@ def _check_rlr_T(T: int) -> None:
         raise ValueError(f"RLR needs an integer T >= 2 (h ranges over 0..T-1), got T={T!r}")
 
 
+def _check_rlr(h: int, T: int) -> None:
+    """RLR(h) on T steps exists (its ranges are Plan.rlr's)."""
+    _check_rlr_T(T)
+    Plan.rlr(T, h, None if h == 0 else 2)
+
+
 def budget_cost(h: int, T: int, B_h: float, B_z: float) -> float:
     """Memory of RLR(h) in the model of eq. (7): B_h * h + B_z * (T - 1 - h)."""
-    _check_rlr_T(T)
-    if not 0 <= h <= T - 1:
-        raise ValueError(f"h must be in 0..T-1 = {T - 1}, got h={h}")
+    _check_rlr(h, T)
     if B_h < 0 or B_z < 0:
         raise ValueError(f"per-step costs must be >= 0, got B_h={B_h}, B_z={B_z}")
     return B_h * h + B_z * (T - 1 - h)
@@ -60,9 +64,7 @@ def variance_surrogate(h: int, T: int, V_h: float, V_z: float, ordered_pairs: bo
     ``ordered_pairs=True`` reads the 2 sum_{t != t'} of (7) literally over ordered pairs,
     which double-counts: 2 (sum_t s_t)^2 - sum_t s_t^2.
     """
-    _check_rlr_T(T)
-    if not 0 <= h <= T - 1:
-        raise ValueError(f"h must be in 0..T-1 = {T - 1}, got h={h}")
+    _check_rlr(h, T)
     if V_h < 0 or V_z < 0:
         raise ValueError(f"V_h and V_z are standard deviations, must be >= 0 (got {V_h}, {V_z})")
     n_h, n_z = h + 1, T - 1 - h
