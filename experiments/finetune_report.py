@@ -134,7 +134,7 @@ def claims(runs: list, methods_run, reference: dict, gvar: dict) -> list[str]:
 def sweep_table(sweep: list, chosen: dict, lrs) -> list[str]:
     """The learning-rate sweep: mean reward over the budget per method and rate."""
     lines = ["## Learning-rate sweep", "",
-             f"One run per method and rate on the sweep seed; the rate with the highest mean reward over the budget "
+             "One run per method and rate on the sweep seed; the rate with the highest mean reward over the budget "
              "is used for every seed above.", "",
              "| Method | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " | chosen |",
              "|---|" + "---|" * (len(lrs) + 1)]

@@ -14,7 +14,6 @@ written, so a bad input ends with a clear message (exit status 2) and no half-wr
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from typing import Any
@@ -83,11 +82,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"trained {result.step} updates ({cfg.estimator}, model {cfg.model}); last reward mean "
               f"{'n/a' if reward is None else f'{reward:.4g}'}; outputs in {cfg.output_dir}")
     return 0
-
-
-def config_fields() -> list[str]:
-    """The names of every setting (the flags are ``--name`` and ``--name-with-hyphens``)."""
-    return [f.name for f in dataclasses.fields(TrainConfig)]
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ an uninterrupted one. Processes average through ``accelerate``.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import resource
@@ -354,8 +355,6 @@ def _restore(ck: Checkpoint, params, opt, gens, sstate, acc):
 # ----------------------------------------------------------------------------- outputs
 def _truncate_metrics(path: str, step: int) -> None:
     """Keep the records of updates <= ``step`` (those after the checkpoint are redone)."""
-    import json
-
     if not os.path.exists(path):
         return
     with open(path, encoding="utf-8") as f:
