@@ -9,15 +9,13 @@ another seed (:func:`pretrained_classifier` with ``seed=1``) measures that.
 """
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
 import os
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from .cache import cached_module, config_key
 from .data import SHAPES, sample_shapes
 
 
@@ -45,7 +43,7 @@ class ClassifierConfig:
 
     def key(self) -> str:
         """A short hash of the configuration (the cache key)."""
-        return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+        return config_key(self)
 
 
 class ShapeClassifier(nn.Module):
@@ -85,18 +83,8 @@ def train_classifier(config: ClassifierConfig) -> ShapeClassifier:
 def pretrained_classifier(config: ClassifierConfig, cache_dir: str | os.PathLike) -> ShapeClassifier:
     """The classifier for ``config``: loaded from ``cache_dir/classifier-<key>.safetensors``
     if present, otherwise trained and stored there. Its parameters are frozen."""
-    from safetensors.torch import load_file, save_file
-
-    path = os.path.join(os.fspath(cache_dir), f"classifier-{config.key()}.safetensors")
-    if os.path.exists(path):
-        model = ShapeClassifier(config.width)
-        model.load_state_dict(load_file(path))
-    else:
-        model = train_classifier(config)
-        os.makedirs(os.fspath(cache_dir), exist_ok=True)
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path,
-                  metadata={"config": json.dumps(dataclasses.asdict(config), sort_keys=True)})
-    return model.eval().requires_grad_(False)
+    return cached_module("classifier", config, cache_dir, lambda: ShapeClassifier(config.width),
+                         lambda: train_classifier(config))
 
 
 @dataclass(frozen=True, eq=False)

@@ -8,14 +8,12 @@ of the configuration, so later runs load the same weights.
 """
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
 import os
 from dataclasses import dataclass
 
 import torch
 
+from .cache import cached_module, config_key
 from .data import sample_shapes
 
 
@@ -47,8 +45,7 @@ class PretrainConfig:
 
     def key(self) -> str:
         """A short hash of the configuration (the cache key)."""
-        text = json.dumps(dataclasses.asdict(self), sort_keys=True)
-        return hashlib.sha256(text.encode()).hexdigest()[:12]
+        return config_key(self)
 
 
 def build_unet(config: PretrainConfig):
@@ -115,15 +112,4 @@ def train_unet(config: PretrainConfig, progress: bool = True):
 def pretrained_unet(config: PretrainConfig, cache_dir: str | os.PathLike, progress: bool = True):
     """The EMA UNet for ``config``: loaded from ``cache_dir/unet-<key>.safetensors`` if
     present, otherwise trained and stored there. Its parameters are frozen."""
-    from safetensors.torch import load_file, save_file
-
-    path = os.path.join(os.fspath(cache_dir), f"unet-{config.key()}.safetensors")
-    if os.path.exists(path):
-        unet = build_unet(config)
-        unet.load_state_dict(load_file(path))
-    else:
-        unet = train_unet(config, progress)
-        os.makedirs(os.fspath(cache_dir), exist_ok=True)
-        state = {k: v.contiguous() for k, v in unet.state_dict().items()}
-        save_file(state, path, metadata={"config": json.dumps(dataclasses.asdict(config), sort_keys=True)})
-    return unet.eval().requires_grad_(False)
+    return cached_module("unet", config, cache_dir, lambda: build_unet(config), lambda: train_unet(config, progress))
