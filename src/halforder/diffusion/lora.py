@@ -1,33 +1,51 @@
 """LoRA adapters on a diffusers UNet through peft: the trainable parameters theta.
 
-``add_lora`` freezes the UNet and adds an adapter (``unet.add_adapter(LoraConfig(...))``);
-``lora_params`` returns exactly the adapter weights by name, the ``params`` dict the
-estimators differentiate and perturb; ``save_lora`` writes them in the layout that
-``StableDiffusionPipeline.load_lora_weights(directory)`` reads
-(``pytorch_lora_weights.safetensors``, with the adapter's rank and alpha as metadata).
+``add_lora`` freezes the UNet and adds an adapter (``unet.add_adapter(LoraConfig(...))``)
+whose weights are float32 whatever the base's dtype; ``lora_params`` returns exactly the
+adapter weights by name, the ``params`` dict the estimators differentiate and perturb;
+``layer_names`` lists every module of given types (e.g. every linear layer and conv, the
+paper's recipe) as exact target names.
+
+Loading a trained LoRA. ``save_lora(unet, directory)`` writes
+``directory/pytorch_lora_weights.safetensors``: the adapter weights under peft's own names
+(``unet.<module path>.lora_A.weight`` / ``lora_B.weight``, for every adapted module: attention,
+``proj_in``/``proj_out``, feed-forward, convs, any linear layer) and the adapter's
+``LoraConfig`` (rank, alpha, target modules) as metadata. For an image UNet,
+``StableDiffusionPipeline.load_lora_weights(directory)`` loads it exactly. For any UNet,
+``UNet3DConditionModel`` included (whose ``TextToVideoSDPipeline`` cannot load LoRA),
+``load_lora(unet, directory)`` restores the adapter into a UNet built from the same base
+weights and returns its parameters, as ``add_lora`` does (e.g. to sample or to go on training).
 """
 from __future__ import annotations
 
+import json
 import os
 from typing import Mapping, Sequence
 
 import torch
 
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+LORA_FILE = "pytorch_lora_weights.safetensors"
+_PREFIX = "unet."  # the prefix StableDiffusionPipeline.save_lora_weights gives the UNet's keys
 
 
 def add_lora(unet: torch.nn.Module, rank: int = 4, alpha: float | None = None,
              target_modules: Sequence[str] = DEFAULT_TARGETS, init: str | bool = True,
              adapter_name: str = "default", seed: int | None = None) -> dict[str, torch.nn.Parameter]:
-    """Freeze ``unet`` and add a LoRA adapter; returns :func:`lora_params`.
+    """Freeze ``unet`` and add a LoRA adapter with float32 weights; returns :func:`lora_params`.
 
     Uses ``unet.add_adapter`` (diffusers' peft integration) where the model has it, and
-    ``peft.inject_adapter_in_model`` otherwise.
+    ``peft.inject_adapter_in_model`` otherwise. peft creates the adapter in the dtype of the
+    layer it adapts; its weights are then cast to float32 (diffusers' ``cast_training_params``),
+    so a bf16 or fp16 base trains float32 LoRA weights (peft casts each layer's input to the
+    adapter's dtype and its output back to the base's).
 
     Args:
       rank, alpha: LoRA rank k and scale alpha (the update is (alpha / k) B A; alpha = k if None).
-      target_modules: module names to adapt (the attention projections by default;
-        the paper adapts every linear layer of the backbone with k = 16).
+      target_modules: module names to adapt (the attention projections by default); a name
+        matches a module whose path equals it or ends with ``.name``. For every linear layer
+        and conv (the paper adapts every linear layer of the backbone, with k = 16) pass
+        :func:`layer_names`, which gives exact paths.
       init: peft's ``init_lora_weights``: True (B = 0, so the adapted UNet starts equal to
         the base one), ``"gaussian"``, or False (random B, for tests).
       seed: seeds peft's random initialisation in a forked RNG, so the global torch RNG is
@@ -37,9 +55,15 @@ def add_lora(unet: torch.nn.Module, rank: int = 4, alpha: float | None = None,
 
     if rank < 1:
         raise ValueError(f"LoRA rank must be >= 1, got {rank}")
-    unet.requires_grad_(False)
     config = LoraConfig(r=rank, lora_alpha=float(rank if alpha is None else alpha),
                         target_modules=list(target_modules), init_lora_weights=init)
+    return _inject(unet, config, adapter_name, seed)
+
+
+def _inject(unet: torch.nn.Module, config, adapter_name: str, seed: int | None = None):
+    from diffusers.training_utils import cast_training_params
+
+    unet.requires_grad_(False)
     with torch.random.fork_rng(devices=[], enabled=seed is not None):
         if seed is not None:
             torch.manual_seed(seed)
@@ -48,10 +72,18 @@ def add_lora(unet: torch.nn.Module, rank: int = 4, alpha: float | None = None,
         else:  # diffusers models without the peft mixin (e.g. UNet3DConditionModel)
             from peft import inject_adapter_in_model
             inject_adapter_in_model(config, unet, adapter_name=adapter_name)
-    params = lora_params(unet)
-    if not params:
-        raise ValueError(f"no module of the UNet matches target_modules={list(target_modules)}")
-    return params
+    if not lora_params(unet):
+        raise ValueError(f"no module of the UNet matches target_modules={sorted(config.target_modules)}")
+    cast_training_params(unet, dtype=torch.float32)  # only the adapter requires grad
+    return lora_params(unet)
+
+
+def layer_names(unet: torch.nn.Module, types: Sequence[type] = (torch.nn.Linear, torch.nn.Conv2d)) -> list[str]:
+    """The paths of every module of ``unet`` that is an instance of ``types``, as ``target_modules``
+    (exact: a short name such as ``conv1`` also matches the UNet3D's ``temp_convs.*.conv1``
+    blocks, which peft cannot adapt). ``(torch.nn.Linear,)`` gives every linear layer; add
+    ``torch.nn.Conv3d`` for the UNet3D's temporal convolutions."""
+    return [n for n, m in unet.named_modules() if n and isinstance(m, tuple(types))]
 
 
 def lora_params(unet: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
@@ -71,17 +103,54 @@ def set_lora(unet: torch.nn.Module, values: Mapping[str, torch.Tensor]) -> None:
 
 
 def save_lora(unet: torch.nn.Module, directory: str | os.PathLike, adapter_name: str = "default") -> str:
-    """Save the adapter so that ``StableDiffusionPipeline.load_lora_weights(directory)``
-    loads it; returns the path of the safetensors file."""
+    """Save the adapter so that ``StableDiffusionPipeline.load_lora_weights(directory)`` (image
+    UNets) and :func:`load_lora` (any UNet) load it exactly; returns the path of the file.
+
+    The keys are peft's (``unet.<module path>.lora_A.weight``), unconverted: diffusers' loader
+    picks the key format from the first key, so a file whose attention keys alone were renamed
+    to diffusers' format would load only part of the adapter for other targets, silently."""
     from diffusers import StableDiffusionPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
     if not lora_params(unet):
         raise ValueError("the UNet has no LoRA adapter to save")
     state = get_peft_model_state_dict(unet, adapter_name=adapter_name)
-    state = {k: v.detach().cpu().contiguous() for k, v in convert_state_dict_to_diffusers(state).items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     metadata = unet.peft_config[adapter_name].to_dict()
     StableDiffusionPipeline.save_lora_weights(directory, unet_lora_layers=state, safe_serialization=True,
                                               unet_lora_adapter_metadata=metadata)
-    return os.path.join(os.fspath(directory), "pytorch_lora_weights.safetensors")
+    return os.path.join(os.fspath(directory), LORA_FILE)
+
+
+def load_lora(unet: torch.nn.Module, path: str | os.PathLike,
+              adapter_name: str = "default") -> dict[str, torch.nn.Parameter]:
+    """Restore the adapter that :func:`save_lora` wrote (``path``: its directory or file) into
+    ``unet``, a UNet built from the same base weights (2D, UNet3D or FPSUNet3D); returns
+    :func:`lora_params`, float32 and trainable, as :func:`add_lora` does.
+
+    Files written before ``save_lora`` kept peft's key names (attention keys in diffusers'
+    format) load too. Raises ``FileNotFoundError`` without the file and ``ValueError`` when
+    it has no adapter config or its weights do not match the adapter it describes."""
+    from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
+    from diffusers.utils import convert_unet_state_dict_to_peft
+    from peft import LoraConfig, set_peft_model_state_dict
+    from safetensors import safe_open
+
+    path = os.fspath(path)
+    file = os.path.join(path, LORA_FILE) if os.path.isdir(path) else path
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"no LoRA file at {file}")
+    with safe_open(file, framework="pt") as f:
+        meta = json.loads((f.metadata() or {}).get(LORA_ADAPTER_METADATA_KEY, "{}"))
+        state = {k.removeprefix(_PREFIX): f.get_tensor(k) for k in f.keys() if k.startswith(_PREFIX)}
+    config = {k.removeprefix(_PREFIX): v for k, v in meta.items() if k.startswith(_PREFIX)}
+    if not config or not state:
+        raise ValueError(f"{file} holds no UNet LoRA adapter with its config (was it written by save_lora?)")
+    params = _inject(unet, LoraConfig(**config), adapter_name)
+    ours = {n for n in params if f".{adapter_name}." in n}
+    result = set_peft_model_state_dict(unet, convert_unet_state_dict_to_peft(state), adapter_name=adapter_name)
+    missing = [k for k in result.missing_keys if k in ours]
+    if result.unexpected_keys or missing or len(state) != len(ours):
+        raise ValueError(f"{file} does not match its adapter: {len(state)} tensors for {len(ours)} LoRA "
+                         f"weights; unexpected {result.unexpected_keys[:3]}, missing {missing[:3]}")
+    return params
