@@ -18,6 +18,7 @@ Linear, Conv2d, Conv3d = torch.nn.Linear, torch.nn.Conv2d, torch.nn.Conv3d
 TARGETS_2D = {
     "attention": DEFAULT_TARGETS,
     "proj_in/out": ("proj_in", "proj_out"),
+    "attention and proj_in/out": DEFAULT_TARGETS + ("proj_in", "proj_out"),
     "feed-forward": ("ff.net.0.proj", "ff.net.2"),
     "convs": ("conv_in", "conv1", "conv2", "conv_shortcut", "conv", "conv_out"),
     "every linear": lambda unet: layer_names(unet, (Linear,)),
