@@ -28,3 +28,18 @@ def tiny():
 def tiny_dpm():
     """Fresh tiny SD components with DPM-Solver++(2M) SDE (seed 0)."""
     return tiny_components(0, scheduler="dpm")
+
+
+@pytest.fixture
+def sd_pipeline():
+    """A function from components to a ``StableDiffusionPipeline`` over them (no safety
+    checker, no progress bar)."""
+    import diffusers
+
+    def make(c):
+        pipe = diffusers.StableDiffusionPipeline(vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer,
+                                                 unet=c.unet, scheduler=c.scheduler, safety_checker=None,
+                                                 feature_extractor=None, requires_safety_checker=False)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+    return make

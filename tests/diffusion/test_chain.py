@@ -12,14 +12,6 @@ diffusers = pytest.importorskip("diffusers")
 BRIGHT = make_reward("brightness")
 
 
-def _pipeline(c):
-    pipe = diffusers.StableDiffusionPipeline(vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer,
-                                             unet=c.unet, scheduler=c.scheduler, safety_checker=None,
-                                             feature_extractor=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 def _scheduler(c, T, **kw):
     s = type(c.scheduler).from_config(c.scheduler.config, **kw)
     s.set_timesteps(T)
@@ -47,10 +39,10 @@ def test_ddim_step_matches_scheduler(tiny, prediction_type):
         x = ref
 
 
-def test_ddim_rollout_matches_pipeline(tiny):
+def test_ddim_rollout_matches_pipeline(tiny, sd_pipeline):
     T = 5
     prompts = ["a red cat", "a blue dog"]
-    pipe = _pipeline(tiny)
+    pipe = sd_pipeline(tiny)
     pe, ne = pipe.encode_prompt(prompts, "cpu", 1, True, [""] * 2)
     torch.testing.assert_close(encode_prompts(tiny, prompts), pe, rtol=0, atol=0)
     x_T = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
@@ -87,11 +79,11 @@ def test_dpm_steps_match_scheduler(tiny_dpm, T, karras):
         x, state = ref, (ref, mean[1])
 
 
-def test_dpm_sde_rollout_matches_pipeline(tiny_dpm):
+def test_dpm_sde_rollout_matches_pipeline(tiny_dpm, sd_pipeline):
     """With eta = 1 everywhere the chain is the pipeline's SDE-DPM-Solver++(2M) sampler;
     the pipeline draws the step noise from its generator in generation order."""
     T, prompts = 5, ["a red cat", "a blue dog"]
-    pipe = _pipeline(tiny_dpm)
+    pipe = sd_pipeline(tiny_dpm)
     pe, ne = pipe.encode_prompt(prompts, "cpu", 1, True, [""] * 2)
     x_T = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     ref = pipe(prompt_embeds=pe, negative_prompt_embeds=ne, latents=x_T, num_inference_steps=T, guidance_scale=4.0,

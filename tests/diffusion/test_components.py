@@ -20,12 +20,10 @@ def test_tiny_components_are_seeded_and_frozen():
         tiny_components(0, scheduler="euler")
 
 
-def test_load_components_from_a_local_copy(tmp_path, monkeypatch):
+def test_load_components_from_a_local_copy(tmp_path, monkeypatch, sd_pipeline):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     tiny = tiny_components(0)
-    pipe = diffusers.StableDiffusionPipeline(vae=tiny.vae, text_encoder=tiny.text_encoder, tokenizer=tiny.tokenizer,
-                                             unet=tiny.unet, scheduler=tiny.scheduler, safety_checker=None,
-                                             feature_extractor=None, requires_safety_checker=False)
+    pipe = sd_pipeline(tiny)
     pipe.save_pretrained(tmp_path / "sd")
     for kind in ("ddim", "dpm"):
         c = load_components(str(tmp_path / "sd"), local_files_only=True, scheduler=kind)

@@ -41,14 +41,6 @@ def unet_out(unet, x, ctx):
         return unet(x, 10, encoder_hidden_states=ctx).sample
 
 
-def sd_pipeline(parts):
-    pipe = diffusers.StableDiffusionPipeline(vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer,
-                                             unet=parts.unet, scheduler=parts.scheduler, safety_checker=None,
-                                             feature_extractor=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 def test_only_adapter_weights_are_trainable(tiny):
     params = add_lora(tiny.unet, rank=2, seed=0)
     trainable = {n for n, p in tiny.unet.named_parameters() if p.requires_grad}
@@ -63,7 +55,7 @@ def test_only_adapter_weights_are_trainable(tiny):
         add_lora(tiny_components(0).unet, target_modules=["no_such_layer"])
 
 
-def test_saved_adapter_loads_in_stable_diffusion_pipeline(tiny, tmp_path):
+def test_saved_adapter_loads_in_stable_diffusion_pipeline(tiny, tmp_path, sd_pipeline):
     """save_lora -> StableDiffusionPipeline.load_lora_weights(dir): the pipeline's UNet
     equals the in-memory adapted UNet, and its samples follow the adapter."""
     params = add_lora(tiny.unet, rank=2, alpha=3.0, seed=0)  # alpha != rank: the scale must travel too
@@ -91,7 +83,7 @@ def test_saved_adapter_loads_in_stable_diffusion_pipeline(tiny, tmp_path):
 
 
 @pytest.mark.parametrize("targets", TARGETS_2D.values(), ids=TARGETS_2D.keys())
-def test_any_targets_load_exactly(tiny, tmp_path, targets):
+def test_any_targets_load_exactly(tiny, tmp_path, targets, sd_pipeline):
     """For every target set, the saved file loads into a UNet built from the same base weights,
     through StableDiffusionPipeline.load_lora_weights and through load_lora, as the same
     number of LoRA tensors, and the UNet's output equals the trained one's."""
