@@ -47,10 +47,12 @@ class Components:
         """The networks that are present (UNet, VAE, text encoder)."""
         return [m for m in (self.unet, self.vae, self.text_encoder) if m is not None]
 
-    def to(self, device) -> "Components":
-        """Move every network to ``device``; returns self."""
+    def to(self, device=None, dtype: torch.dtype | None = None) -> "Components":
+        """Move every network to ``device`` and cast it to ``dtype``; returns self. For
+        models built from configs: a checkpoint's modules that must stay float32 are
+        kept so only by ``from_pretrained(torch_dtype=...)`` (:func:`load_components`)."""
         for m in self.modules():
-            m.to(device)
+            torch.nn.Module.to(m, device, dtype)   # diffusers' own .to warns about those modules
         return self
 
 

@@ -15,6 +15,8 @@ import os
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+import torch
+
 from ..estimators.samplers import FAMILIES, J_SAMPLING, PlanSampler, make_sampler
 from ..training.config import ConfigError, LoopConfig, from_mapping, knob, need, read_mapping_file
 from .denoiser import BATCHING
@@ -25,6 +27,8 @@ from .video.frames import FRAME_MODES, parse_frames
 from .video.rewards import VIDEO_REWARDS
 
 TINY_MODEL = "tiny"
+PRECISIONS = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+COMPILE_MODES = ("no", "default", "reduce-overhead", "max-autotune")
 
 PRESETS: dict[str, dict[str, Any]] = {
     # Offline, CPU, tiny random components: a smoke run of the whole pipeline in well under a minute.
@@ -62,10 +66,15 @@ class TrainConfig(LoopConfig):
     T: int = knob(50, "sampler steps of the chain (the paper: 50 DDIM steps for images, 25 for video)")
     guidance_scale: float = knob(7.5, "classifier-free guidance weight (1: no guidance)")
     negative_prompt: str = knob("", "the prompt of the unconditional branch of classifier-free guidance")
-    mixed_precision: str = knob("no", "no, bf16 or fp16, passed to accelerate (autocast where the device allows it)",
-                                choices=("no", "bf16", "fp16"))
+    mixed_precision: str = knob("no", "precision of the frozen model (UNet, VAE, text encoder): no (float32), bf16 or "
+                                      "fp16 (half the weights' memory; fp16 needs a GPU). The LoRA weights and every "
+                                      "estimator sum stay float32; no autocast", choices=tuple(PRECISIONS))
     gradient_checkpointing: bool = knob(False, "recompute each step's graph in backward: memory of the first-order "
                                                "steps stops growing with their number; time roughly doubles")
+    checkpoint_decode: bool = knob(False, "recompute the VAE decoder's blocks in backward: the reward's decode graph, "
+                                          "the largest one at SD scale, is kept one block at a time")
+    compile: str = knob("no", "torch.compile the UNet: no, default, reduce-overhead or max-autotune (mode of "
+                              "torch.compile; the first steps are slow while it compiles)", choices=COMPILE_MODES)
     batching: str = knob("vmap", "how per-sample parameters are applied to the UNet: vmap, or loop (slower; for "
                                  "modules vmap cannot trace)", choices=BATCHING)
 

@@ -8,18 +8,50 @@ unconditional) and ``UNet3DConditionModel`` (latents [N,C,F,H,W]). ``params`` ar
 trainable tensors (the LoRA weights) by name, given to ``torch.func.functional_call``; a
 value with a leading sample axis (parameter noise, per-sample gradients) gives every
 sample its own copy.
+
+Precision: the network may hold its frozen weights in bfloat16 or float16 while the
+trainable ``params`` stay float32. The denoiser casts its inputs (state and text
+conditioning) to the network's dtype and its output back to the state's dtype, so the
+chain's states, noise and every estimator sum stay float32 and nothing relies on autocast.
+
+Per-sample parameters under ``vmap`` on CUDA: the fused attention kernels
+(memory-efficient, flash, cuDNN) fail in vmap's backward, so the calls run with PyTorch's
+math attention there (:func:`vmap_attention_backends`); the math kernel keeps the attention
+matrix, so ``batching="loop"`` is the lighter choice when that matrix is large.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
+import contextlib
+import functools
+
 import torch
 from torch.func import functional_call, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 Params = Mapping[str, torch.Tensor]
 Denoiser = Callable[[torch.Tensor, int, Params], torch.Tensor]
 BATCHING = ("vmap", "loop")
+
+
+def vmap_attention_backends(device_type: str) -> list[SDPBackend] | None:
+    """The attention kernels that ``torch.func.vmap`` may use on ``device_type`` with
+    gradients: on CUDA only the math kernel (the fused kernels' backward fails under vmap);
+    None (no restriction) elsewhere."""
+    return [SDPBackend.MATH] if device_type == "cuda" else None
+
+
+def _attention(device_type: str):
+    backends = vmap_attention_backends(device_type)
+    return contextlib.nullcontext() if backends is None else sdpa_kernel(backends)
+
+
+def module_dtype(module: torch.nn.Module) -> torch.dtype:
+    """The dtype of a network's frozen weights (trainable adapters may be float32)."""
+    frozen = [p.dtype for p in module.parameters() if not p.requires_grad and p.is_floating_point()]
+    return frozen[0] if frozen else next(module.parameters()).dtype
 
 
 @dataclass(frozen=True, eq=False)
@@ -40,6 +72,9 @@ class ModuleDenoiser:
       batching: how params with a leading sample axis (one copy per sample) are applied:
         ``"vmap"`` (``torch.func.vmap`` over samples, only the params batched) or ``"loop"``
         (one call per sample; slower, for modules that vmap cannot trace).
+      compile: None (eager), or a ``torch.compile`` mode (``"default"``,
+        ``"reduce-overhead"``, ``"max-autotune"``) for the network's call together with
+        the functional call, vmap and guidance.
     """
 
     module: torch.nn.Module
@@ -48,12 +83,15 @@ class ModuleDenoiser:
     negative_context: torch.Tensor | None = None
     guidance_scale: float = 1.0
     batching: str = "vmap"
+    compile: str | None = None
     _shapes: dict = field(init=False, repr=False)
+    _dtype: torch.dtype = field(init=False, repr=False)
 
     def __post_init__(self):
         if self.batching not in BATCHING:
             raise ValueError(f"batching must be 'vmap' or 'loop', got {self.batching!r}")
         object.__setattr__(self, "_shapes", {k: v.shape for k, v in self.module.named_parameters()})
+        object.__setattr__(self, "_dtype", module_dtype(self.module))
 
     @property
     def cfg(self) -> bool:
@@ -63,24 +101,14 @@ class ModuleDenoiser:
         if self.context is None:
             return None, None
         c = self.context(t) if callable(self.context) else self.context
-        c = c.expand(n, *c.shape[1:]) if c.shape[0] == 1 else c
+        c = (c.expand(n, *c.shape[1:]) if c.shape[0] == 1 else c).to(self._dtype)
         u = None
         if self.cfg:
             u = self.negative_context
-            u = u.expand(n, *u.shape[1:]) if u.shape[0] == 1 else u
+            u = (u.expand(n, *u.shape[1:]) if u.shape[0] == 1 else u).to(self._dtype)
         if c.shape[0] != n or (u is not None and u.shape[0] != n):
             raise ValueError(f"context has {c.shape[0]} rows but the state has {n} samples")
         return c, u
-
-    def _call(self, params, x, timestep, c, u):
-        if c is None:
-            return functional_call(self.module, params, (x, timestep)).sample
-        if u is None:
-            return functional_call(self.module, params, (x, timestep), {"encoder_hidden_states": c}).sample
-        out = functional_call(self.module, params, (torch.cat([x, x]), timestep),
-                              {"encoder_hidden_states": torch.cat([u, c])}).sample
-        uncond, cond = out.chunk(2)
-        return uncond + self.guidance_scale * (cond - uncond)
 
     def __call__(self, x: torch.Tensor, t: int, params: Params) -> torch.Tensor:
         n = x.shape[0]
@@ -91,19 +119,48 @@ class ModuleDenoiser:
             raise ValueError(f"not parameters of the denoiser's module: {unknown[:3]} (was LoRA added "
                              f"after the denoiser was built?)")
         batched = {k: v.dim() == len(self._shapes[k]) + 1 for k, v in params.items()}
-        if not any(batched.values()):
-            return self._call(params, x, timestep, c, u)
         for k, v in params.items():
             if batched[k] and v.shape[0] != n:
                 raise ValueError(f"per-sample parameter {k} has {v.shape[0]} copies for {n} samples")
+        how = "plain" if not any(batched.values()) else self.batching
+        run = _apply if self.compile is None else _compiled(self.compile)
+        with _attention(x.device.type) if how == "vmap" else contextlib.nullcontext():
+            out = run(self.module, dict(params), batched, how, x.to(self._dtype), timestep, c, u,
+                      self.guidance_scale if u is not None else None)
+        return out.to(x.dtype)
 
-        def one(p, xi, ci, ui):
-            add = (lambda v: None if v is None else v.unsqueeze(0))
-            return self._call(p, xi.unsqueeze(0), timestep, add(ci), add(ui)).squeeze(0)
 
-        if self.batching == "loop":
-            return torch.stack([one({k: v[i] if batched[k] else v for k, v in params.items()}, x[i],
-                                    None if c is None else c[i], None if u is None else u[i]) for i in range(n)])
-        dims = {k: 0 if b else None for k, b in batched.items()}
-        return vmap(one, in_dims=(dims, 0, None if c is None else 0, None if u is None else 0),
-                    randomness="error")(dict(params), x, c, u)
+def _call(module, params, x, timestep, c, u, w):
+    if c is None:
+        return functional_call(module, params, (x, timestep)).sample
+    if u is None:
+        return functional_call(module, params, (x, timestep), {"encoder_hidden_states": c}).sample
+    out = functional_call(module, params, (torch.cat([x, x]), timestep),
+                          {"encoder_hidden_states": torch.cat([u, c])}).sample
+    uncond, cond = out.to(torch.promote_types(out.dtype, torch.float32)).chunk(2)
+    return uncond + w * (cond - uncond)
+
+
+def _apply(module, params, batched, how, x, timestep, c, u, w):
+    """The network on a batch: one call (``how="plain"``), or per-sample parameters by
+    ``vmap`` or a loop over samples."""
+    if how == "plain":
+        return _call(module, params, x, timestep, c, u, w)
+
+    def one(p, xi, ci, ui):
+        add = (lambda v: None if v is None else v.unsqueeze(0))
+        return _call(module, p, xi.unsqueeze(0), timestep, add(ci), add(ui), w).squeeze(0)
+
+    if how == "loop":
+        return torch.stack([one({k: v[i] if batched[k] else v for k, v in params.items()}, x[i],
+                                None if c is None else c[i], None if u is None else u[i]) for i in range(len(x))])
+    dims = {k: 0 if b else None for k, b in batched.items()}
+    return vmap(one, in_dims=(dims, 0, None if c is None else 0, None if u is None else 0),
+                randomness="error")(params, x, c, u)
+
+
+@functools.cache
+def _compiled(mode: str):
+    """:func:`_apply` under ``torch.compile(mode=mode)``: functional call, vmap and guidance
+    traced together, once per process for every chain (tensors are its inputs)."""
+    return torch.compile(_apply, mode=mode)

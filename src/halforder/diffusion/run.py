@@ -17,10 +17,11 @@ import torch
 
 from ..estimators.samplers import PlanSampler
 from ..training.checkpoints import load_checkpoint
+from ..estimators.gradient_checkpointing import checkpoint_blocks
 from ..training.files import atomic_dir
 from ..training.loop import Hooks, TrainResult, check_output_dir, make_accelerator, resume_path, train
 from .components import Components, load_components, tiny_components
-from .config import TINY_EVAL_PROMPTS, TINY_MODEL, TINY_PROMPTS, TrainConfig
+from .config import PRECISIONS, TINY_EVAL_PROMPTS, TINY_MODEL, TINY_PROMPTS, TrainConfig
 from .dcot import DCoTConditioning, StepSplit, load_dcot_prompts
 from .lora import add_lora
 from .previews import save_grid, write_video
@@ -59,17 +60,28 @@ def read_prompts(path: str) -> list[str]:
     return prompts
 
 
+def model_dtype(cfg: TrainConfig, device="cpu") -> torch.dtype:
+    """The dtype of the frozen model for ``cfg.mixed_precision`` on ``device`` (fp16 is
+    refused on a CPU, where half-precision kernels are missing or slow)."""
+    if cfg.mixed_precision == "fp16" and torch.device(device).type == "cpu":
+        raise ValueError("mixed_precision fp16 needs a GPU; on a CPU use bf16 or no")
+    return PRECISIONS[cfg.mixed_precision]
+
+
 def build_components(cfg: TrainConfig, device="cpu") -> Components:
-    """The frozen parts ``cfg.model`` names (``"tiny"``: random tiny parts, no download)."""
-    video = cfg.task == "t2v"
+    """The frozen parts ``cfg.model`` names (``"tiny"``: random tiny parts, no download),
+    in the dtype of ``cfg.mixed_precision``."""
+    video, dtype = cfg.task == "t2v", model_dtype(cfg, device)
     if cfg.model == TINY_MODEL:
-        comp = (tiny_video_components if video else tiny_components)(cfg.seed, scheduler=cfg.scheduler)
+        comp = (tiny_video_components if video else tiny_components)(cfg.seed, scheduler=cfg.scheduler).to(dtype=dtype)
     elif video and cfg.video_model == "videocrafter2":
         comp = load_videocrafter2(cfg.model, cfg.video_base, fps=cfg.fps, revision=cfg.revision,
-                                  scheduler=cfg.scheduler)
+                                  scheduler=cfg.scheduler, dtype=dtype)
     else:
         comp = (load_video_components if video else load_components)(cfg.model, revision=cfg.revision,
-                                                                      scheduler=cfg.scheduler)
+                                                                      scheduler=cfg.scheduler, dtype=dtype)
+    if cfg.checkpoint_decode and comp.vae is not None:
+        checkpoint_blocks(comp.vae)
     return comp.to(device)
 
 
@@ -102,7 +114,7 @@ def build_task(cfg: TrainConfig, components: Components, reward, device="cpu",
         view = ImageView(components.vae, unet_latent_shape(unet, cfg.latent_size))
     return DiffusionTask(components, params, reward, view, cfg.T, cfg.guidance_scale, cfg.negative_prompt,
                          cfg.eta_value(), cfg.eta_plan, cfg.zo_sigma, cfg.gradient_checkpointing, step_prompts,
-                         cfg.batching)
+                         cfg.batching, None if cfg.compile == "no" else cfg.compile)
 
 
 def prepare(cfg: TrainConfig, device="cpu") -> Prepared:
@@ -138,7 +150,7 @@ def prepare(cfg: TrainConfig, device="cpu") -> Prepared:
 def run(cfg: TrainConfig, prepared: Prepared, accelerator=None) -> TrainResult:
     """Train ``prepared`` with the library's loop, writing sample grids, the LoRA adapter and
     (video) a GIF under ``cfg.output_dir``."""
-    acc = accelerator if accelerator is not None else make_accelerator(cfg.mixed_precision)
+    acc = accelerator if accelerator is not None else make_accelerator()
     task, eval_prompts = prepared.task, prepared.eval_prompts
 
     def generator():

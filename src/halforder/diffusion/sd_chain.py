@@ -24,8 +24,9 @@ Reward = Callable[[torch.Tensor, list], torch.Tensor]
 
 def decode_latents(vae, z: torch.Tensor) -> torch.Tensor:
     """Images in [0, 1] from SD latents, differentiably (as the pipeline's decode +
-    postprocess); with ``vae=None`` the latents are already images in [-1, 1]."""
-    img = z if vae is None else vae.decode(z / vae.config.scaling_factor).sample
+    postprocess), in the latents' dtype whatever the VAE's; with ``vae=None`` the latents
+    are already images in [-1, 1]."""
+    img = z if vae is None else vae.decode((z / vae.config.scaling_factor).to(vae.dtype)).sample.to(z.dtype)
     return (img / 2 + 0.5).clamp(0, 1)
 
 
@@ -85,7 +86,7 @@ def unet_latent_shape(unet, latent_size=None) -> tuple[int, ...]:
 def make_chain(components: Components, T: int, prompts: Prompts, reward: Reward, *, view: View | None = None,
                guidance_scale: float = 7.5, negative_prompt: str = "", reward_prompts: Sequence[str] | None = None,
                batching: str = "vmap", encoder: Callable | None = None, solver=None,
-               generator: torch.Generator | None = None) -> DiffusionChain:
+               generator: torch.Generator | None = None, compile: str | None = None) -> DiffusionChain:
     """The chain of ``components`` for T steps and a batch of prompts, without noise.
 
     Args:
@@ -102,6 +103,7 @@ def make_chain(components: Components, T: int, prompts: Prompts, reward: Reward,
       encoder: prompts -> embeddings (default: a fresh :class:`~.text.PromptEncoder`).
       solver: the solver of T steps (default: built from the scheduler).
       generator: draws the randomness of the view (random video frames).
+      compile: None, or a ``torch.compile`` mode for the denoiser (:class:`~.denoiser.ModuleDenoiser`).
     """
     unet = components.unet
     solver = solver if solver is not None else make_solver(components.scheduler, T)
@@ -109,7 +111,7 @@ def make_chain(components: Components, T: int, prompts: Prompts, reward: Reward,
         encoder = PromptEncoder(components)
     context, negative, final = text_conditioning(encoder, prompts, T, guidance_scale, negative_prompt)
     view = view if view is not None else ImageView(components.vae, unet_latent_shape(unet))
-    denoiser = ModuleDenoiser(unet, solver.timesteps, context, negative, guidance_scale, batching)
+    denoiser = ModuleDenoiser(unet, solver.timesteps, context, negative, guidance_scale, batching, compile)
     reward_fn = view.reward_fn(reward, list(reward_prompts) if reward_prompts is not None else list(final), generator)
     return DiffusionChain(denoiser, solver, 0.0, reward_fn, view.latent_shape,
                           float(components.scheduler.init_noise_sigma), next(unet.parameters()).device)

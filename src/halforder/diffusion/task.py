@@ -43,6 +43,7 @@ class DiffusionTask:
       gradient_checkpointing: recompute each step's graph in backward.
       step_prompts: None, or ``prompts -> (t -> prompts)``: per-step conditioning (DCoT).
       batching: how per-sample parameters are applied (``"vmap"`` or ``"loop"``).
+      compile: None, or a ``torch.compile`` mode for the denoiser.
     """
 
     components: Components
@@ -58,6 +59,7 @@ class DiffusionTask:
     gradient_checkpointing: bool = False
     step_prompts: StepPrompts | None = None
     batching: str = "vmap"
+    compile: str | None = None
     _encoder: PromptEncoder | None = field(init=False, repr=False)
     _solver: object = field(init=False, repr=False)
 
@@ -76,7 +78,7 @@ class DiffusionTask:
         return make_chain(self.components, self.T, conditioning, self.reward, view=self.view,
                           guidance_scale=self.guidance_scale, negative_prompt=self.negative_prompt,
                           reward_prompts=prompts, batching=self.batching, encoder=self._encoder,
-                          solver=self._solver, generator=generator)
+                          solver=self._solver, generator=generator, compile=self.compile)
 
     def chain(self, plan: Plan, prompts: Sequence[str], generator: torch.Generator | None = None):
         """The chain of ``plan`` for a batch of prompts (checkpointed if asked)."""
