@@ -13,8 +13,8 @@ from halforder.diffusion.lora import add_lora, lora_params  # noqa: E402
 from halforder.diffusion.previews import write_video  # noqa: E402
 from halforder.diffusion.sd_chain import make_chain  # noqa: E402
 from halforder.diffusion.task import DiffusionTask  # noqa: E402
-from halforder.diffusion.video import (DecodedVideoReward, decode_frames, fps_unet_class,  # noqa: E402
-                                       frame_indices, load_video_components, load_videocrafter2,
+from halforder.diffusion.video import (VIDEOCRAFTER2_SCALE, DecodedVideoReward, decode_frames,  # noqa: E402
+                                       fps_unet_class, frame_indices, load_video_components, load_videocrafter2,
                                        tiny_video_components, video_view)
 from halforder.diffusion.video.rewards import make_video_reward, per_frame, temporal_consistency, weighted  # noqa: E402
 from halforder.estimators import Plan, estimate, flatten  # noqa: E402
@@ -183,17 +183,21 @@ def _draw(chain, plan, params, x_T, n, seed):
     return torch.cat(out).double()
 
 
-def test_rlr_mean_gradient_matches_full_backprop():
+@pytest.mark.parametrize("videocrafter2", [False, True], ids=["unet3d", "videocrafter2-scaled"])
+def test_rlr_mean_gradient_matches_full_backprop(videocrafter2):
     """RLR(h=2, j=2) on a T=4 video chain with both noises (eta = 1 at j = 2, parameter noise
     tau = 0.5 on the ZO step 4; random-CNN reward on all frames; the start x_T is fixed, a
-    point-mass start distribution) has the mean gradient of full backprop on the same chain.
+    point-mass start distribution) has the mean gradient of full backprop on the same chain;
+    also for a tiny VideoCrafter2 (fps conditioning, DDIM with its latent scale, which moves
+    the step means at timesteps 1, 251 and 501 while sigma_t stays the same).
 
     Test: a two-sample chi^2 test of equal means of the per-sample estimates projected on 4
     directions fixed before the tested draws (the direction of an independent pilot full-
     backprop estimate and 3 random ones); nominal false-failure rate ALPHA = 0.1%. The same
     test rejects truncated backprop (K = 1), and RLR's standard error along the pilot
     direction is small enough that a bias of truncation's size would be seen (> 4 SE)."""
-    c = tiny_video_components(0, latent_size=2)
+    c = tiny_video_components(0, latent_size=2, fps_cond=videocrafter2,
+                              latent_scale=VIDEOCRAFTER2_SCALE if videocrafter2 else None)
     params = add_lora(c.unet, rank=1, init=False, target_modules=TARGETS, seed=0)
     T, rlr = 4, Plan.rlr(4, 2, 2)
     chain = _video_chain(c, rlr, ["a cat"], make_video_reward("random_cnn"), num_frames=2, frames="all",
@@ -206,6 +210,7 @@ def test_rlr_mean_gradient_matches_full_backprop():
     full = _draw(chain, Plan.full(T), params, x_T, 384, seed=11)
     ests = _draw(chain, rlr, params, x_T, 768, seed=12)
     trunc = _draw(chain, Plan.truncated(T, 1), params, x_T, 64, seed=13)
+    assert bool(chain.solver.scales) == videocrafter2
     assert not two_sample_test(ests @ U, full @ U).rejects(ALPHA)
     assert two_sample_test(trunc @ U, full @ U).rejects(ALPHA)
     u = U[:, 0]

@@ -13,13 +13,13 @@ from .components import Components, load_components, make_scheduler, tiny_compon
 from .denoiser import ModuleDenoiser
 from .lora import add_lora, lora_params, save_lora, set_lora
 from .rewards import REWARDS, make_reward, register
-from .solvers import DDIMSolver, DPMSolver, make_solver
-from .sd_chain import DecodedReward, ImageView, decode_latents, make_chain, unet_latent_shape
+from .solvers import DDIMSolver, DPMSolver, LatentScale, make_solver
+from .sd_chain import DecodedReward, ImageView, decode_latents, make_chain, model_solver, unet_latent_shape
 from .task import DiffusionTask
 from .text import PromptEncoder, encode_prompts, text_conditioning
 
 __all__ = ["Components", "DDIMSolver", "DPMSolver", "DecodedReward", "DiffusionChain", "DiffusionTask", "ImageView",
-           "ModuleDenoiser", "PromptEncoder", "REWARDS", "add_lora", "decode_latents", "encode_prompts",
-           "eta_schedule", "load_components", "lora_params", "make_chain", "make_reward", "make_scheduler", "make_solver",
-           "register", "rollout", "save_lora", "set_lora", "tau_schedule", "text_conditioning", "tiny_components",
-           "unet_latent_shape"]
+           "LatentScale", "ModuleDenoiser", "PromptEncoder", "REWARDS", "add_lora", "decode_latents", "encode_prompts",
+           "eta_schedule", "load_components", "lora_params", "make_chain", "make_reward", "make_scheduler",
+           "make_solver", "model_solver", "register", "rollout", "save_lora", "set_lora", "tau_schedule",
+           "text_conditioning", "tiny_components", "unet_latent_shape"]

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from .hub import load_error, local_dir, looks_local, offline
+from .solvers import LatentScale
 
 _SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
@@ -28,6 +29,8 @@ class Components:
       text_encoder: ``CLIPTextModel``, or None for an unconditional model.
       tokenizer: ``CLIPTokenizer`` (None with no text encoder).
       scheduler: a diffusers scheduler (DDIM or DPMSolverMultistep for a chain).
+      latent_scale: the :class:`~halforder.diffusion.solvers.LatentScale` of the model's
+        forward process (VideoCrafter2), which its solvers use; None: the standard process.
     """
 
     unet: Any
@@ -35,6 +38,7 @@ class Components:
     text_encoder: Any
     tokenizer: Any
     scheduler: Any
+    latent_scale: LatentScale | None = None
 
     def freeze(self) -> "Components":
         """Put every module in eval mode with ``requires_grad=False``; returns self."""

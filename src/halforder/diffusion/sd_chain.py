@@ -83,6 +83,12 @@ def unet_latent_shape(unet, latent_size=None) -> tuple[int, ...]:
     return (unet.config.in_channels, *size)
 
 
+def model_solver(components: Components, T: int):
+    """The solver of T steps for ``components``: its scheduler's, with the model's latent
+    scale (VideoCrafter2); every chain of a model gets its solver here."""
+    return make_solver(components.scheduler, T, latent_scale=components.latent_scale)
+
+
 def make_chain(components: Components, T: int, prompts: Prompts, reward: Reward, *, view: View | None = None,
                guidance_scale: float = 7.5, negative_prompt: str = "", reward_prompts: Sequence[str] | None = None,
                batching: str = "vmap", encoder: Callable | None = None, solver=None,
@@ -101,12 +107,12 @@ def make_chain(components: Components, T: int, prompts: Prompts, reward: Reward,
       reward_prompts: the prompts the reward sees (default: the prompts of step 1).
       batching: how per-sample parameters reach the UNet (:class:`~.denoiser.ModuleDenoiser`).
       encoder: prompts -> embeddings (default: a fresh :class:`~.text.PromptEncoder`).
-      solver: the solver of T steps (default: built from the scheduler).
+      solver: the solver of T steps (default: :func:`model_solver`).
       generator: draws the randomness of the view (random video frames).
       compile: None, or a ``torch.compile`` mode for the denoiser (:class:`~.denoiser.ModuleDenoiser`).
     """
     unet = components.unet
-    solver = solver if solver is not None else make_solver(components.scheduler, T)
+    solver = solver if solver is not None else model_solver(components, T)
     if encoder is None and components.text_encoder is not None:
         encoder = PromptEncoder(components)
     context, negative, final = text_conditioning(encoder, prompts, T, guidance_scale, negative_prompt)

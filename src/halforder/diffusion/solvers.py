@@ -11,7 +11,14 @@ solver serves every plan.
 
 * :class:`DDIMSolver` — DDIM (Song et al. 2021, eq. 12) with eta_t per step,
   sigma_t = eta_t * sqrt((1 - a_{t-1})/(1 - a_t) * (1 - a_t/a_{t-1})), as
-  ``DDIMScheduler.step(..., eta=eta_t, variance_noise=eps)``.
+  ``DDIMScheduler.step(..., eta=eta_t, variance_noise=eps)``. Optionally for a model
+  trained with a :class:`LatentScale` (VideoCrafter2), whose forward process is
+  x_t = sqrt(a_t) s_t x_0 + sqrt(1 - a_t) eps: the mean is then
+
+      mean_t = sqrt(a_{t-1}) (s_{t-1} / s_t) y_0 + sqrt(1 - a_{t-1} - sigma_t^2) eps_pred,
+
+  with y_0 = s_t x_0 the prediction at the model's own scale (derivation in
+  docs/video.md). The scale changes the mean only; sigma_t is the same.
 * :class:`DPMSolver` — DPM-Solver++(2M) (multistep, midpoint, order 2). Its state is
   the tuple (x, previous data prediction). With s = eta * sigma_next * sqrt(1 - e^{-2h})
   the update is
@@ -44,6 +51,31 @@ from ..estimators.protocol import State, per_step
 Schedule = Union[str, float, Sequence[float]]
 
 
+@dataclass(frozen=True)
+class LatentScale:
+    """A scale of the clean latent per training timestep tau: the model was trained on
+
+        x_tau = sqrt(abar_tau) s(tau) x_0 + sqrt(1 - abar_tau) eps,
+
+    s(tau) = linspace(start, end, ramp)[tau] for tau < ramp, then ``end``
+    (VideoCrafter2: start 1, end 0.7, ramp 400; docs/video.md)."""
+
+    start: float
+    end: float
+    ramp: int
+
+    def __post_init__(self):
+        if not (self.start > 0 and self.end > 0 and self.ramp >= 2):
+            raise ValueError(f"a latent scale needs start > 0, end > 0 and ramp >= 2, got {self}")
+
+    def __call__(self, timestep: int) -> float:
+        """s(timestep); timesteps below 0 (the final DDIM step) get s(0)."""
+        tau = max(int(timestep), 0)
+        if tau >= self.ramp:
+            return float(self.end)
+        return self.start + (self.end - self.start) * tau / (self.ramp - 1)
+
+
 def _fresh(scheduler, T: int):
     """A copy of ``scheduler`` with ``set_timesteps(T)`` (the caller's object is left alone)."""
     s = type(scheduler).from_config(scheduler.config)
@@ -56,7 +88,8 @@ class DDIMSolver:
     """DDIM steps of a ``DDIMScheduler`` for T inference steps with per-step ``etas``
     (``etas[t-1]`` for chain step t). Coefficients are computed in float64 from the
     scheduler's ``alphas_cumprod``; ``base[t-1] = (a_t, a_prev, v_t)`` do not depend on eta,
-    and sigma_t = eta_t sqrt(v_t) (Song et al. 2021, eq. 16)."""
+    and sigma_t = eta_t sqrt(v_t) (Song et al. 2021, eq. 16). ``scales[t-1] = (s_t, s_prev)``
+    are a :class:`LatentScale` at step t's timestep and the previous one (empty: no scale)."""
 
     T: int
     timesteps: torch.Tensor          # timesteps[t-1]: the model timestep of chain step t
@@ -64,32 +97,43 @@ class DDIMSolver:
     clip: float | None
     base: tuple[tuple[float, float, float], ...]
     etas: tuple[float, ...] = ()
-    coef: tuple = field(init=False, repr=False)   # (a_t, a_prev, sigma, dir) per step t
+    scales: tuple[tuple[float, float], ...] = ()
+    coef: tuple = field(init=False, repr=False)   # (a_t, x0 coefficient, sigma, dir, s_t) per step t
 
     def __post_init__(self):
         etas = per_step(self.etas or 0.0, self.T, "etas")
         object.__setattr__(self, "etas", etas)
+        scales = self.scales or ((1.0, 1.0),) * self.T
+        if len(scales) != self.T:
+            raise ValueError(f"scales: {len(scales)} (s_t, s_prev) pairs for T={self.T} steps")
         coef = []
-        for (a_t, a_prev, var), eta in zip(self.base, etas):
+        for (a_t, a_prev, var), eta, (s_t, s_prev) in zip(self.base, etas, scales):
             sig = eta * math.sqrt(var)
-            coef.append((a_t, a_prev, sig, math.sqrt(max(1 - a_prev - sig ** 2, 0.0))))
+            coef.append((a_t, math.sqrt(a_prev) * s_prev / s_t, sig, math.sqrt(max(1 - a_prev - sig ** 2, 0.0)),
+                         s_t))
         object.__setattr__(self, "coef", tuple(coef))
 
     @classmethod
-    def from_scheduler(cls, scheduler, T: int, etas: Schedule = 0.0) -> "DDIMSolver":
+    def from_scheduler(cls, scheduler, T: int, etas: Schedule = 0.0,
+                       latent_scale: LatentScale | None = None) -> "DDIMSolver":
+        """The solver of ``scheduler`` for T steps; ``latent_scale``: the model's
+        :class:`LatentScale` (None: the standard forward process)."""
         s = _fresh(scheduler, T)
         if getattr(s.config, "thresholding", False):
             raise ValueError("DDIMSolver does not support dynamic thresholding (thresholding=True)")
         ac = s.alphas_cumprod.double()
-        base = []
+        base, scales = [], []
         for t in range(1, T + 1):
             ts = int(s.timesteps[T - t])
             prev = ts - s.config.num_train_timesteps // T
             a_t = float(ac[ts])
             a_prev = float(ac[prev]) if prev >= 0 else float(s.final_alpha_cumprod)
             base.append((a_t, a_prev, (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)))
+            if latent_scale is not None:
+                scales.append((latent_scale(ts), latent_scale(prev)))
         clip = float(s.config.clip_sample_range) if s.config.clip_sample else None
-        return cls(T, s.timesteps.flip(0).clone(), s.config.prediction_type, clip, tuple(base), etas)
+        return cls(T, s.timesteps.flip(0).clone(), s.config.prediction_type, clip, tuple(base), etas,
+                   tuple(scales))
 
     def with_etas(self, etas: Schedule) -> "DDIMSolver":
         """The same solver with another per-step eta."""
@@ -102,11 +146,12 @@ class DDIMSolver:
         return self.coef[t - 1][2]
 
     def step(self, t: int, x: State, out: torch.Tensor) -> State:
-        a_t, a_prev, _, direction = self.coef[t - 1]
-        x0, eps = _x0_eps(self.prediction_type, x, out, math.sqrt(a_t), math.sqrt(1 - a_t))
+        a_t, c_x0, _, direction, s_t = self.coef[t - 1]
+        # y0 = s_t x_0, the clean latent at the model's scale; c_x0 = sqrt(a_prev) s_prev / s_t
+        y0, eps = _x0_eps(self.prediction_type, x, out, math.sqrt(a_t), math.sqrt(1 - a_t))
         if self.clip is not None:
-            x0 = x0.clamp(-self.clip, self.clip)
-        return math.sqrt(a_prev) * x0 + direction * eps
+            y0 = y0.clamp(-self.clip * s_t, self.clip * s_t)     # x_0 = y0 / s_t in the clip range
+        return c_x0 * y0 + direction * eps
 
 
 def _x0_eps(prediction_type, x, out, alpha, sigma):
@@ -150,7 +195,13 @@ class DPMSolver:
         object.__setattr__(self, "coef", tuple(coef))
 
     @classmethod
-    def from_scheduler(cls, scheduler, T: int, etas: Schedule = 0.0) -> "DPMSolver":
+    def from_scheduler(cls, scheduler, T: int, etas: Schedule = 0.0,
+                       latent_scale: LatentScale | None = None) -> "DPMSolver":
+        """The solver of ``scheduler`` for T steps; a ``latent_scale`` is refused (no
+        DPM-Solver counterpart is derived here)."""
+        if latent_scale is not None:
+            raise ValueError("DPM-Solver has no latent-scale (VideoCrafter2) counterpart here; use the DDIM "
+                             "scheduler (--scheduler ddim)")
         s = _fresh(scheduler, T)
         cfg = s.config
         if cfg.algorithm_type not in ("dpmsolver++", "sde-dpmsolver++"):
@@ -193,13 +244,14 @@ class DPMSolver:
         return (c_x * z + c_D * d, d0)
 
 
-def make_solver(scheduler, T: int, etas: Schedule = 0.0):
-    """The solver for a diffusers scheduler (DDIM or DPM-Solver multistep)."""
+def make_solver(scheduler, T: int, etas: Schedule = 0.0, latent_scale: LatentScale | None = None):
+    """The solver for a diffusers scheduler (DDIM or DPM-Solver multistep); ``latent_scale``:
+    the model's :class:`LatentScale` (DDIM only)."""
     name = type(scheduler).__name__
     if name == "DDIMScheduler":
-        return DDIMSolver.from_scheduler(scheduler, T, etas)
+        return DDIMSolver.from_scheduler(scheduler, T, etas, latent_scale)
     if name == "DPMSolverMultistepScheduler":
-        return DPMSolver.from_scheduler(scheduler, T, etas)
+        return DPMSolver.from_scheduler(scheduler, T, etas, latent_scale)
     raise ValueError(f"unsupported scheduler {name}; use DDIMScheduler or DPMSolverMultistepScheduler")
 
 

@@ -20,8 +20,7 @@ from ..estimators.gradient_checkpointing import Checkpointed
 from .chain import DiffusionChain, Schedule, rollout
 from .components import Components
 from .lora import save_lora
-from .sd_chain import Reward, View, make_chain
-from .solvers import make_solver
+from .sd_chain import Reward, View, make_chain, model_solver
 from .text import PromptEncoder
 
 StepPrompts = Callable[[Sequence[str]], Callable[[int], Sequence[str]]]
@@ -66,7 +65,7 @@ class DiffusionTask:
     def __post_init__(self):
         c = self.components
         object.__setattr__(self, "_encoder", PromptEncoder(c) if c.text_encoder is not None else None)
-        object.__setattr__(self, "_solver", make_solver(c.scheduler, self.T))
+        object.__setattr__(self, "_solver", model_solver(c, self.T))
 
     def trainable(self) -> dict[str, torch.nn.Parameter]:
         return self.params

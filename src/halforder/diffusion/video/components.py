@@ -5,7 +5,8 @@ A video model's parts are :class:`~halforder.diffusion.components.Components` li
 image model's, with a ``UNet3DConditionModel`` whose latents are ``[N, C, F, h, w]``
 (F frames); the DDIM and DPM-Solver steps act elementwise, so the same chain, task and
 estimators serve video (:mod:`halforder.diffusion.video.frames` decodes frames for the
-reward).
+reward). VideoCrafter2's parts carry its latent scale (:data:`VIDEOCRAFTER2_SCALE`), which
+every chain of the model samples with (DDIM only; docs/video.md).
 """
 from __future__ import annotations
 
@@ -15,14 +16,26 @@ import torch
 
 from ..components import SD_SCHEDULER_CONFIG, Components, load_parts, make_scheduler, tiny_tokenizer
 from ..hub import load_error, local_dir, looks_local, offline
+from ..solvers import LatentScale, make_solver
 from .fps_unet import fps_unet_class
 
 VIDEOCRAFTER2_UNET = "adamdad/videocrafterv2_diffusers"
 VIDEOCRAFTER2_BASE = "cerspense/zeroscope_v2_576w"
+# VideoCrafter2's forward process scales x_0 by linspace(1, 0.7, 400) over the first 400 training
+# timesteps, then 0.7 (its inference config: use_scale true, scale_b 0.7); docs/video.md
+VIDEOCRAFTER2_SCALE = LatentScale(1.0, 0.7, 400)
+
+
+def check_videocrafter2_scheduler(scheduler: str) -> None:
+    """Raise ``ValueError`` unless the sampler ``scheduler`` (``"ddim"`` or ``"dpm"``) has a
+    solver for VideoCrafter2's latent scale (DDIM has; DPM-Solver is refused), before
+    anything is loaded."""
+    make_solver(make_scheduler(scheduler, SD_SCHEDULER_CONFIG), 1, latent_scale=VIDEOCRAFTER2_SCALE)
 
 
 def tiny_video_components(seed: int = 0, *, scheduler: str = "ddim", latent_size: int = 8, text_length: int = 16,
-                          fps_cond: bool = False, fps: float = 24.0) -> Components:
+                          fps_cond: bool = False, fps: float = 24.0,
+                          latent_scale: LatentScale | None = None) -> Components:
     """Tiny random text-to-video parts built from configs (no download), frozen, float32, CPU.
 
     A two-level ``UNet3DConditionModel`` (8 and 16 channels, cross-attention width 16; with
@@ -31,6 +44,7 @@ def tiny_video_components(seed: int = 0, *, scheduler: str = "ddim", latent_size
     CLIP text encoder over a byte-level vocabulary. The number of frames is free (chosen by
     the chain). The UNet uses diffusers' classic ``AttnProcessor``, which ``torch.func.vmap``
     batches (per-sample parameter noise), unlike the fused CPU attention kernel.
+    ``fps_cond=True, latent_scale=VIDEOCRAFTER2_SCALE`` gives a tiny VideoCrafter2.
     """
     from diffusers import AutoencoderKL, UNet3DConditionModel
     from diffusers.models.attention_processor import AttnProcessor
@@ -53,7 +67,8 @@ def tiny_video_components(seed: int = 0, *, scheduler: str = "ddim", latent_size
         text_encoder = CLIPTextModel(CLIPTextConfig(
             vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
             max_position_embeddings=text_length, bos_token_id=0, eos_token_id=1, pad_token_id=1, projection_dim=16))
-    return Components(unet, vae, text_encoder, tokenizer, make_scheduler(scheduler, SD_SCHEDULER_CONFIG)).freeze()
+    return Components(unet, vae, text_encoder, tokenizer, make_scheduler(scheduler, SD_SCHEDULER_CONFIG),
+                      latent_scale).freeze()
 
 
 def load_video_components(model: str, *, dtype: torch.dtype = torch.float32, device="cpu",
@@ -79,11 +94,16 @@ def load_videocrafter2(unet: str = VIDEOCRAFTER2_UNET, base: str = VIDEOCRAFTER2
     """VideoCrafter2 in diffusers format: the converted UNet (``adamdad/videocrafterv2_diffusers``,
     a single ``config.json`` + ``diffusion_pytorch_model.safetensors``; ``unet_subfolder`` if
     your copy keeps it in a subfolder) loaded as :class:`FPSUNet3DConditionModel` with frame
-    rate ``fps``, and the VAE, OpenCLIP-H text encoder, tokenizer and scheduler config of a
+    rate ``fps``, and the VAE, OpenCLIP-H text encoder and tokenizer of a
     ``TextToVideoSDPipeline`` model ``base`` (Zeroscope, as the conversion's own pipeline does).
+    The sampler is VideoCrafter2's own: DDIM on its training schedule (SD v1's scheduler
+    settings, whatever ``base`` ships) with :data:`VIDEOCRAFTER2_SCALE`, which the parts
+    carry so that every chain of the model uses it (docs/video.md).
 
-    Raises ``ValueError`` if the UNet checkpoint has no fps-embedding weights (it is then not
-    a VideoCrafter2 conversion: use :func:`load_video_components`)."""
+    Raises ``ValueError`` for ``scheduler="dpm"`` (before loading anything) and if the UNet
+    checkpoint has no fps-embedding weights (it is then not a VideoCrafter2 conversion: use
+    :func:`load_video_components`)."""
+    check_videocrafter2_scheduler(scheduler)
     parts = load_parts(base, None, "the text-to-video model", dtype=dtype, device=device,
                        local_files_only=local_files_only, revision=revision, scheduler=scheduler)
     if looks_local(unet):
@@ -99,4 +119,7 @@ def load_videocrafter2(unet: str = VIDEOCRAFTER2_UNET, base: str = VIDEOCRAFTER2
     if missing:
         raise ValueError(f"{unet!r} has no fps-embedding weights ({missing[:2]}...): not a VideoCrafter2 "
                          "conversion; load a plain UNet3D model with load_video_components")
-    return dataclasses.replace(parts, unet=model.to(device)).freeze()
+    # VideoCrafter2's schedule: 1000 steps, sqrt-linear betas 0.00085..0.012, epsilon prediction; its
+    # DDIM: timesteps range(0, 1000, 1000 // T) + 1, last step to abar_0. These are SD v1's settings.
+    return dataclasses.replace(parts, unet=model.to(device), scheduler=make_scheduler(scheduler, SD_SCHEDULER_CONFIG),
+                               latent_scale=VIDEOCRAFTER2_SCALE).freeze()
