@@ -11,6 +11,7 @@ sample its own copy.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
@@ -20,6 +21,9 @@ from torch.func import functional_call, vmap
 Params = Mapping[str, torch.Tensor]
 Denoiser = Callable[[torch.Tensor, int, Params], torch.Tensor]
 BATCHING = ("vmap", "loop")
+# torch warns when vmap falls back to a loop for an operator without a batching rule (the CPU
+# flash attention of diffusers' attention processors): the result is right, only slower.
+VMAP_FALLBACK = "There is a performance drop because we have not yet implemented the batching rule"
 
 
 @dataclass(frozen=True, eq=False)
@@ -105,5 +109,7 @@ class ModuleDenoiser:
             return torch.stack([one({k: v[i] if batched[k] else v for k, v in params.items()}, x[i],
                                     None if c is None else c[i], None if u is None else u[i]) for i in range(n)])
         dims = {k: 0 if b else None for k, b in batched.items()}
-        return vmap(one, in_dims=(dims, 0, None if c is None else 0, None if u is None else 0),
-                    randomness="error")(dict(params), x, c, u)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=VMAP_FALLBACK, category=UserWarning)
+            return vmap(one, in_dims=(dims, 0, None if c is None else 0, None if u is None else 0),
+                        randomness="error")(dict(params), x, c, u)

@@ -73,8 +73,8 @@ def set_lora(unet: torch.nn.Module, values: Mapping[str, torch.Tensor]) -> None:
 def save_lora(unet: torch.nn.Module, directory: str | os.PathLike, adapter_name: str = "default") -> str:
     """Save the adapter so that ``StableDiffusionPipeline.load_lora_weights(directory)``
     loads it; returns the path of the safetensors file."""
-    from diffusers import StableDiffusionPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin   # the pipeline's module would import CLIP's
+    from diffusers.utils import convert_state_dict_to_diffusers    # image processor, and transformers warn
     from peft.utils import get_peft_model_state_dict
 
     if not lora_params(unet):
@@ -82,6 +82,6 @@ def save_lora(unet: torch.nn.Module, directory: str | os.PathLike, adapter_name:
     state = get_peft_model_state_dict(unet, adapter_name=adapter_name)
     state = {k: v.detach().cpu().contiguous() for k, v in convert_state_dict_to_diffusers(state).items()}
     metadata = unet.peft_config[adapter_name].to_dict()
-    StableDiffusionPipeline.save_lora_weights(directory, unet_lora_layers=state, safe_serialization=True,
+    StableDiffusionLoraLoaderMixin.save_lora_weights(directory, unet_lora_layers=state, safe_serialization=True,
                                               unet_lora_adapter_metadata=metadata)
     return os.path.join(os.fspath(directory), "pytorch_lora_weights.safetensors")
