@@ -37,11 +37,11 @@ def test_cost_model_counts_graphs_kept_at_once():
 
 
 @pytest.mark.parametrize("make, message", [
-    (lambda: Plan.rlr(8, 2, 1), "step 1"),             # j < 2
-    (lambda: Plan.rlr(8, 2, 8), "step 8"),             # block beyond T
+    (lambda: Plan.rlr(8, 2, 1), "got j=1"),            # j < 2
+    (lambda: Plan.rlr(8, 2, 8), "got j=8"),            # block beyond T
     (lambda: Plan.rlr(8, 8, 2), "h <= T-1"),           # h too large
     (lambda: Plan.rlr(8, -1), "h"),
-    (lambda: Plan.rlr(8, 2), "step None"),             # j missing
+    (lambda: Plan.rlr(8, 2), "got j=None"),            # j missing
     (lambda: Plan.rlr(8, 0, 3), "j must be None"),
     (lambda: Plan.truncated(8, 0), "k"),
     (lambda: Plan.full(0), "positive"),

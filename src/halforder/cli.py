@@ -1,9 +1,31 @@
-"""Command line: ``halforder demo`` (toy estimator comparison) and ``halforder train``
-(reward fine-tuning of diffusion models; needs the ``diffusion`` extra)."""
+"""Command line: halforder demo (toy estimator comparison) and halforder train (reward
+fine-tuning of diffusion models; needs the diffusion extra)."""
 from __future__ import annotations
 
 import argparse
 import sys
+
+from . import __version__
+
+
+def parser() -> argparse.ArgumentParser:
+    """The parser of ``halforder`` and its ``demo`` command (``train`` has its own,
+    :func:`halforder.diffusion.cli.parser`)."""
+    p = argparse.ArgumentParser(prog="halforder", description=__doc__)
+    p.add_argument("--version", action="version", version=f"halforder {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="compare every estimator family on an exact linear-Gaussian chain",
+                          description="Compare every estimator family on a linear-Gaussian chain whose gradient "
+                                      "is known exactly: error of the mean, a test of unbiasedness, variance and "
+                                      "cost of each plan.",
+                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    demo.add_argument("--T", type=int, default=8, help="steps of the chain (at least 6)")
+    demo.add_argument("--d", type=int, default=3,
+                      help="dimension of the state (the parameters: a d x d matrix and a d-vector)")
+    demo.add_argument("--samples", type=int, default=50_000, help="independent estimates drawn per plan")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the chain and of every draw")
+    sub.add_parser("train", help="fine-tune a diffusion model (see: halforder train --help)")
+    return p
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -12,20 +34,13 @@ def main(argv: list[str] | None = None) -> int:
         try:
             from .diffusion.cli import main as train_main
         except ImportError as err:
-            raise SystemExit(f"`halforder train` needs the diffusion extra: pip install 'halforder[diffusion]' ({err})")
+            raise SystemExit(f"halforder train needs the diffusion extra: pip install 'halforder[diffusion]' ({err})")
         return train_main(argv[1:])
-    parser = argparse.ArgumentParser(prog="halforder", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="compare every estimator family on an exact linear-Gaussian chain")
-    demo.add_argument("--T", type=int, default=8)
-    demo.add_argument("--d", type=int, default=3)
-    demo.add_argument("--samples", type=int, default=50_000)
-    demo.add_argument("--seed", type=int, default=0)
-    sub.add_parser("train", help="fine-tune a diffusion model (see `halforder train --help`)")
-    args = parser.parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
     from .toy.demo import comparison_table
     if args.T < 6:
-        parser.error("--T must be at least 6 for the demo's two-block plan")
+        p.error("--T must be at least 6 for the demo's two-block plan")
     print(comparison_table(args.T, args.d, args.samples, args.seed))
     return 0
 

@@ -49,14 +49,15 @@ def test_tiny_preset_writes_metrics_grid_adapter_and_checkpoints(tmp_path, capsy
 
 def test_config_files_and_precedence(tmp_path):
     y = tmp_path / "c.yaml"
-    y.write_text("preset: tiny\nlr: 0.5\nestimator: truncated\nk: 3\nj_window: [2, 5]\n")
+    y.write_text("preset: tiny\nlr: 0.5\nestimator: truncated\nk: 3\nadam_betas: [0.8, 0.99]\n")
     t = tmp_path / "c.toml"
-    t.write_text('preset = "tiny"\nlr = 0.5\nestimator = "truncated"\nk = 3\nj_window = [2, 5]\n')
+    t.write_text('preset = "tiny"\nlr = 0.5\nestimator = "truncated"\nk = 3\nadam_betas = [0.8, 0.99]\n')
     j = tmp_path / "c.json"
-    j.write_text('{"preset": "tiny", "lr": 0.5, "estimator": "truncated", "k": 3, "j_window": [2, 5]}')
+    j.write_text('{"preset": "tiny", "lr": 0.5, "estimator": "truncated", "k": 3, "adam_betas": [0.8, 0.99]}')
     for path in (y, t, j):
         cfg = load_config(str(path), {"k": 2, "steps": None})
-        assert (cfg.lr, cfg.estimator, cfg.k, cfg.steps, cfg.T, cfg.j_window) == (0.5, "truncated", 2, 6, 6, [2, 5])
+        assert (cfg.lr, cfg.estimator, cfg.k, cfg.steps, cfg.T, cfg.adam_betas) == (0.5, "truncated", 2, 6, 6,
+                                                                                    [0.8, 0.99])
     bad = tmp_path / "bad.yaml"
     bad.write_text("learning_rate: 1\n")
     with pytest.raises(ValueError, match="unknown option.*learning_rate"):
@@ -139,8 +140,10 @@ SETTINGS = dict(
     fps=28.0, gif_fps=4.0, preset="tiny",
 )
 # Settings that are only valid together with another one.
-NEEDS = dict(j=dict(j_sampling="fixed"), j_window=dict(j_sampling="window"), dcot_split=dict(dcot="dcot.yaml"),
-             batch_size=dict(pairing="none"))
+VIDEO, VC2 = dict(task="t2v"), dict(task="t2v", video_model="videocrafter2")
+NEEDS = dict(j=dict(j_sampling="fixed"), j_window=dict(j_sampling="window"), j_temperature=dict(j_sampling="softmax"),
+             j_decay=dict(j_sampling="softmax"), dcot_split=dict(dcot="dcot.yaml"), batch_size=dict(pairing="none"),
+             num_frames=VIDEO, frames=VIDEO, video_model=VIDEO, gif_fps=VIDEO, video_base=VC2, fps=VC2)
 FIELDS = [f.name for f in dataclasses.fields(TrainConfig)]
 
 
@@ -244,3 +247,64 @@ def test_config_json_reproduces_the_run(tmp_path):
     ca, cb = json.load(open(a / "config.json")), json.load(open(b / "config.json"))
     assert cb.pop("output_dir") == str(b) and ca.pop("output_dir") == str(a)
     assert ca == cb
+
+
+# ---------------------------------------------------------------------------- numbers in config files
+def _sci(v) -> str:
+    """``v`` in scientific notation without a decimal point where it has none (5e-4, 2e1,
+    [8e-1, 9.9e-1]): the spelling YAML 1.1 reads as a string."""
+    if isinstance(v, list):
+        return "[" + ", ".join(map(_sci, v)) + "]"
+    mantissa, exponent = f"{v:e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+
+
+def _is_number(v) -> bool:
+    return (isinstance(v, (int, float)) and not isinstance(v, bool)) or (
+        isinstance(v, list) and bool(v) and all(map(_is_number, v)))
+
+
+NUMERIC = [name for name in FIELDS if _is_number(SETTINGS[name])]
+
+
+def test_the_numeric_fields_are_found():
+    assert {"lr", "zo_sigma", "steps", "adam_betas", "latent_size", "dcot_split"} <= set(NUMERIC)
+
+
+@pytest.mark.parametrize("name", NUMERIC)
+@pytest.mark.parametrize("ext", ["yaml", "toml", "json"])
+def test_scientific_notation_in_config_files(tmp_path, name, ext):
+    """``lr: 5e-4`` is a string to YAML 1.1; every numeric field takes such a value from every format."""
+    value = SETTINGS[name]
+    entries = {name: _sci(value), **{k: json.dumps(v) for k, v in NEEDS.get(name, {}).items()}}
+    path = tmp_path / f"c.{ext}"
+    path.write_text({"yaml": "".join(f"{k}: {v}\n" for k, v in entries.items()),
+                     "toml": "".join(f"{k} = {v}\n" for k, v in entries.items()),
+                     "json": "{" + ", ".join(f'"{k}": {v}' for k, v in entries.items()) + "}"}[ext])
+    for cfg in (load_config(str(path)), _parse(["--config", str(path)])):
+        assert _same(getattr(cfg, name), value), (path.read_text(), getattr(cfg, name))
+
+
+# ---------------------------------------------------------------------------- settings that do not apply
+# Where a conditional setting whose SETTINGS value applies under the defaults does not apply.
+OFF = dict(j_sampling=dict(estimator="full"))
+
+
+def test_every_conditional_setting_is_in_the_value_tables():
+    assert set(TrainConfig().conditional()) <= set(NEEDS) | set(OFF)
+
+
+@pytest.mark.parametrize("name", sorted(TrainConfig().conditional()))
+def test_a_setting_that_does_not_apply_is_refused(name):
+    """Set without what it needs (e.g. --j without --j-sampling fixed, --num-frames for images), a
+    setting would be ignored: it is refused, naming what it needs; at its default it is accepted."""
+    with pytest.raises(ValueError, match=rf"^{name}=.* has no effect here: it applies only with ") as e:
+        load_config(None, {**OFF.get(name, {}), name: SETTINGS[name]})
+    for other in NEEDS.get(name, {}):
+        assert re.search(rf"\b{other}\b", str(e.value).split("applies only with")[1]), str(e.value)
+    default = getattr(TrainConfig(), name)
+    assert _same(getattr(load_config(None, {**OFF.get(name, {}), name: default}), name), default)
+
+
+def test_a_video_setting_for_images_ends_the_command_cleanly(tmp_path, capsys):
+    _fails(tmp_path, capsys, ["--num-frames", "8"], "num_frames=8 has no effect here: it applies only with task t2v")

@@ -297,8 +297,8 @@ def test_write_video_and_bad_input(tmp_path):
 
 
 def test_video_resume_is_exact(tmp_path):
-    """Interrupted after update 1 and resumed, a video task run with random frames ends with the
-    same LoRA weights and rewards as an uninterrupted one."""
+    """Interrupted in update 2 (after the checkpoint of update 1) and resumed, a video task run
+    with random frames ends with the same LoRA weights and rewards as an uninterrupted one."""
     from halforder.diffusion.config import load_config
     from halforder.diffusion.run import build_components, build_reward, build_task
     from halforder.estimators.samplers import UniformRLR
@@ -326,7 +326,7 @@ def test_video_resume_is_exact(tmp_path):
         return task, result
 
     whole, r_whole = run(tmp_path / "a")
-    run(tmp_path / "b", stop_at=1)
+    run(tmp_path / "b", stop_at=2)                  # before update 2's checkpoint: resumes from update 1
     resumed, r_resumed = run(tmp_path / "b", resume="latest")
     for k, v in whole.trainable().items():
         assert torch.equal(v, resumed.trainable()[k]), k

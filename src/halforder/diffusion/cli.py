@@ -1,24 +1,30 @@
-"""``halforder train``: reward fine-tuning of a diffusion model's LoRA with any estimator.
+"""halforder train: reward fine-tuning of a diffusion model's LoRA with any estimator.
 
     halforder train --preset tiny                                   # offline CPU smoke run
     halforder train --preset tiny-video                             # the same, text-to-video
     halforder train --preset tiny --dcot data/dcot_hands.yaml       # Diffusive Chain-of-Thought prompts
     halforder train --config run.yaml --steps 200 --lr 1e-4         # a file, then flags
     halforder train --config runs/tiny/config.json --output-dir runs/again   # reproduce a run
+    halforder train --config runs/tiny/config.json --resume latest --steps 12   # train it further
     torchrun --nproc_per_node 2 -m halforder train --preset tiny    # data parallel
 
 Every flag is a field of TrainConfig (halforder.diffusion.config), and a config file
 (YAML, TOML or JSON) may set any of them. Every input is checked before anything is
 written, so a bad input ends with a clear message (exit status 2) and no half-written run.
+A setting that the chosen estimator, j law or task does not use must keep its default.
+Ctrl-C stops a run with exit status 130 and says how to resume it from its last checkpoint.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import shlex
 import sys
 from typing import Any
 
 from .. import __version__
+from ..training.checkpoints import latest_checkpoint
 from .config import TrainConfig, load_config
 
 
@@ -61,21 +67,37 @@ def _show(v: Any) -> str:
     return json.dumps(v) if isinstance(v, dict) else str(v)
 
 
+def _resume_hint(cfg: TrainConfig | None) -> str:
+    """How to continue an interrupted run, in one line."""
+    out = cfg.output_dir if cfg is not None else None
+    found = latest_checkpoint(os.path.join(out, "checkpoints")) if out else None
+    if found is None:
+        return "no checkpoint was written, so there is nothing to resume"
+    command = ["halforder", "train", "--config", os.path.join(out, "config.json"), "--resume", "latest",
+               "--steps", str(cfg.steps)]
+    return f"resume from {found} with: {shlex.join(command)}"
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``halforder train``; returns the exit status (2 on bad input)."""
+    """Entry point of ``halforder train``; returns the exit status (2 on bad input, 130 on Ctrl-C)."""
     given = vars(parser().parse_args(sys.argv[1:] if argv is None else argv))
     path = given.pop("config", None)
+    cfg = None
     try:
-        cfg = load_config(path, given)
-        from ..training.loop import make_accelerator
-        from .run import prepare, run
+        try:
+            cfg = load_config(path, given)
+            from ..training.loop import make_accelerator
+            from .run import prepare, run
 
-        acc = make_accelerator()   # no autocast: cfg.mixed_precision is the model's dtype
-        prepared = prepare(cfg, acc.device)
-    except (ValueError, OSError) as e:
-        print(f"halforder train: error: {e}", file=sys.stderr)
-        return 2
-    result = run(cfg, prepared, acc)
+            acc = make_accelerator()   # no autocast: cfg.mixed_precision is the model's dtype
+            prepared = prepare(cfg, acc.device)
+        except (ValueError, OSError) as e:
+            print(f"halforder train: error: {e}", file=sys.stderr)
+            return 2
+        result = run(cfg, prepared, acc)
+    except KeyboardInterrupt:
+        print(f"halforder train: interrupted; {_resume_hint(cfg)}", file=sys.stderr)
+        return 130
     if acc.is_main_process:
         last = next((r for r in reversed(result.metrics) if "reward_mean" in r), {})
         reward = last.get("reward_mean")

@@ -11,14 +11,15 @@ Values come, in increasing precedence, from the field defaults, a preset, a conf
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
 import torch
 
 from ..estimators.samplers import FAMILIES, J_SAMPLING, PlanSampler, make_sampler
-from ..training.config import ConfigError, LoopConfig, from_mapping, knob, need, read_mapping_file
+from ..training.config import ConfigError, LoopConfig, field_default, from_mapping, knob, need, read_mapping_file
 from .denoiser import BATCHING
 from .lora import DEFAULT_TARGETS
 from .rewards import REWARDS
@@ -58,6 +59,10 @@ TINY_EVAL_PROMPTS = {"t2i": ("a grey stone", "a pink house", "a brown dog", "a s
 @dataclass(frozen=True)
 class TrainConfig(LoopConfig):
     """Reward fine-tuning of a diffusion model's LoRA adapter with a gradient estimator."""
+
+    #: Beyond the loop's: what the sample grids show, and how (not what) the estimate is computed.
+    RESUMABLE: ClassVar[frozenset[str]] = LoopConfig.RESUMABLE | {"eval_prompts", "eval_num", "gif_fps", "preset",
+                                                                  "gradient_checkpointing", "batching"}
 
     # ------------------------------------------------------------------ model
     task: str = knob("t2i", "t2i: text-to-image (a UNet2DConditionModel); t2v: text-to-video (a UNet3D)",
@@ -158,7 +163,10 @@ class TrainConfig(LoopConfig):
         need(bool(self.lora_targets), "lora_targets must name at least one module")
         need(self.latent_size is None or (len(self.latent_size) == 2 and min(self.latent_size) >= 1),
              f"latent_size must be two positive integers (h w), got {self.latent_size!r}")
-        need(self.dcot_split is None or self.dcot is not None, "dcot_split needs a DCoT prompt file (dcot)")
+        for name, (applies, when) in self.conditional().items():
+            v, default = getattr(self, name), field_default(self.__dataclass_fields__[name])
+            need(applies or v == default, f"{name}={v!r} has no effect here: it applies only with {when} "
+                                          f"(leave it at its default {default!r})")
         try:
             parse_frames(self.frames)
             if self.task == "t2v" and self.video_model == "videocrafter2":
@@ -166,14 +174,32 @@ class TrainConfig(LoopConfig):
         except ValueError as e:
             raise ConfigError(str(e)) from None
 
+    def conditional(self) -> dict[str, tuple[bool, str]]:
+        """The settings that only some configurations use: ``name -> (used here, when it is
+        used)``. :meth:`check` refuses a value other than the default where it is not used,
+        rather than ignore it."""
+        rlr = self.estimator in ("rlr", "rlr_no_zo")
+        video = self.task == "t2v"
+        vc2 = video and self.video_model == "videocrafter2"
+        return {"j_sampling": (rlr, "estimator rlr or rlr_no_zo"),
+                "j": (rlr and self.j_sampling == "fixed", "j_sampling fixed"),
+                "j_window": (rlr and self.j_sampling == "window", "j_sampling window"),
+                "j_temperature": (rlr and self.j_sampling == "softmax", "j_sampling softmax"),
+                "j_decay": (rlr and self.j_sampling == "softmax", "j_sampling softmax"),
+                "dcot_split": (self.dcot is not None, "a DCoT prompt file (dcot)"),
+                **{name: (video, "task t2v (video)") for name in ("num_frames", "frames", "video_model", "gif_fps")},
+                **{name: (vc2, "task t2v and video_model videocrafter2") for name in ("video_base", "fps")}}
+
     def eta_value(self) -> str | float:
-        """``eta`` as the chain takes it: ``"plan"`` or a number."""
+        """``eta`` as the chain takes it: ``"plan"`` or a finite number."""
         if self.eta == "plan":
             return "plan"
         try:
-            return float(self.eta)
+            value = float(self.eta)
         except ValueError:
-            raise ConfigError(f"eta must be 'plan' or a number, got {self.eta!r}") from None
+            value = math.nan
+        need(math.isfinite(value), f"eta must be 'plan' or a finite number, got {self.eta!r}")
+        return value
 
     def sampler(self) -> PlanSampler:
         """The plan sampler of the estimator settings."""

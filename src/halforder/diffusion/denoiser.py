@@ -21,11 +21,11 @@ matrix, so ``batching="loop"`` is the lighter choice when that matrix is large.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Callable, Mapping
-
 import contextlib
 import functools
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
 
 import torch
 from torch.func import functional_call, vmap
@@ -34,6 +34,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 Params = Mapping[str, torch.Tensor]
 Denoiser = Callable[[torch.Tensor, int, Params], torch.Tensor]
 BATCHING = ("vmap", "loop")
+# torch warns when vmap falls back to a loop for an operator without a batching rule (the CPU
+# flash attention of diffusers' attention processors): the result is right, only slower.
+VMAP_FALLBACK = "There is a performance drop because we have not yet implemented the batching rule"
 
 
 def vmap_attention_backends(device_type: str) -> list[SDPBackend] | None:
@@ -124,7 +127,8 @@ class ModuleDenoiser:
                 raise ValueError(f"per-sample parameter {k} has {v.shape[0]} copies for {n} samples")
         how = "plain" if not any(batched.values()) else self.batching
         run = _apply if self.compile is None else _compiled(self.compile)
-        with _attention(x.device.type) if how == "vmap" else contextlib.nullcontext():
+        with _attention(x.device.type) if how == "vmap" else contextlib.nullcontext(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=VMAP_FALLBACK, category=UserWarning)
             out = run(self.module, dict(params), batched, how, x.to(self._dtype), timestep, c, u,
                       self.guidance_scale if u is not None else None)
         return out.to(x.dtype)

@@ -109,7 +109,8 @@ def save_lora(unet: torch.nn.Module, directory: str | os.PathLike, adapter_name:
     The keys are peft's (``unet.<module path>.lora_A.weight``), unconverted: diffusers' loader
     picks the key format from the first key, so a file whose attention keys alone were renamed
     to diffusers' format would load only part of the adapter for other targets, silently."""
-    from diffusers import StableDiffusionPipeline
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin   # the pipeline's module would import CLIP's
+                                                                   # image processor, and transformers warn
     from peft.utils import get_peft_model_state_dict
 
     if not lora_params(unet):
@@ -117,8 +118,8 @@ def save_lora(unet: torch.nn.Module, directory: str | os.PathLike, adapter_name:
     state = get_peft_model_state_dict(unet, adapter_name=adapter_name)
     state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     metadata = unet.peft_config[adapter_name].to_dict()
-    StableDiffusionPipeline.save_lora_weights(directory, unet_lora_layers=state, safe_serialization=True,
-                                              unet_lora_adapter_metadata=metadata)
+    StableDiffusionLoraLoaderMixin.save_lora_weights(directory, unet_lora_layers=state, safe_serialization=True,
+                                                     unet_lora_adapter_metadata=metadata)
     return os.path.join(os.fspath(directory), LORA_FILE)
 
 

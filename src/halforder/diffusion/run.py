@@ -19,7 +19,8 @@ from ..estimators.samplers import PlanSampler
 from ..training.checkpoints import load_checkpoint
 from ..estimators.gradient_checkpointing import checkpoint_blocks
 from ..training.files import atomic_dir
-from ..training.loop import Hooks, TrainResult, check_output_dir, make_accelerator, resume_path, train
+from ..training.loop import Hooks, TrainResult, make_accelerator, train
+from ..training.resume import check_fits, check_output_dir, check_resume, resume_path
 from .components import Components, load_components, tiny_components
 from .config import PRECISIONS, TINY_EVAL_PROMPTS, TINY_MODEL, TINY_PROMPTS, TrainConfig
 from .dcot import DCoTConditioning, StepSplit, load_dcot_prompts
@@ -136,12 +137,15 @@ def prepare(cfg: TrainConfig, device="cpu") -> Prepared:
     if cfg.eval_prompts is not None:
         eval_prompts = read_prompts(cfg.eval_prompts)
     sampler = cfg.sampler()
-    reward = build_reward(cfg, device)
     check_output_dir(cfg)
     resume = resume_path(cfg)
-    if resume:
-        load_checkpoint(resume)   # verified now, before anything is written
+    checkpoint = load_checkpoint(resume) if resume else None   # verified now, before anything is written
+    if checkpoint is not None:
+        check_resume(cfg, checkpoint)
+    reward = build_reward(cfg, device)
     task = build_task(cfg, build_components(cfg, device), reward, device, step_prompts)
+    if checkpoint is not None:
+        check_fits(checkpoint, task.trainable(), sampler.init())
     plan = sampler.sample(sampler.init(), torch.Generator().manual_seed(cfg.seed))
     plan.validate(task.chain(plan, prompts[:1]))   # e.g. an HO block needs eta > 0 where it ends
     return Prepared(task, sampler, prompts, list(eval_prompts or prompts)[:cfg.eval_num])

@@ -138,7 +138,8 @@ class Plan:
                 raise ValueError(f"RLR with h=0 has no HO block, so j must be None (got j={j})")
             return cls((Role.FO,) + (Role.ZO,) * (T - 1), (), "rlr(h=0)")
         if j is None or not 2 <= j <= T - h + 1:
-            raise ValueError(f"step {j}: RLR(h={h}) needs 2 <= j <= T-h+1 = {T - h + 1}")
+            raise ValueError(f"RLR(h={h}) needs 2 <= j <= T-h+1 = {T - h + 1} for the start j of its HO block, "
+                             f"got j={j}")
         roles = [Role.ZO] * T
         roles[0] = Role.FO
         for t in range(j, j + h):

@@ -6,7 +6,8 @@ A checkpoint is a directory ``step_XXXXXXXX`` holding
     sampler.safetensors   the plan sampler's state (e.g. running gradient norms)
     optimizer.pt          the optimiser's state_dict (read back with weights_only=True)
     rng.pt                every random generator's state, one dict per process
-    meta.json             step, number of processes, format version and the SHA-256 of each file
+    meta.json             step, number of processes, format version, the SHA-256 of each file and
+                          the run's settings (``config``, as in its ``config.json``)
 
 It is written through :func:`~halforder.training.files.atomic_dir`, so a crash leaves
 either the previous checkpoints or the complete new one. :func:`load_checkpoint`
@@ -47,6 +48,7 @@ class Checkpoint:
     rng: list[dict[str, torch.Tensor]]
     num_processes: int
     path: str
+    config: dict[str, Any] | None = None
 
 
 def checkpoint_name(step: int) -> str:
@@ -54,9 +56,11 @@ def checkpoint_name(step: int) -> str:
 
 
 def save_checkpoint(root: str, step: int, params: Mapping[str, torch.Tensor], sampler_state: Mapping[str, torch.Tensor],
-                    optimizer: Mapping[str, Any], rng: list[Mapping[str, torch.Tensor]], keep: int = 0) -> str:
-    """Write the checkpoint of ``step`` under ``root`` atomically; keep only the newest ``keep``
-    checkpoints (0: keep all). Returns its path."""
+                    optimizer: Mapping[str, Any], rng: list[Mapping[str, torch.Tensor]], keep: int = 0,
+                    config: Mapping[str, Any] | None = None) -> str:
+    """Write the checkpoint of ``step`` under ``root`` atomically, with the run's settings
+    ``config`` (what a resume is checked against); keep only the newest ``keep`` checkpoints
+    (0: keep all). Returns its path."""
     from safetensors.torch import save_file
 
     with atomic_dir(os.path.join(root, checkpoint_name(step))) as tmp:
@@ -65,7 +69,8 @@ def save_checkpoint(root: str, step: int, params: Mapping[str, torch.Tensor], sa
         torch.save(dict(optimizer), os.path.join(tmp, _FILES[2]))
         torch.save([dict(r) for r in rng], os.path.join(tmp, _FILES[3]))
         meta = {"format": FORMAT, "step": int(step), "num_processes": len(rng),
-                "sha256": {f: _sha256(os.path.join(tmp, f)) for f in _FILES}}
+                "sha256": {f: _sha256(os.path.join(tmp, f)) for f in _FILES},
+                "config": None if config is None else dict(config)}
         with open(os.path.join(tmp, "meta.json"), "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=1)
     if keep > 0:
@@ -100,6 +105,9 @@ def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> Chec
             meta = json.load(f)
         digests = meta["sha256"]
         step, nproc = int(meta["step"]), int(meta["num_processes"])
+        config = meta.get("config")
+        if config is not None and not isinstance(config, dict):
+            raise TypeError("config is not a mapping")
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"checkpoint {path!r} is corrupted or incomplete: meta.json unreadable ({e})") from e
     if meta.get("format") != FORMAT:
@@ -119,7 +127,7 @@ def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> Chec
         raise CheckpointError(f"checkpoint {path!r} is corrupted: {e}") from e
     if len(rng) != nproc:
         raise CheckpointError(f"checkpoint {path!r} is corrupted: {len(rng)} RNG states for {nproc} processes")
-    return Checkpoint(step, params, sampler_state, optimizer, rng, nproc, path)
+    return Checkpoint(step, params, sampler_state, optimizer, rng, nproc, path, config)
 
 
 def _sha256(file: str) -> str:

@@ -13,7 +13,7 @@ import math
 import os
 from dataclasses import dataclass
 import typing
-from typing import Any, Mapping, Sequence
+from typing import Any, ClassVar, Mapping, Sequence
 
 from ..estimators.pairing import AUTO, PAIRINGS, Pairing
 
@@ -44,6 +44,11 @@ def need(cond: bool, msg: str) -> None:
 class LoopConfig:
     """Settings of :func:`halforder.training.loop.train` (optimiser, batches, outputs)."""
 
+    #: The settings a resumed run may change (:mod:`halforder.training.resume`): they say how long
+    #: to train and what to write, not what is trained, so the metrics stay those of one run.
+    RESUMABLE: ClassVar[frozenset[str]] = frozenset({"steps", "eval_every", "checkpoint_every", "keep_checkpoints",
+                                                     "resume", "output_dir", "progress"})
+
     steps: int = knob(100, "number of optimiser updates")
     lr: float = knob(5e-4, "Adam learning rate (the paper: 5e-4)")
     adam_betas: list[float] = knob([0.9, 0.999], "Adam betas (two numbers)", factory=True)
@@ -65,7 +70,8 @@ class LoopConfig:
     eval_every: int = knob(50, "evaluate (e.g. write a sample grid) every this many updates (0: never)")
     checkpoint_every: int = knob(50, "write a checkpoint every this many updates (0: only at the end)")
     keep_checkpoints: int = knob(2, "keep the newest this many checkpoints (0: all)")
-    resume: str | None = knob(None, "checkpoint directory to resume from, or 'latest' in output_dir")
+    resume: str | None = knob(None, "checkpoint directory to resume from, or 'latest' (the newest in output_dir); "
+                                    "only steps and what is written may differ from the run's settings")
     progress: bool = knob(True, "show a progress bar (main process only)")
 
     def __post_init__(self):
@@ -75,7 +81,7 @@ class LoopConfig:
         """Raise :class:`ConfigError` on values that cannot work."""
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
-            need(not isinstance(v, float) or math.isfinite(v), f"{f.name} must be a finite number, got {v!r}")
+            need(not _non_finite(v), f"{f.name} must hold finite numbers only, got {v!r}")
             choices = f.metadata.get("choices")
             need(choices is None or v is None or v in choices, f"{f.name} must be one of {', '.join(map(str, choices or ()))}; "
                                                   f"got {v!r}")
@@ -101,6 +107,28 @@ class LoopConfig:
     def to_dict(self) -> dict[str, Any]:
         """Plain values (lists for tuples), as written to ``output_dir/config.json``."""
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
+
+    def changes_from(self, original: Mapping[str, Any]) -> dict[str, list]:
+        """The settings whose value differs from ``original`` (a run's ``config.json``; a setting
+        it lacks counts as its default), as ``{name: [original, now]}``."""
+        now = self.to_dict()
+        before = {f.name: field_default(f) for f in dataclasses.fields(self)}
+        before.update((k, v) for k, v in original.items() if k in now)
+        return {k: [before[k], v] for k, v in now.items() if before[k] != v}
+
+
+def field_default(f: dataclasses.Field) -> Any:
+    """The default value of a config field (a fresh copy for a list or dict)."""
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+def _non_finite(v: Any) -> bool:
+    """True if ``v`` is, or holds (in a list or dict), a NaN or an infinity."""
+    if isinstance(v, float):
+        return not math.isfinite(v)
+    if isinstance(v, (list, tuple)):
+        return any(map(_non_finite, v))
+    return isinstance(v, dict) and any(map(_non_finite, v.values()))
 
 
 def read_mapping_file(path: str, what: str = "config file", allow_list: bool = False) -> Any:

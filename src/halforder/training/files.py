@@ -3,7 +3,8 @@
 A file or directory is written under a temporary name beside its final one and renamed
 into place, so a crash leaves the old version or the complete new one, never half of
 one. Temporary names start with ``.tmp-``. Modes follow the process's umask, as a plain
-``open`` would (``tempfile`` alone would make them private).
+``open`` or ``mkdir`` would, for everything written (``tempfile`` and some writers, such as
+safetensors, would make them private).
 """
 from __future__ import annotations
 
@@ -21,6 +22,32 @@ def _umask() -> int:
     return mask
 
 
+def _follow_umask(root: str) -> None:
+    """Give ``root`` and everything under it the mode a plain ``open`` or ``mkdir`` would."""
+    mask = _umask()
+    if not os.path.isdir(root):
+        os.chmod(root, 0o666 & ~mask)
+        return
+    for parent, _, files in os.walk(root):
+        os.chmod(parent, 0o777 & ~mask)
+        for name in files:
+            os.chmod(os.path.join(parent, name), 0o666 & ~mask)
+
+
+def check_writable_dir(path: str) -> None:
+    """Raise ``NotADirectoryError`` or ``PermissionError`` (with a message naming ``path``)
+    unless ``path`` is a directory this process can write into, or can be created as one."""
+    existing = os.path.abspath(path)
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise NotADirectoryError(f"output directory {path!r} is a file, not a directory"
+                                 if existing == os.path.abspath(path) else
+                                 f"output directory {path!r} cannot be created: {existing!r} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(f"output directory {path!r} is not writable ({existing!r}: permission denied)")
+
+
 @contextlib.contextmanager
 def atomic_file(path: str, suffix: str = "") -> Iterator[str]:
     """A temporary path to write; renamed to ``path`` when the block ends without error.
@@ -34,7 +61,7 @@ def atomic_file(path: str, suffix: str = "") -> Iterator[str]:
     os.close(fd)
     try:
         yield tmp
-        os.chmod(tmp, 0o666 & ~_umask())
+        _follow_umask(tmp)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -51,7 +78,7 @@ def atomic_dir(path: str) -> Iterator[str]:
     tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
     try:
         yield tmp
-        os.chmod(tmp, 0o777 & ~_umask())
+        _follow_umask(tmp)
         if os.path.exists(path):  # swap, then drop the old one
             old = tempfile.mkdtemp(prefix=".tmp-old-", dir=parent)
             os.replace(path, os.path.join(old, "x"))

@@ -38,9 +38,10 @@ from tqdm.auto import tqdm
 from ..estimators import Estimate, Plan, estimate, grouped, pairing_for
 from ..estimators.protocol import Chain
 from ..estimators.samplers import PlanSampler
-from .checkpoints import Checkpoint, CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoints import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from .config import LoopConfig
-from .files import append_jsonl, write_json, write_text
+from .files import append_jsonl, write_text
+from .resume import check_fits, check_output_dir, check_resume, record_config, resume_path
 
 ROLES = ("FO", "HO", "ZO")
 
@@ -114,20 +115,6 @@ class TrainRNG:
             getattr(self, k).set_state(state[k].cpu())
 
 
-def resume_path(cfg: LoopConfig) -> str | None:
-    """The checkpoint ``cfg.resume`` names (``"latest"``: the newest in ``output_dir``), or None."""
-    if cfg.resume == "latest":
-        return latest_checkpoint(os.path.join(cfg.output_dir, "checkpoints")) if cfg.output_dir else None
-    return cfg.resume
-
-
-def check_output_dir(cfg: LoopConfig) -> None:
-    """A fresh run (no ``cfg.resume``) must not start over the checkpoints of another run."""
-    if cfg.output_dir and cfg.resume is None and latest_checkpoint(os.path.join(cfg.output_dir, "checkpoints")):
-        raise ValueError(f"output directory {cfg.output_dir!r} already holds checkpoints of a run; pass "
-                         f"--resume latest to continue it, or choose another --output-dir")
-
-
 def make_accelerator(mixed_precision: str = "no", cpu: bool | None = None):
     """An ``accelerate.Accelerator`` (CPU when no GPU is present or ``cpu=True``)."""
     from accelerate import Accelerator
@@ -167,20 +154,19 @@ def train(task: Task, sampler: PlanSampler, batches: Sequence, cfg: LoopConfig, 
                             weight_decay=cfg.weight_decay)
     gens = TrainRNG.seeded(cfg.seed, acc.process_index, acc.device)
     sstate = sampler.init()
-    start = 0
+    start, ck = 0, None
     resume = resume_path(cfg)
     if resume:
         ck = load_checkpoint(resume, map_location=acc.device)
+        check_resume(cfg, ck)
         sstate = _restore(ck, params, opt, gens, sstate, acc)
         start = ck.step
-    if start > cfg.steps:
-        raise ValueError(f"the checkpoint is at step {start}, past steps={cfg.steps}")
 
     metrics_path = os.path.join(out, "metrics.jsonl") if out else None
     writer = None
     if main and out:
         os.makedirs(out, exist_ok=True)
-        write_json(os.path.join(out, "config.json"), cfg.to_dict())
+        record_config(out, cfg, ck)
         _truncate_metrics(metrics_path, start)
         writer = _tensorboard(os.path.join(out, "tensorboard"))
     result = TrainResult(start, [], out)
@@ -324,7 +310,7 @@ def _checkpoint(root, step, params, sstate, opt, gens, cfg, acc) -> None:
         rng = [gens.state()]
     if acc.is_main_process:
         save_checkpoint(root, step, {k: p.detach() for k, p in params.items()}, sstate, opt.state_dict(), rng,
-                        keep=cfg.keep_checkpoints)
+                        keep=cfg.keep_checkpoints, config=cfg.to_dict())
     acc.wait_for_everyone()
 
 
@@ -332,15 +318,7 @@ def _restore(ck: Checkpoint, params, opt, gens, sstate, acc):
     if ck.num_processes != acc.num_processes:
         raise CheckpointError(f"checkpoint {ck.path!r} was written by {ck.num_processes} process(es); "
                               f"resume it with the same number (now {acc.num_processes})")
-    if set(ck.params) != set(params):
-        raise CheckpointError(f"checkpoint {ck.path!r} holds other parameters than the model "
-                              f"(different LoRA rank or target modules?)")
-    for k, p in params.items():
-        if ck.params[k].shape != p.shape:
-            raise CheckpointError(f"checkpoint {ck.path!r}: {k} has shape {tuple(ck.params[k].shape)}, "
-                                  f"the model {tuple(p.shape)}")
-    if set(ck.sampler_state) != set(sstate) or any(ck.sampler_state[k].shape != v.shape for k, v in sstate.items()):
-        raise CheckpointError(f"checkpoint {ck.path!r} was written with another plan sampler (or another T or h)")
+    check_fits(ck, params, sstate)
     with torch.no_grad():
         for k, p in params.items():
             p.copy_(ck.params[k])

@@ -1,0 +1,100 @@
+"""`halforder train` on bad input: one line on stderr, exit status 2, nothing written (no output
+directory, no config.json, no empty metrics.jsonl), and messages that say what is wrong."""
+import dataclasses
+import math
+import os
+import typing
+
+import pytest
+
+pytest.importorskip("diffusers")
+pytest.importorskip("peft")
+
+from halforder.diffusion.cli import main  # noqa: E402
+from halforder.diffusion.config import TrainConfig, load_config  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def _fails(tmp_path, capsys, args, match, out=None):
+    out = out or str(tmp_path / "out")
+    assert main(["--preset", "tiny", "--output-dir", out, "--no-progress", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("halforder train: error: ") and err.count("\n") == 1, err
+    assert match in err, err
+    assert not (tmp_path / "out").exists()
+    return err
+
+
+@pytest.mark.parametrize("args,match", [(["--lr", "inf"], "lr must hold finite numbers only, got inf"),
+                                        (["--guidance-scale", "nan"], "guidance_scale must hold finite numbers"),
+                                        (["--adam-betas", "0.9", "nan"], "adam_betas must hold finite numbers"),
+                                        (["--eta", "inf"], "eta must be 'plan' or a finite number"),
+                                        (["--reward-kwargs", '{"target": NaN}'], "reward_kwargs must hold finite")])
+def test_non_finite_numbers_end_the_command_cleanly(tmp_path, capsys, args, match):
+    _fails(tmp_path, capsys, args, match)
+
+
+def _holds_float(tp) -> bool:
+    return tp is float or any(map(_holds_float, typing.get_args(tp)))
+
+
+FLOATS = [f.name for f in dataclasses.fields(TrainConfig) if _holds_float(typing.get_type_hints(TrainConfig)[f.name])]
+
+
+def test_the_float_fields_are_found():
+    assert {"lr", "guidance_scale", "zo_sigma", "adam_betas", "dcot_split", "fps"} <= set(FLOATS)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("name", FLOATS)
+def test_every_float_field_refuses_non_finite_numbers(name, bad):
+    default = getattr(TrainConfig(), name)
+    value = [bad, *default[1:]] if isinstance(default, list) else [bad, 0.5, 0.5] if name == "dcot_split" else bad
+    extra = {"dcot": "dcot.yaml"} if name == "dcot_split" else {}
+    with pytest.raises(ValueError, match=f"{name} must .*finite"):
+        load_config(None, {**extra, name: value})
+
+
+def test_an_output_dir_that_is_a_file(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    _fails(tmp_path, capsys, [], "output directory", out=str(tmp_path / "file"))
+    _fails(tmp_path, capsys, [], "cannot be created", out=str(tmp_path / "file" / "run"))
+    assert (tmp_path / "file").read_text() == "x"
+
+
+def test_an_output_dir_that_cannot_be_written(tmp_path, capsys, monkeypatch):
+    real = os.access      # the check asks os.access (a read-only directory is writable to root)
+    monkeypatch.setattr(os, "access", lambda p, m: False if os.fspath(p) == str(tmp_path) else real(p, m))
+    _fails(tmp_path, capsys, [], "is not writable")
+
+
+def test_nothing_to_resume(tmp_path, capsys):
+    _fails(tmp_path, capsys, ["--resume", "latest"], "nothing to resume")
+
+
+def test_negative_h_is_called_negative(tmp_path, capsys):
+    err = _fails(tmp_path, capsys, ["--h", "-1"], "h=-1 is negative")
+    assert "too large" not in err
+
+
+@pytest.mark.parametrize("args", [["--j-sampling", "fixed", "--j", "9"], ["--j-sampling", "fixed", "--j", "1"],
+                                  ["--j-sampling", "window", "--j-window", "1", "5"]])
+def test_j_is_called_the_start_of_the_block_not_a_step(tmp_path, capsys, args):
+    err = _fails(tmp_path, capsys, args, "needs 2 <= j <= T-h+1 = 5 for the start j of its HO block")
+    assert "step" not in err.replace("steps", ""), err
+
+
+def test_j_sampling_fixed_without_j(tmp_path, capsys):
+    err = _fails(tmp_path, capsys, ["--j-sampling", "fixed"], "got j=None")
+    assert "step" not in err, err
+
+
+@pytest.mark.parametrize("flag", ["--prompts", "--eval-prompts", "--dcot"])
+def test_a_prompt_file_that_does_not_decode_is_named(tmp_path, capsys, flag):
+    bad = tmp_path / ("latin1.yaml" if flag == "--dcot" else "latin1.txt")
+    bad.write_bytes("caf\xe9 au lait\n".encode("latin-1"))
+    _fails(tmp_path, capsys, [flag, str(bad)], repr(str(bad)))
