@@ -236,21 +236,34 @@ def rank(scored: Sequence[Scored], memory_budget: float, time_budget: float | No
     return tuple(ok), tuple(rejected)
 
 
-def search(chain, params, memory_budget: float, *, generator: torch.Generator, n: int = 4,
-           time_budget: float | None = None, space: Space = Space(), chain_for: ChainFor | None = None,
-           pilot_samples: int = 256, baseline=None, repeats: int = 5, probe_memory: float | None = None,
-           progress: bool = False) -> SearchResult:
-    """Rank the candidates of ``space`` on ``chain`` that fit ``memory_budget`` (bytes) and
-    ``time_budget`` (seconds per estimate of ``n`` samples), best first.
+@dataclass(frozen=True)
+class Measured:
+    """Every candidate of a space scored on one chain, with the measurements behind the
+    scores; :meth:`choose` ranks them under budgets (measure once, choose for many)."""
+
+    scored: tuple[Scored, ...]
+    memory: MemoryCosts
+    timing: TimeModel
+    parts: PartVariances = field(repr=False)
+    biased: bool = False
+
+    def choose(self, memory_budget: float, time_budget: float | None = None) -> SearchResult:
+        """The candidates within ``memory_budget`` (bytes) and ``time_budget`` (seconds per
+        estimate, or None), best first."""
+        ranked, rejected = rank(self.scored, memory_budget, time_budget, self.biased)
+        return SearchResult(ranked, rejected, memory_budget, time_budget, self.memory, self.timing, self.parts)
+
+
+def measure(chain, params, *, generator: torch.Generator, n: int = 4, space: Space = Space(),
+            chain_for: ChainFor | None = None, pilot_samples: int = 256, baseline=None, repeats: int = 5,
+            probe_memory: float | None = None, progress: bool = False) -> Measured:
+    """Measure ``chain``'s costs and part variances and score every candidate of ``space``.
 
     Args:
       chain, params: the chain and its parameters; ``chain_for(plan)`` gives the chain of a
         plan whose noise scales depend on it (a diffusion chain's ``for_plan``).
-      memory_budget: activation memory in bytes (what the meter measures, plus the states
-        and sums the engine holds).
       generator: start states and noise of the measurements and pilots.
       n: samples per estimate (the batch size; pairs count as two).
-      time_budget: seconds per estimate, or None.
       space: the candidates (its ``biased`` also admits biased plans to the ranking).
       pilot_samples: pilot rows per part (module :mod:`.part_variances`).
       baseline: the baseline the estimates will use (e.g. ``"loo"``).
@@ -259,20 +272,24 @@ def search(chain, params, memory_budget: float, *, generator: torch.Generator, n
         device's free memory, where probes such as full backprop would not fit).
     """
     chain_for = chain_for or (lambda plan: chain)
-    T = chain.T
-    cands = [c for c in space.candidates(T) if _valid(c.plan, chain_for)]
+    cands = [c for c in space.candidates(chain.T) if _valid(c.plan, chain_for)]
     memory = measure_memory(chain, params, n, generator=generator, chain_for=chain_for)
     limit = float("inf") if probe_memory is None else probe_memory
     timing = fit_time_model(chain, params, n, generator=generator, chain_for=chain_for, repeats=repeats,
                             admit=lambda plan, ck: predicted_memory(memory, plan, ck) <= limit)
-    ks = {c.plan.fo_steps for c in cands}
-    blocks = {c.plan.blocks for c in cands}
-    pairings = {c.pairing for c in cands if Role.ZO in c.plan.roles}
-    parts = measure_part_variances(chain, params, ks=ks, blocks=blocks, pairings=pairings, n=pilot_samples,
+    parts = measure_part_variances(chain, params, ks={c.plan.fo_steps for c in cands},
+                                   blocks={c.plan.blocks for c in cands},
+                                   pairings={c.pairing for c in cands if Role.ZO in c.plan.roles}, n=pilot_samples,
                                    generator=generator, chain_for=chain_for, baseline=baseline, progress=progress)
-    ranked, rejected = rank([score(c, memory, timing, parts, chain_for) for c in cands], memory_budget,
-                            time_budget, space.biased)
-    return SearchResult(ranked, rejected, memory_budget, time_budget, memory, timing, parts)
+    return Measured(tuple(score(c, memory, timing, parts, chain_for) for c in cands), memory, timing, parts,
+                    space.biased)
+
+
+def search(chain, params, memory_budget: float, *, time_budget: float | None = None, **kwargs) -> SearchResult:
+    """Rank the candidates on ``chain`` that fit ``memory_budget`` (bytes: what the meter
+    measures plus the states and sums the engine holds) and ``time_budget`` (seconds per
+    estimate of ``n`` samples, or None), best first. ``kwargs`` are :func:`measure`'s."""
+    return measure(chain, params, **kwargs).choose(memory_budget, time_budget)
 
 
 def _valid(plan: Plan, chain_for: ChainFor) -> bool:
