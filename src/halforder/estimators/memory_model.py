@@ -5,12 +5,14 @@
 gradients saves for backward (``graph``; ``graph_in`` when its input needs no gradient, as
 for the first step of an FO prefix or of an HO block), the bytes a checkpointed step
 keeps (``held``: its inputs) and what its recomputation adds in backward (``recompute``:
-the graph less the inputs already held); and the reward's graph and a state's bytes.
+the graph less the inputs already held); the bytes two consecutive steps' graphs share;
+and the reward's graph and a state's bytes.
 
 :func:`predicted_memory` follows the engine (docs/design.md, "The memory model"): the
 largest of the phases, plus what the engine holds outside autograd,
 
-    FO phase   sum over steps 1..K of (graph, or held if checkpointed)
+    FO phase   sum over steps 1..K of (graph, or held if checkpointed), less the shared
+               bytes counted more than once
                + max(reward graph, the most a checkpointed step's recomputation adds)
     HO phase   per block, the same over its h steps, with the score's eps_j and weights
                in place of the reward graph
@@ -43,6 +45,8 @@ class MemoryCosts:
       n: samples per estimate.
       graph, graph_in, held, recompute: bytes per step, ``[t-1]`` for step t; ``recompute``
         is what a checkpointed step adds to ``held`` while backward recomputes its graph.
+      shared: bytes two consecutive steps' graphs share (the same storage saved by both,
+        e.g. the text conditioning of a diffusion chain), counted once in a segment.
       reward_graph: bytes the reward saves for backward.
       state: bytes of one state (n samples).
       score: bytes the HO score saves (the noise eps_j and the n weights).
@@ -54,6 +58,7 @@ class MemoryCosts:
     graph_in: tuple[int, ...]
     held: tuple[int, ...]
     recompute: tuple[int, ...]
+    shared: int
     reward_graph: int
     state: int
     score: int
@@ -89,14 +94,15 @@ def _segment(costs: MemoryCosts, top: int, bottom: int, checkpoint, extra: int) 
     """Steps top..bottom evaluated with gradients from an input without them, then a
     head that saves ``extra`` bytes; checkpointed steps keep their inputs and recompute
     their graphs one at a time in backward, after the head's backward pass."""
-    kept, recompute = 0, 0
+    kept, recompute, plain = 0, 0, 0
     for t in range(top, bottom - 1, -1):
         if t in checkpoint:
             kept += costs.held[t - 1]
             recompute = max(recompute, costs.recompute[t - 1])
         else:
             kept += costs.graph_in[t - 1] if t == top else costs.graph[t - 1]
-    return kept + max(extra, recompute)
+            plain += 1
+    return kept - costs.shared * max(plain - 1, 0) + max(extra, recompute)
 
 
 # ----------------------------------------------------------------------------- measurement
@@ -121,8 +127,11 @@ def measure_memory(chain, params, n: int, *, generator: torch.Generator,
     exclude = list(params.values())
     x = chain.sample_start(n, generator, dtype)
     graph, graph_in, held, recompute = [0] * T, [0] * T, [0] * T, [0] * T
+    pair = None
     for t in range(T, 0, -1):
         dtheta, sig, eps = _noise(base, t, x, params, generator)
+        if t == 2:
+            pair = (x, dtheta, sig, eps)
         for x_in, out in ((x, graph_in), (_requiring_grad(x), graph)):
             with torch.enable_grad(), SavedTensorMeter(exclude) as meter:
                 y = _noisy_step(base, t, x_in, _perturb(leaves, dtheta), sig, eps)
@@ -138,6 +147,15 @@ def measure_memory(chain, params, n: int, *, generator: torch.Generator,
         del y
         with torch.no_grad():
             x = _noisy_step(base, t, x, _perturb(frozen, dtheta), sig, eps)
+    shared = 0
+    if pair is not None:   # steps 2 and 1 together, against their graphs apart
+        x2, dtheta2, sig2, eps2 = pair
+        dtheta1, sig1, eps1 = _noise(base, 1, x2, params, generator)
+        with torch.enable_grad(), SavedTensorMeter(exclude) as meter:
+            y = _noisy_step(base, 2, x2, _perturb(leaves, dtheta2), sig2, eps2)
+            y = _noisy_step(base, 1, y, _perturb(leaves, dtheta1), sig1, eps1)
+        shared = graph_in[1] + graph[0] - meter.peak
+        del y
     x0 = _requiring_grad(latent(x))
     with torch.enable_grad(), SavedTensorMeter(exclude) as meter:
         r = base.reward(x0)
@@ -146,7 +164,7 @@ def measure_memory(chain, params, n: int, *, generator: torch.Generator,
 
     P = sum(v.numel() * v.element_size() for v in params.values())
     lat = latent(x)
-    return MemoryCosts(n, tuple(graph), tuple(graph_in), tuple(held), tuple(recompute), reward_graph, _bytes(x),
+    return MemoryCosts(n, tuple(graph), tuple(graph_in), tuple(held), tuple(recompute), shared, reward_graph, _bytes(x),
                      lat.numel() * lat.element_size() + n * lat.element_size(), n * P)
 
 
