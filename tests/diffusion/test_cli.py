@@ -136,7 +136,7 @@ SETTINGS = dict(
     j_sampling="softmax", j=5, j_window=[2, 10], j_temperature=0.5, j_decay=0.5, zo_sigma=1e-2, eta="0.5",
     eta_plan=0.2, lora_rank=8, lora_alpha=8.0, lora_targets=["to_q", "to_v"],
     num_frames=8, frames="0,3,7", latent_size=[40, 64], video_model="videocrafter2", video_base="some-org/some-base",
-    fps=28.0, gif_fps=4.0, preset="tiny",
+    fps=28.0, gif_fps=4.0, preset="tiny", memory_budget="2GiB", time_budget="1s", plan_pilots=16,
 )
 # Settings that are only valid together with another one.
 NEEDS = dict(j=dict(j_sampling="fixed"), j_window=dict(j_sampling="window"), dcot_split=dict(dcot="dcot.yaml"),
