@@ -13,7 +13,8 @@ import time
 
 from tqdm.auto import tqdm
 
-from . import e1_unbiasedness, e2_variance, e3_truncation, e4_hstar, e5_convergence, e6_compute, e7_pairing
+from . import (e1_unbiasedness, e2_variance, e3_truncation, e4_hstar, e5_convergence, e6_compute, e7_pairing,
+               e8_plan_search)
 from .common import cli, setup
 
 
@@ -21,7 +22,7 @@ def main() -> None:
     args = cli("Run all halforder experiments (figures and tables into docs/results/).")
     setup()
     times = {}
-    bar = tqdm(total=7, desc="experiments")
+    bar = tqdm(total=8, desc="experiments")
     t0 = time.perf_counter()
 
     def step(name, fn, *a, **kw):
@@ -39,6 +40,7 @@ def main() -> None:
     step("e5_convergence", e5_convergence.run)
     step("e6_compute", e6_compute.run, measured=e2["measured"])
     step("e7_pairing", e7_pairing.run)
+    step("e8_plan_search", e8_plan_search.run)
     bar.close()
     times["total"] = round(time.perf_counter() - t0, 1)
     print("wall seconds:", json.dumps(times))

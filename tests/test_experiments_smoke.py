@@ -14,8 +14,10 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 STEMS = ["e1_unbiasedness", "e2_variance", "e2_prop62_cosine", "e3_truncation", "e4_hstar", "e4_variance_by_h",
-         "e5_convergence", "e6_compute", "e7_pairing", "e7_pairing_cosine", "e7_pairing_tau"]
-FIGURES = ["e1_unbiasedness", "e2_variance", "e3_truncation", "e4_hstar", "e5_convergence", "e6_compute", "e7_pairing"]
+         "e5_convergence", "e6_compute", "e7_pairing", "e7_pairing_cosine", "e7_pairing_tau", "e8_plan_search", "e8_plan_search_candidates",
+         "e8_model_error"]
+FIGURES = ["e1_unbiasedness", "e2_variance", "e3_truncation", "e4_hstar", "e5_convergence", "e6_compute", "e7_pairing",
+           "e8_plan_search"]
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +57,12 @@ def test_quick_tables_are_consistent(quick_out):
     sizes = {"none": 1, "param": 2, "ho": 2, "param+ho": 4}
     assert len(e7) == 5 * len(sizes) and {r["pairing"] for r in e7} == set(sizes)
     assert all(int(r["G"]) == sizes[r["pairing"]] for r in e7)
+    # e8: every budget judged, and the search's memory model exact on the toy chain
+    e8 = _rows(quick_out / "e8_plan_search.csv")
+    assert {r["chain"] for r in e8} == {"toy", "tiny SD"} and all(float(r["top / best (measured var x time)"]) >= 1
+                                                                  for r in e8)
+    err = {r["chain"]: r for r in _rows(quick_out / "e8_model_error.csv")}
+    assert float(err["toy"]["memory: max relative error"]) == 0.0
     # e4: the solver's h* is the largest affordable h and never exceeds it
     for r in _rows(quick_out / "e4_hstar.csv"):
         assert int(r["solver h*"]) == int(r["largest feasible h"])

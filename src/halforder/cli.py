@@ -1,5 +1,6 @@
-"""Command line: halforder demo (toy estimator comparison) and halforder train (reward
-fine-tuning of diffusion models; needs the diffusion extra)."""
+"""Command line: halforder demo (toy estimator comparison), halforder train (reward
+fine-tuning of diffusion models; needs the diffusion extra) and halforder plan (the
+estimator for a run under memory and time budgets; needs the diffusion extra)."""
 from __future__ import annotations
 
 import argparse
@@ -25,11 +26,19 @@ def parser() -> argparse.ArgumentParser:
     demo.add_argument("--samples", type=int, default=50_000, help="independent estimates drawn per plan")
     demo.add_argument("--seed", type=int, default=0, help="seed of the chain and of every draw")
     sub.add_parser("train", help="fine-tune a diffusion model (see: halforder train --help)")
+    sub.add_parser("plan", help="rank the estimators for a fine-tuning run under memory and time budgets "
+                                "(see: halforder plan --help)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "plan":
+        try:
+            from .diffusion.plan_cli import main as plan_main
+        except ImportError as err:
+            raise SystemExit(f"halforder plan needs the diffusion extra: pip install 'halforder[diffusion]' ({err})")
+        return plan_main(argv[1:])
     if argv and argv[0] == "train":
         try:
             from .diffusion.cli import main as train_main

@@ -131,13 +131,13 @@ SETTINGS = dict(
     clip_norm=0.0, baseline="none", pairing="param", seed=5, output_dir=os.path.join("elsewhere", "run"), eval_every=7,
     checkpoint_every=7, keep_checkpoints=0, resume="latest", progress=False,
     task="t2v", model="some-org/some-model", revision="v1.0", scheduler="dpm", T=20, guidance_scale=3.0,
-    negative_prompt="blurry, low quality", mixed_precision="bf16", gradient_checkpointing=True, batching="loop",
+    negative_prompt="blurry, low quality", mixed_precision="bf16", gradient_checkpointing=True, checkpoint_decode=True, compile="default", batching="loop",
     prompts="prompts.txt", eval_prompts="eval.txt", eval_num=2, dcot="dcot.yaml", dcot_split=[0.5, 0.25, 0.25],
     reward="brightness", reward_kwargs={"target": 0.5}, estimator="truncated_random", h=3, k=3,
     j_sampling="softmax", j=5, j_window=[2, 10], j_temperature=0.5, j_decay=0.5, zo_sigma=1e-2, eta="0.5",
     eta_plan=0.2, lora_rank=8, lora_alpha=8.0, lora_targets=["to_q", "to_v"],
     num_frames=8, frames="0,3,7", latent_size=[40, 64], video_model="videocrafter2", video_base="some-org/some-base",
-    fps=28.0, gif_fps=4.0, preset="tiny",
+    fps=28.0, gif_fps=4.0, preset="tiny", memory_budget="2GiB", time_budget="1s", plan_pilots=16,
 )
 # Settings that are only valid together with another one.
 VIDEO, VC2 = dict(task="t2v"), dict(task="t2v", video_model="videocrafter2")

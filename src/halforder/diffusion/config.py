@@ -19,6 +19,7 @@ from typing import Any, ClassVar, Mapping
 import torch
 
 from ..estimators.samplers import FAMILIES, J_SAMPLING, PlanSampler, make_sampler
+from ..estimators.search import parse_bytes, parse_seconds
 from ..training.config import ConfigError, LoopConfig, field_default, from_mapping, knob, need, read_mapping_file
 from .denoiser import BATCHING
 from .lora import DEFAULT_TARGETS
@@ -107,8 +108,12 @@ class TrainConfig(LoopConfig):
                                factory=True)
 
     # ------------------------------------------------------------------ estimator
-    estimator: str = knob("rlr", "estimator family (truncated_random and rlr_no_zo are biased, for comparisons)",
-                          choices=FAMILIES)
+    estimator: str = knob("rlr", "estimator family (truncated_random and rlr_no_zo are biased, for comparisons); "
+                                 "auto: the plan search chooses under memory_budget (docs/plan-search.md)",
+                          choices=(*FAMILIES, "auto"))
+    memory_budget: str | None = knob(None, "estimator auto: activation memory budget, e.g. 2GiB or 512MiB")
+    time_budget: str | None = knob(None, "estimator auto: time budget per estimate (one micro-batch), e.g. 1s")
+    plan_pilots: int = knob(64, "estimator auto: pilot estimates per part of a plan (more: a surer choice)")
     h: int = knob(2, "RLR: length of the half-order block (0 <= h <= T-1; the paper: 2)")
     k: int = knob(1, "truncated backprop: first-order steps K (truncated_random: K uniform on 1..k)")
     j_sampling: str = knob("uniform", "RLR: law of the block start j: uniform, softmax (of running gradient norms), "
@@ -150,7 +155,16 @@ class TrainConfig(LoopConfig):
         before anything is written."""
         super().check()
         need(self.T >= 1, f"T must be a positive integer, got {self.T!r}")
-        self.sampler()                              # h, k, j and the window, by the samplers' own rules
+        if self.estimator == "auto":
+            try:
+                need(self.memory_budget is not None, "estimator auto needs a memory budget (memory_budget, e.g. 2GiB)")
+                parse_bytes(self.memory_budget)
+                self.time_budget is None or parse_seconds(self.time_budget)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+            need(self.plan_pilots >= 2, f"plan_pilots must be >= 2, got {self.plan_pilots}")
+        else:
+            self.sampler()                          # h, k, j and the window, by the samplers' own rules
         need(self.zo_sigma > 0, f"zo_sigma must be > 0, got {self.zo_sigma}")
         need(self.eta_plan > 0, f"eta_plan must be > 0, got {self.eta_plan}")
         need(self.eta_value() == "plan" or self.eta_value() >= 0, f"eta must be 'plan' or a number >= 0, "

@@ -15,16 +15,18 @@ from dataclasses import dataclass
 
 import torch
 
-from ..estimators.samplers import PlanSampler
-from ..training.checkpoints import load_checkpoint
 from ..estimators.gradient_checkpointing import checkpoint_blocks
-from ..training.files import atomic_dir
+from ..estimators.samplers import PlanSampler
+from ..estimators.search import SearchResult
+from ..training.checkpoints import load_checkpoint
+from ..training.files import atomic_dir, write_text
 from ..training.loop import Hooks, TrainResult, make_accelerator, train
 from ..training.resume import check_fits, check_output_dir, check_resume, resume_path
 from .components import Components, load_components, tiny_components
 from .config import PRECISIONS, TINY_EVAL_PROMPTS, TINY_MODEL, TINY_PROMPTS, TrainConfig
 from .dcot import DCoTConditioning, StepSplit, load_dcot_prompts
 from .lora import add_lora
+from .planning import choose, report
 from .previews import save_grid, write_video
 from .rewards import REWARDS, make_reward
 from .sd_chain import ImageView, unet_latent_shape
@@ -38,13 +40,14 @@ EVAL_SEED_OFFSET = 7919   # sample grids use seed + this, so that they are compa
 
 @dataclass(frozen=True, eq=False)
 class Prepared:
-    """What :func:`prepare` builds: the task, the plan sampler, the training prompts and the
-    held-out prompts of the sample grids."""
+    """What :func:`prepare` builds: the task, the plan sampler, the training prompts, the
+    held-out prompts of the sample grids and, with estimator auto, the plan search."""
 
     task: DiffusionTask
     sampler: PlanSampler
     prompts: list[str]
     eval_prompts: list[str]
+    search: SearchResult | None = None
 
 
 def read_prompts(path: str) -> list[str]:
@@ -136,7 +139,7 @@ def prepare(cfg: TrainConfig, device="cpu") -> Prepared:
         raise ValueError("a prompt file is needed (--prompts FILE, one prompt per line)")
     if cfg.eval_prompts is not None:
         eval_prompts = read_prompts(cfg.eval_prompts)
-    sampler = cfg.sampler()
+    sampler = None if cfg.estimator == "auto" else cfg.sampler()
     check_output_dir(cfg)
     resume = resume_path(cfg)
     checkpoint = load_checkpoint(resume) if resume else None   # verified now, before anything is written
@@ -144,11 +147,14 @@ def prepare(cfg: TrainConfig, device="cpu") -> Prepared:
         check_resume(cfg, checkpoint)
     reward = build_reward(cfg, device)
     task = build_task(cfg, build_components(cfg, device), reward, device, step_prompts)
+    search = None
+    if sampler is None:
+        task, sampler, search = choose(cfg, task, prompts)
     if checkpoint is not None:
         check_fits(checkpoint, task.trainable(), sampler.init())
     plan = sampler.sample(sampler.init(), torch.Generator().manual_seed(cfg.seed))
     plan.validate(task.chain(plan, prompts[:1]))   # e.g. an HO block needs eta > 0 where it ends
-    return Prepared(task, sampler, prompts, list(eval_prompts or prompts)[:cfg.eval_num])
+    return Prepared(task, sampler, prompts, list(eval_prompts or prompts)[:cfg.eval_num], search)
 
 
 def run(cfg: TrainConfig, prepared: Prepared, accelerator=None) -> TrainResult:
@@ -172,5 +178,7 @@ def run(cfg: TrainConfig, prepared: Prepared, accelerator=None) -> TrainResult:
             videos = task.view.videos(task.sample(eval_prompts, generator()))
             write_video(videos, os.path.join(out, "samples", "final.gif"), cfg.gif_fps)
 
+    if prepared.search is not None and cfg.output_dir and acc.is_main_process:
+        write_text(os.path.join(cfg.output_dir, "plan_search.txt"), report(prepared.search) + "\n")
     hooks = Hooks(evaluate=evaluate if cfg.output_dir else None, export=export)
     return train(task, prepared.sampler, prepared.prompts, cfg, accelerator=acc, hooks=hooks)

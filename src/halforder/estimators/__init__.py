@@ -8,7 +8,9 @@
 :mod:`.protocol` is the chain protocol, :mod:`.plan` the roles, :mod:`.engine` how each
 role's estimate is computed, :mod:`.samplers` which plan each training step uses,
 :mod:`.draws` many per-sample estimates, :mod:`.pairing` antithetic groups, :mod:`.memory` the activation-memory meter,
-:mod:`.gradient_checkpointing` per-step recomputation, :mod:`.theory` the paper's theory.
+:mod:`.gradient_checkpointing` per-step recomputation, :mod:`.theory` the paper's theory,
+:mod:`.search` the choice of an estimator under budgets (from :mod:`.memory_model`,
+:mod:`.time_model` and :mod:`.part_variances`).
 """
 from .baselines import leave_one_out
 from .draws import Samples, draw_estimates, flatten
@@ -18,10 +20,11 @@ from .memory import SavedTensorMeter
 from .pairing import PAIRINGS, Pairing, group_means, grouped, pairing_for
 from .plan import Plan, Role
 from .protocol import Chain, detach, latent, with_latent
+from .search import Candidate, SearchResult, Space, search
 from .samplers import (DropZO, FixedPlan, PlanSampler, RandomTruncation, SoftmaxRLR, UniformRLR, WindowRLR,
                        make_sampler)
 
-__all__ = ["PAIRINGS", "Chain", "Checkpointed", "DropZO", "Estimate", "FixedPlan", "Pairing", "Plan", "PlanSampler",
-           "RandomTruncation", "Role", "Samples", "SavedTensorMeter", "SoftmaxRLR", "UniformRLR", "WindowRLR", "detach",
+__all__ = ["PAIRINGS", "Candidate", "Chain", "Checkpointed", "DropZO", "Estimate", "FixedPlan", "Pairing", "Plan", "PlanSampler",
+           "RandomTruncation", "Role", "Samples", "SavedTensorMeter", "SearchResult", "Space", "SoftmaxRLR", "UniformRLR", "WindowRLR", "detach",
            "draw_estimates", "estimate", "flatten", "group_means", "grouped", "latent", "leave_one_out", "make_sampler",
-           "pairing_for", "with_latent"]
+           "pairing_for", "search", "with_latent"]

@@ -1,0 +1,202 @@
+"""Experiment 8: the plan search (halforder.estimators.search) against direct measurement.
+
+For each chain the search measures once (memory per step, a time model fitted to probe
+plans, pilot variances of the parts) and chooses under several memory budgets. For each
+budget, at least 20 feasible candidates (the 10 top-ranked and 10 spread over the rest of
+the ranking, plus the paper's h* plan on the toy chain) are then measured directly:
+variance per chain evaluation from n_var per-sample estimates (G x tr Cov of a pair's
+mean with pairing; 95% CI), seconds per estimate of a batch (median over repeats of the
+process's CPU time: other jobs share this machine, and CPU time of a one-thread process
+is robust to them), activation memory with the meter (plus the states the engine holds).
+The search is judged on the *measured* variance x time of its top-ranked plan against the
+best measured one: targets 1.10 on the toy chain, 1.20 on tiny SD.
+
+(a) The default linear chain (T = 50, batch 8); budgets of 4, 16 and 64 step graphs; the
+    paper's choice: RLR(h, j = middle) with h from eq. (8) (theory.paper_h_star; V_h, V_z
+    measured as in e4; B_h one step graph, B_z = 0.03 B_h, the paper's ratio).
+(b) The tiny SD chain (random tiny UNet and VAE, T = 6, batch 4, LoRA rank 2, brightness
+    reward, the paper's noise recipe: eta 0.1 where HO blocks end, tau 1e-3 on ZO steps,
+    leave-one-out baseline); budgets: the least memory of any plan with an FO step, that of
+    checkpointed full backprop, and that of full backprop.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from halforder.estimators import Pairing, Plan, SavedTensorMeter, draw_estimates, estimate, grouped, theory
+from halforder.estimators.memory_model import predicted_held
+from halforder.estimators.part_variances import measure_part_variances
+from halforder.estimators.search import Candidate, Scored, Space, measure, score
+from halforder.estimators.time_model import median_seconds
+
+from .common import ChainConfig, default_chain, save_fig, trace_var, write_table
+
+TARGET = {"toy": 1.10, "tiny SD": 1.20}
+
+
+def direct(chain_for, cand: Candidate, params, memory, *, n_var: int, n: int, repeats: int, seed: int, baseline):
+    """Measured (variance per evaluation with its CI, seconds per estimate, memory bytes)."""
+    chain = cand.chain(chain_for)
+    G = Pairing.parse(cand.pairing).size
+    s = draw_estimates(chain, cand.plan, params, n_var, generator=torch.Generator().manual_seed(seed),
+                       pairing=cand.pairing, baseline=baseline, chunk=min(n_var, 1024))
+    tv = trace_var(s.grad.double().cpu())
+    dtype = next(iter(params.values())).dtype
+    x = grouped(chain.sample_start(n // G, torch.Generator().manual_seed(seed + 1), dtype), G)
+
+    def once():
+        return estimate(chain, cand.plan, params, x, generator=torch.Generator().manual_seed(seed + 2),
+                        pairing=cand.pairing, baseline=baseline)
+
+    seconds = median_seconds(once, repeats, "cpu")
+    with SavedTensorMeter(params.values()) as meter:
+        once()
+    return (G * tv.value, G * tv.lo, G * tv.hi), seconds, meter.peak + predicted_held(memory, cand.plan)
+
+
+def pick(ranked: tuple[Scored, ...], top: int = 10, spread: int = 10) -> list[Scored]:
+    """The ``top`` best and ``spread`` evenly spaced through the rest."""
+    rest = ranked[top:]
+    idx = sorted({int(round(i)) for i in np.linspace(0, len(rest) - 1, min(spread, len(rest)))}) if rest else []
+    return list(ranked[:top]) + [rest[i] for i in idx]
+
+
+def evaluate(label, chain, chain_for, params, measured, budgets, extra, *, n, n_var, repeats, baseline, seed, top):
+    """Direct measurement of the picked candidates for every budget; rows and a summary."""
+    cache, rows, summary = {}, [], []
+    for budget_name, budget in budgets:
+        result = measured.choose(budget)
+        chosen = pick(result.ranked, top, top)
+        if extra.get(budget_name) is not None:
+            chosen.append(extra[budget_name])
+        for s in tqdm(chosen, desc=f"e8 {label} {budget_name}", leave=False):
+            if s.candidate not in cache:
+                cache[s.candidate] = s, direct(chain_for, s.candidate, params, measured.memory, n_var=n_var, n=n,
+                                               repeats=repeats, seed=seed, baseline=baseline)
+        rank_of = {s.candidate: i for i, s in enumerate(result.ranked, 1)}
+        measured_score = {s.candidate: cache[s.candidate][1][0][0] * cache[s.candidate][1][1] for s in chosen}
+        best = min(measured_score, key=measured_score.get)
+        first = result.ranked[0].candidate
+        paper = extra.get(budget_name)
+        for s in chosen:
+            (v, lo, hi), sec, mem = cache[s.candidate][1]
+            rows.append([label, budget_name, budget, rank_of.get(s.candidate, "paper"), s.candidate.name,
+                         "yes" if s.unbiased else "no", s.memory, mem, s.time, sec, s.variance, v, lo, hi,
+                         s.score, v * sec, v * sec / measured_score[best]])
+        summary.append([label, budget_name, budget, len(result.ranked), len(chosen), first.name, best.name,
+                        measured_score[first] / measured_score[best], TARGET[label],
+                        paper.candidate.name if paper else "—",
+                        measured_score[paper.candidate] / measured_score[best] if paper else None])
+    return rows, summary, cache
+
+
+def toy_part(quick: bool):
+    cfg = ChainConfig()
+    chain, params = default_chain(cfg)
+    n = 8
+    space = Space(ks=(0, 1, 4, 50), hs=(1, 2), positions=2) if quick else Space()
+    measured = measure(chain, params, generator=torch.Generator().manual_seed(0), n=n, space=space,
+                       pilot_samples=256 if quick else 4096, repeats=3 if quick else 9)
+    unit = measured.memory.graph[0]
+    budgets = [(f"{k} step graphs", k * unit) for k in (4, 16, 64)]
+    sv = theory.measure_step_variances(chain, params, 256 if quick else 4096,
+                                       generator=torch.Generator().manual_seed(5), steps=(2, 26, 50))
+    extra = {}
+    for name, B in budgets:   # the paper's plan, scored with a pilot of its own block
+        hs = theory.solve_h_star(cfg.T, sv.V_h, sv.V_z, B, unit, 0.03 * unit)
+        h = hs.paper_h if hs.paper_h is not None and 0 <= hs.paper_h <= cfg.T - 1 else hs.h
+        plan = Plan.rlr(cfg.T, h, None if h == 0 else 2 + (cfg.T - h - 1) // 2)
+        pilot = measure_part_variances(chain, params, ks=(1,), blocks=(plan.blocks,), pairings=("none",),
+                                       n=measured.parts.n, generator=torch.Generator().manual_seed(6))
+        parts = replace(measured.parts, ho={**measured.parts.ho, **pilot.ho})
+        extra[name] = score(Candidate(plan), measured.memory, measured.timing, parts, lambda p: chain)
+    out = evaluate("toy", chain, lambda p: chain, params, measured, budgets, extra, n=n,
+                   n_var=512 if quick else 16384, repeats=3 if quick else 15, baseline=None, seed=11,
+                   top=5 if quick else 10)
+    return measured, out, f"{cfg.describe()}; batch {n}; V_h = {sv.V_h:.4g}, V_z = {sv.V_z:.4g}"
+
+
+def sd_part(quick: bool):
+    from halforder.diffusion import add_lora, make_chain, tiny_components
+    from halforder.diffusion.rewards import make_reward
+
+    comp = tiny_components(0)
+    params = {k: v.detach() for k, v in add_lora(comp.unet, rank=2, alpha=2.0, seed=0).items()}
+    T, n = (2 if quick else 6), 4
+    base = make_chain(comp, T, ["a red square"], make_reward("brightness"), guidance_scale=2.0)
+
+    def chain_for(plan):
+        return base.for_plan(plan, ho_eta=0.1, zo_sigma=1e-3)
+
+    space = Space(hs=(1,), checkpoint=False) if quick else Space()
+    measured = measure(base, params, generator=torch.Generator().manual_seed(0), n=n, chain_for=chain_for,
+                       space=space, pilot_samples=8 if quick else 256, repeats=1 if quick else 7, baseline="loo")
+    mem = {s.candidate: s.memory for s in measured.scored}
+    fo = min(m for c, m in mem.items() if c.plan.fo_steps)
+    full = mem[Candidate(Plan.full(T))]
+    full_ck = mem.get(Candidate(Plan.full(T), "none", ("FO",)), full)
+    budgets = [("least with an FO step", fo), ("full backprop checkpointed", full_ck), ("full backprop", full)]
+    out = evaluate("tiny SD", base, chain_for, params, measured, budgets, {}, n=n, n_var=8 if quick else 256,
+                   repeats=1 if quick else 7, baseline="loo", seed=11, top=3 if quick else 10)
+    return measured, out, (f"tiny SD chain: random tiny UNet/VAE, T = {T}, batch {n}, LoRA rank 2 "
+                           f"({sum(v.numel() for v in params.values())} parameters), brightness reward, eta 0.1 at "
+                           "HO block ends, tau 1e-3 on ZO steps, leave-one-out baseline")
+
+
+def run(out, quick: bool = False) -> dict:
+    parts = [("toy", toy_part(quick)), ("tiny SD", sd_part(quick))]
+    rows, summary, errors = [], [], []
+    for label, (measured, (r, s, cache), desc) in parts:
+        rows += r
+        summary += s
+        v = np.array([[p.variance, m[0][0]] for p, m in cache.values()])
+        t = np.array([[p.time, m[1]] for p, m in cache.values()])
+        mm = np.array([[p.memory, m[2]] for p, m in cache.values()])
+        errors.append([label, desc, len(cache), float(np.median(np.abs(np.log(v[:, 0] / v[:, 1])))),
+                       float(np.max(np.abs(np.log(v[:, 0] / v[:, 1])))),
+                       float(np.median(np.abs(np.log(t[:, 0] / t[:, 1])))),
+                       float(np.max(np.abs(np.log(t[:, 0] / t[:, 1])))), float(np.max(np.abs(mm[:, 0] / mm[:, 1] - 1)))])
+    head = ["chain", "budget", "bytes", "rank", "candidate", "unbiased", "memory predicted", "memory measured",
+            "s predicted", "s measured", "variance predicted", "variance measured", "CI low", "CI high",
+            "var x time predicted", "var x time measured", "/ best measured"]
+    write_table(out, "e8_plan_search_candidates", head, rows,
+                "**Every directly measured candidate.** `rank` in the search's ranking under that budget (`paper`: "
+                "the paper's h* plan). Variance per chain evaluation, 95% CI; seconds: median CPU time per estimate.")
+    write_table(out, "e8_plan_search", ["chain", "budget", "bytes", "feasible", "measured", "top-ranked",
+                                        "best measured", "top / best (measured var x time)", "target",
+                                        "paper's h* plan", "paper / best"], summary,
+                "**The search against direct measurement.** For each budget, the search's top-ranked plan and the "
+                "plan with the lowest *measured* variance x time among those measured; the ratio of their measured "
+                "variance x time (1 = the search found the best).")
+    write_table(out, "e8_model_error", ["chain", "setting", "candidates", "variance: median |log(pred/meas)|",
+                                        "variance: max", "time: median |log(pred/meas)|", "time: max",
+                                        "memory: max relative error"], errors,
+                "**Model errors** over the directly measured candidates (|log ratio| 0.1 is about 10%). Memory: "
+                "the prediction against the meter's measurement plus the held states.")
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    for ax, label in zip(axes, ("toy", "tiny SD")):
+        sel = [r for r in rows if r[0] == label]
+        for b in sorted({r[1] for r in sel}, key=lambda name: [r[2] for r in sel if r[1] == name][0]):
+            pts = np.array([[r[14], r[15]] for r in sel if r[1] == b])
+            ax.loglog(pts[:, 0], pts[:, 1], "o", alpha=0.6, label=f"budget: {b}")
+        lim = [min(ax.get_xlim()[0], ax.get_ylim()[0]), max(ax.get_xlim()[1], ax.get_ylim()[1])]
+        ax.plot(lim, lim, "k:", lw=1)
+        ax.set_xlabel("predicted variance x time")
+        ax.set_ylabel("measured variance x time")
+        ax.set_title(f"plan search, {label}")
+        ax.legend(fontsize=7)
+    save_fig(fig, out, "e8_plan_search")
+    return {"summary": summary, "errors": errors}
+
+
+if __name__ == "__main__":
+    from .common import cli, setup
+
+    args = cli(__doc__.splitlines()[0])
+    setup()
+    run(args.out, args.quick)

@@ -1,0 +1,52 @@
+"""`halforder plan` and `halforder train --estimator auto`: bad budgets end with exit status 2
+and a one-line message; an auto run trains the searched plan and records the choice."""
+import json
+import os
+
+import pytest
+
+pytest.importorskip("diffusers")
+pytest.importorskip("peft")
+
+from halforder.cli import main  # noqa: E402
+from halforder.estimators.search import parse_bytes, parse_seconds  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def test_sizes_and_durations_parse():
+    assert parse_bytes("2GiB") == 2 * 2 ** 30 and parse_bytes("512MiB") == 512 * 2 ** 20
+    assert parse_bytes("1.5GB") == 1_500_000_000 and parse_bytes("4096") == 4096
+    assert parse_seconds("1s") == 1.0 and parse_seconds("250ms") == 0.25 and parse_seconds("2min") == 120.0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["plan", "--preset", "tiny", "--memory", "2XB"], "not a size: '2XB'"),
+    (["plan", "--preset", "tiny", "--memory", "0GiB"], "a size must be > 0"),
+    (["plan", "--preset", "tiny", "--memory", "2GiB", "--time", "fast"], "not a duration: 'fast'"),
+    (["train", "--preset", "tiny", "--estimator", "auto"], "estimator auto needs a memory budget"),
+    (["train", "--preset", "tiny", "--estimator", "auto", "--memory-budget", "lots"], "not a size: 'lots'"),
+])
+def test_bad_budgets_exit_2_with_one_line(tmp_path, capsys, argv, message):
+    os.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not os.listdir(tmp_path)
+
+
+def test_auto_trains_the_searched_plan_and_records_it(tmp_path, capsys):
+    out = tmp_path / "auto"
+    assert main(["train", "--preset", "tiny", "--T", "2", "--steps", "1", "--estimator", "auto",
+                 "--memory-budget", "64MiB", "--plan-pilots", "4", "--output-dir", str(out), "--no-progress"]) == 0
+    capsys.readouterr()
+    rec = json.loads(open(out / "metrics.jsonl").readline())
+    assert rec["plan"].startswith("auto: ")
+    table = (out / "plan_search.txt").read_text()
+    chosen = rec["plan"][len("auto: "):]
+    assert f"chosen: {chosen}: lowest variance x time" in table and "   1  " + chosen in table
+    cfg = json.load(open(out / "config.json"))
+    assert cfg["estimator"] == "auto" and cfg["memory_budget"] == "64MiB"
