@@ -23,9 +23,11 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--seed", type=int, default=0)
     sub.add_parser("train", help="fine-tune a diffusion model (see `halforder train --help`)")
     args = parser.parse_args(argv)
-    from .toy.demo import comparison_table
-    if args.T < 6:
-        parser.error("--T must be at least 6 for the demo's two-block plan")
+    from .toy.demo import check_demo, comparison_table
+    try:
+        check_demo(args.T, args.d, args.samples)
+    except ValueError as e:
+        demo.error(str(e))
     print(comparison_table(args.T, args.d, args.samples, args.seed))
     return 0
 
