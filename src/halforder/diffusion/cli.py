@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         from ..training.loop import make_accelerator
         from .run import prepare, run
 
-        acc = make_accelerator(cfg.mixed_precision)
+        acc = make_accelerator(cfg.mixed_precision, report_to=cfg.report_to, output_dir=cfg.output_dir)
         prepared = prepare(cfg, acc.device)
     except (ValueError, OSError) as e:
         print(f"halforder train: error: {e}", file=sys.stderr)

@@ -16,6 +16,7 @@ import typing
 from typing import Any, Mapping, Sequence
 
 from ..estimators.pairing import AUTO, PAIRINGS, Pairing
+from .trackers import JSONL, TRACKERS
 
 
 def knob(default: Any, help: str, *, choices: Sequence[Any] | None = None, factory: bool = False) -> Any:
@@ -67,6 +68,10 @@ class LoopConfig:
     keep_checkpoints: int = knob(2, "keep the newest this many checkpoints (0: all)")
     resume: str | None = knob(None, "checkpoint directory to resume from, or 'latest' in output_dir")
     progress: bool = knob(True, "show a progress bar (main process only)")
+    report_to: list[str] = knob([JSONL], "where the records go, one or more of: jsonl (metrics.jsonl in output_dir), "
+                                         "tensorboard (event files in output_dir/tensorboard; pip install "
+                                         "'halforder[tensorboard]'), wandb (a Weights & Biases run; pip install wandb)",
+                                choices=TRACKERS, factory=True)
 
     def __post_init__(self):
         self.check()
@@ -77,8 +82,8 @@ class LoopConfig:
             v = getattr(self, f.name)
             need(not isinstance(v, float) or math.isfinite(v), f"{f.name} must be a finite number, got {v!r}")
             choices = f.metadata.get("choices")
-            need(choices is None or v is None or v in choices, f"{f.name} must be one of {', '.join(map(str, choices or ()))}; "
-                                                  f"got {v!r}")
+            need(choices is None or v is None or all(x in choices for x in (v if isinstance(v, list) else [v])),
+                 f"{f.name} must be one of {', '.join(map(str, choices or ()))}; got {v!r}")
         for name in ("steps", "batch_size", "grad_accum"):
             v = getattr(self, name)
             need(isinstance(v, int) and v >= 1, f"{name} must be a positive integer, got {v!r}")

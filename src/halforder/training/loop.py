@@ -41,6 +41,7 @@ from ..estimators.samplers import PlanSampler
 from .checkpoints import Checkpoint, CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import LoopConfig
 from .files import append_jsonl, write_json, write_text
+from . import trackers
 
 ROLES = ("FO", "HO", "ZO")
 
@@ -63,7 +64,9 @@ class Hooks:
     Attributes:
       evaluate: ``step -> metrics``, main process only, at step 0 (before training), every
         ``eval_every`` updates and at the last one; a non-empty result is written as a
-        record ``{"step": step, "eval": metrics}``.
+        record ``{"step": step, "eval": metrics}``. Numbers go to the trackers as
+        ``eval/<name>`` scalars; a :class:`~halforder.training.trackers.SampleImages` value
+        as images with their prompts and rewards (the JSONL record keeps prompts and rewards).
       on_step: ``(record, estimate)`` after every update (the estimate averaged over
         micro-batches and processes; ``grad`` is the ascent direction before clipping).
       stop: ``record -> bool``; True ends training after that update (e.g. a compute budget).
@@ -128,13 +131,22 @@ def check_output_dir(cfg: LoopConfig) -> None:
                          f"--resume latest to continue it, or choose another --output-dir")
 
 
-def make_accelerator(mixed_precision: str = "no", cpu: bool | None = None):
-    """An ``accelerate.Accelerator`` (CPU when no GPU is present or ``cpu=True``)."""
+def make_accelerator(mixed_precision: str = "no", cpu: bool | None = None, *, report_to: Sequence[str] = (),
+                     output_dir: str | None = None):
+    """An ``accelerate.Accelerator`` (CPU when no GPU is present or ``cpu=True``) with the
+    trackers ``report_to`` names (:mod:`halforder.training.trackers`; TensorBoard writes to
+    ``output_dir/tensorboard``). ``ValueError`` when a tracker's package is missing."""
     from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
 
     cpu = (not torch.cuda.is_available()) if cpu is None else cpu
+    log_with = trackers.log_with(report_to)
+    if "tensorboard" in log_with and not output_dir:
+        raise ValueError("report_to tensorboard writes into the output directory: give one (output_dir)")
+    project = (ProjectConfiguration(project_dir=output_dir, logging_dir=os.path.join(output_dir, "tensorboard"))
+               if output_dir else None)
     try:
-        return Accelerator(cpu=cpu, mixed_precision=mixed_precision)
+        return Accelerator(cpu=cpu, mixed_precision=mixed_precision, log_with=log_with or None, project_config=project)
     except (ValueError, RuntimeError) as e:
         raise ValueError(f"mixed_precision={mixed_precision!r} is not available here: {e}") from e
 
@@ -156,7 +168,8 @@ def train(task: Task, sampler: PlanSampler, batches: Sequence, cfg: LoopConfig, 
     if not batches:
         raise ValueError("no training prompts (batches)")
     check_output_dir(cfg)
-    acc = accelerator if accelerator is not None else make_accelerator()
+    acc = accelerator if accelerator is not None else make_accelerator(report_to=cfg.report_to,
+                                                                       output_dir=cfg.output_dir)
     main = acc.is_main_process
     out = cfg.output_dir
     params = task.trainable()
@@ -176,13 +189,12 @@ def train(task: Task, sampler: PlanSampler, batches: Sequence, cfg: LoopConfig, 
     if start > cfg.steps:
         raise ValueError(f"the checkpoint is at step {start}, past steps={cfg.steps}")
 
-    metrics_path = os.path.join(out, "metrics.jsonl") if out else None
-    writer = None
+    metrics_path = os.path.join(out, "metrics.jsonl") if out and trackers.JSONL in cfg.report_to else None
+    trackers.start(acc, cfg.report_to, cfg.to_dict())
     if main and out:
         os.makedirs(out, exist_ok=True)
         write_json(os.path.join(out, "config.json"), cfg.to_dict())
-        _truncate_metrics(metrics_path, start)
-        writer = _tensorboard(os.path.join(out, "tensorboard"))
+        _truncate_metrics(os.path.join(out, "metrics.jsonl"), start)
     result = TrainResult(start, [], out)
 
     def log(rec):
@@ -194,7 +206,8 @@ def train(task: Task, sampler: PlanSampler, batches: Sequence, cfg: LoopConfig, 
         if main and hooks.evaluate is not None:
             metrics = hooks.evaluate(step)
             if metrics:
-                log({"step": step, "eval": dict(metrics)})
+                log({"step": step, "eval": trackers.plain(metrics)})
+                trackers.track(acc, step, metrics, prefix="eval/")
 
     if cfg.eval_every and start == 0:
         evaluate(0)
@@ -231,10 +244,7 @@ def train(task: Task, sampler: PlanSampler, batches: Sequence, cfg: LoopConfig, 
         result.step = step
         log(rec)
         if main:
-            if writer is not None:
-                for k, v in rec.items():
-                    if isinstance(v, (int, float)) and not isinstance(v, bool):
-                        writer.add_scalar(k, v, step)
+            trackers.track(acc, step, rec)
             bar.update(1)
             bar.set_postfix(reward=rec["reward_mean"], skipped=int(rec["skipped"]))
         if hooks.on_step is not None:
@@ -247,8 +257,8 @@ def train(task: Task, sampler: PlanSampler, batches: Sequence, cfg: LoopConfig, 
         if last:
             break
     bar.close()
-    if writer is not None:
-        writer.close()
+    if main:
+        trackers.finish(acc)
     if main and out and hooks.export is not None:
         hooks.export(out)
     acc.wait_for_everyone()
@@ -360,11 +370,3 @@ def _truncate_metrics(path: str, step: int) -> None:
     with open(path, encoding="utf-8") as f:
         keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
     write_text(path, "".join(keep))
-
-
-def _tensorboard(logdir: str):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        return None
-    return SummaryWriter(logdir)
