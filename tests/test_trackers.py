@@ -15,26 +15,12 @@ from accelerate.tracking import GeneralTracker  # noqa: E402
 
 from halforder.estimators import Plan  # noqa: E402
 from halforder.estimators.samplers import FixedPlan  # noqa: E402
-from halforder.toy import tanh_chain  # noqa: E402
-from halforder.training.config import ConfigError, LoopConfig  # noqa: E402
+from halforder.training.config import ConfigError  # noqa: E402
 from halforder.training.loop import Hooks, make_accelerator, train  # noqa: E402
 from halforder.training.trackers import SampleImages  # noqa: E402
+from test_training import ToyTask as Task, _cfg as loop_cfg  # noqa: E402  (the loop's toy task and settings)
 
 PROMPTS = ["a red square", "a blue circle"]
-
-
-class Task:
-    """A tanh chain (T=4, d=3) as a training task."""
-
-    def __init__(self):
-        self.base, params = tanh_chain(T=4, d=3, sigma=0.3, tau=0.1, seed=0)
-        self.params = {k: torch.nn.Parameter(v.clone()) for k, v in params.items()}
-
-    def trainable(self):
-        return self.params
-
-    def chain(self, plan, prompts, generator=None):
-        return self.base
 
 
 class Recorder(GeneralTracker):
@@ -62,10 +48,7 @@ class Recorder(GeneralTracker):
 
 
 def _cfg(tmp_path, **kw):
-    base = dict(steps=2, batch_size=4, grad_accum=1, lr=1e-2, eval_every=2, checkpoint_every=0,
-                output_dir=str(tmp_path / "run"), progress=False)
-    base.update(kw)
-    return LoopConfig(**base)
+    return loop_cfg(tmp_path, **{"steps": 2, "eval_every": 2, **kw})
 
 
 def _evaluate(step):
