@@ -135,6 +135,10 @@ class _HistoryChain:
     def reward(self, x0):
         return self.inner.reward(x0)
 
+    def sample_start(self, n, generator=None):
+        x = self.inner.sample_start(n, generator)
+        return (x, torch.zeros_like(x))
+
 
 def test_tuple_states_give_the_same_estimates(chain8):
     chain, params = chain8

@@ -47,9 +47,11 @@ def main(argv: list[str] | None = None) -> int:
         return train_main(argv[1:])
     p = parser()
     args = p.parse_args(argv)
-    from .toy.demo import comparison_table
-    if args.T < 6:
-        p.error("--T must be at least 6 for the demo's two-block plan")
+    from .toy.demo import check_demo, comparison_table
+    try:
+        check_demo(args.T, args.d, args.samples)
+    except ValueError as e:
+        p.exit(2, f"{p.prog} demo: error: {e}\n")
     print(comparison_table(args.T, args.d, args.samples, args.seed))
     return 0
 

@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             from ..training.loop import make_accelerator
             from .run import prepare, run
 
-            acc = make_accelerator()   # no autocast: cfg.mixed_precision is the model's dtype
+            acc = make_accelerator(report_to=cfg.report_to, output_dir=cfg.output_dir)   # no autocast: see mixed_precision
             prepared = prepare(cfg, acc.device)
         except (ValueError, OSError) as e:
             print(f"halforder train: error: {e}", file=sys.stderr)

@@ -63,7 +63,8 @@ class TrainConfig(LoopConfig):
 
     #: Beyond the loop's: what the sample grids show, and how (not what) the estimate is computed.
     RESUMABLE: ClassVar[frozenset[str]] = LoopConfig.RESUMABLE | {"eval_prompts", "eval_num", "gif_fps", "preset",
-                                                                  "gradient_checkpointing", "batching"}
+                                                                  "gradient_checkpointing", "checkpoint_decode",
+                                                                  "compile", "batching"}
 
     # ------------------------------------------------------------------ model
     task: str = knob("t2i", "t2i: text-to-image (a UNet2DConditionModel); t2v: text-to-video (a UNet3D)",

@@ -22,6 +22,7 @@ from ..training.checkpoints import load_checkpoint
 from ..training.files import atomic_dir, write_text
 from ..training.loop import Hooks, TrainResult, make_accelerator, train
 from ..training.resume import check_fits, check_output_dir, check_resume, resume_path
+from ..training.trackers import SampleImages
 from .components import Components, load_components, tiny_components
 from .config import PRECISIONS, TINY_EVAL_PROMPTS, TINY_MODEL, TINY_PROMPTS, TrainConfig
 from .dcot import DCoTConditioning, StepSplit, load_dcot_prompts
@@ -160,16 +161,17 @@ def prepare(cfg: TrainConfig, device="cpu") -> Prepared:
 def run(cfg: TrainConfig, prepared: Prepared, accelerator=None) -> TrainResult:
     """Train ``prepared`` with the library's loop, writing sample grids, the LoRA adapter and
     (video) a GIF under ``cfg.output_dir``."""
-    acc = accelerator if accelerator is not None else make_accelerator()
+    acc = accelerator if accelerator is not None else make_accelerator(report_to=cfg.report_to,
+                                                                           output_dir=cfg.output_dir)
     task, eval_prompts = prepared.task, prepared.eval_prompts
 
     def generator():
         return torch.Generator(device=acc.device).manual_seed(cfg.seed + EVAL_SEED_OFFSET)
 
     def evaluate(step: int) -> dict:
-        save_grid(task.previews(eval_prompts, generator()),
-                  os.path.join(cfg.output_dir, "samples", f"step_{step:08d}.png"))
-        return {}
+        images, rewards = task.evaluate(eval_prompts, generator())
+        save_grid(images, os.path.join(cfg.output_dir, "samples", f"step_{step:08d}.png"))
+        return {"reward_mean": float(rewards.mean()), "samples": SampleImages(images, eval_prompts, rewards.tolist())}
 
     def export(out: str) -> None:
         with atomic_dir(os.path.join(out, "lora")) as tmp:

@@ -94,6 +94,13 @@ class DiffusionTask:
         """Images ``[N, 3, H, W]`` in [0, 1] of :meth:`sample`, for sample grids."""
         return self.view.preview(self.sample(prompts, generator))
 
+    def evaluate(self, prompts: Sequence[str], generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """The previews of :meth:`sample` (the same images as :meth:`previews`) and each
+        sample's reward ``[N]`` (for video with random frames, frames drawn from a fixed seed)."""
+        z = self.sample(prompts, generator)
+        with torch.no_grad():
+            return self.view.preview(z), self.base_chain(prompts).reward(z).float()
+
     def save_adapter(self, directory: str) -> None:
         """The LoRA adapter in the layout ``load_lora_weights`` reads."""
         save_lora(self.components.unet, directory)

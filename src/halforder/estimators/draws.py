@@ -13,7 +13,7 @@ from typing import Mapping
 import torch
 from tqdm.auto import tqdm
 
-from .engine import estimate
+from .engine import checked_inputs, estimate
 from .pairing import Pairing, group_means, grouped
 from .plan import Plan
 from .protocol import Chain
@@ -47,7 +47,11 @@ def draw_estimates(chain: Chain, plan: Plan, params, n: int, *, generator: torch
     With ``pairing`` (:mod:`~halforder.estimators.pairing`) each row is the mean of one
     antithetic group of G samples sharing its start state, so n rows cost n * G chain
     evaluations. With ``baseline="loo"`` the leave-one-out mean is taken within each chunk."""
-    pairing = Pairing.parse(pairing)
+    with checked_inputs(chain, plan, params):
+        return _draw(chain, plan, params, n, generator, chunk, baseline, Pairing.parse(pairing), progress)
+
+
+def _draw(chain, plan, params, n, generator, chunk, baseline, pairing, progress) -> Samples:
     G = pairing.size
     dtype = next(iter(params.values())).dtype
     grads, parts, rewards = [], {"FO": [], "HO": [], "ZO": []}, []

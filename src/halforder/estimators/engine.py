@@ -23,14 +23,15 @@ the FO backward pass has freed that graph.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Mapping, Union
+from typing import Iterator, Mapping, Union
 
 import torch
 
 from .baselines import leave_one_out
 from .pairing import Pairing
-from .protocol import Chain, State, detach, latent, with_latent
+from .protocol import Chain, State, check_chain, detach, latent, with_latent
 from .plan import Plan, Role
 
 Baseline = Union[None, str, float, torch.Tensor]
@@ -81,7 +82,55 @@ def estimate(chain: Chain, plan: Plan, params: Mapping[str, torch.Tensor], x_T: 
     Returns:
       An :class:`Estimate`.
     """
+    with checked_inputs(chain, plan, params, x_T):
+        return _estimate(chain, plan, params, x_T, generator, per_sample, baseline, pairing)
+
+
+@contextlib.contextmanager
+def checked_inputs(chain, plan, params, x_T: State | None = None) -> Iterator[None]:
+    """The one check of :func:`estimate`'s arguments, once per call: ``TypeError`` or
+    ``ValueError`` naming the mistake (plan and chain swapped, a chain outside the protocol, a
+    plan the chain cannot run, ``params`` that are not tensors by name, ``x_T`` (if given) not
+    shaped like the chain's start states); a ``KeyError`` for a parameter name that ``params`` lacks, raised
+    inside the block, becomes a ``ValueError`` that names it."""
+    if isinstance(chain, Plan) and not isinstance(plan, Plan):
+        raise TypeError("estimate(chain, plan, params, x_T): the plan came first; pass the chain first, then the plan")
+    if not isinstance(plan, Plan):
+        raise TypeError(f"plan must be a Plan (e.g. Plan.rlr(T, h, j)), got {type(plan).__name__}")
+    check_chain(chain)
     plan.validate(chain)
+    if not isinstance(params, Mapping) or not all(isinstance(v, torch.Tensor) for v in params.values()):
+        raise TypeError(f"params must map parameter names to tensors, got {type(params).__name__}")
+    if x_T is not None:
+        _check_start(chain, x_T)
+    try:
+        yield
+    except KeyError as e:
+        key = e.args[0] if e.args else None
+        if isinstance(key, str) and key not in params:
+            raise ValueError(f"the chain looks up parameter {key!r}, which params lacks (params holds: "
+                             f"{', '.join(map(str, params)) or 'nothing'})") from e
+        raise
+
+
+def _check_start(chain, x_T: State) -> None:
+    lat = latent(x_T)
+    if not isinstance(lat, torch.Tensor) or lat.dim() == 0:
+        raise TypeError(f"x_T must be start states with the sample axis first (chain.sample_start(n, generator)), "
+                        f"got {type(lat).__name__}")
+    want = _shape(chain.sample_start(1, torch.Generator(device=lat.device)))   # one draw, for its shape
+    if _shape(x_T) != want:
+        raise ValueError(f"x_T has per-sample shape {_shape(x_T)} (shape {_shape(x_T, 0)}), but the chain's start "
+                         f"states have {want}: x_T must be [N, ...] with the sample axis first, as "
+                         f"chain.sample_start(N, generator) returns")
+
+
+def _shape(x: State, skip: int = 1):
+    """A state's per-sample shape (its whole shape with ``skip=0``; a tuple of them for tuple states)."""
+    return tuple(_shape(v, skip) for v in x) if isinstance(x, tuple) else tuple(x.shape[skip:])
+
+
+def _estimate(chain, plan, params, x_T, generator, per_sample, baseline, pairing) -> Estimate:
     pairing = Pairing.parse(pairing)
     G = pairing.size
     x0_latent = latent(x_T)

@@ -62,6 +62,17 @@ class Chain(Protocol):
     def sample_start(self, n: int, generator: torch.Generator | None = None) -> State: ...
 
 
+MEMBERS = (*Chain.__annotations__, *(k for k, v in vars(Chain).items() if callable(v) and not k.startswith("_")))
+
+
+def check_chain(chain) -> None:
+    """Raise ``TypeError`` naming the members of the chain protocol that ``chain`` lacks."""
+    missing = [m for m in MEMBERS if not hasattr(chain, m)]
+    if missing:
+        raise TypeError(f"{type(chain).__name__} is not a chain: it lacks {', '.join(missing)} of the chain protocol "
+                        f"(halforder.estimators.protocol.Chain: {', '.join(MEMBERS)}; docs/design.md, 'The chain')")
+
+
 def latent(x: State) -> torch.Tensor:
     """The latent of a state: the state itself, or its first element."""
     return x[0] if isinstance(x, tuple) else x

@@ -16,6 +16,7 @@ import typing
 from typing import Any, ClassVar, Mapping, Sequence
 
 from ..estimators.pairing import AUTO, PAIRINGS, Pairing
+from .trackers import JSONL, TRACKERS
 
 
 def knob(default: Any, help: str, *, choices: Sequence[Any] | None = None, factory: bool = False) -> Any:
@@ -47,7 +48,7 @@ class LoopConfig:
     #: The settings a resumed run may change (:mod:`halforder.training.resume`): they say how long
     #: to train and what to write, not what is trained, so the metrics stay those of one run.
     RESUMABLE: ClassVar[frozenset[str]] = frozenset({"steps", "eval_every", "checkpoint_every", "keep_checkpoints",
-                                                     "resume", "output_dir", "progress"})
+                                                     "resume", "output_dir", "progress", "report_to"})
 
     steps: int = knob(100, "number of optimiser updates")
     lr: float = knob(5e-4, "Adam learning rate (the paper: 5e-4)")
@@ -73,6 +74,10 @@ class LoopConfig:
     resume: str | None = knob(None, "checkpoint directory to resume from, or 'latest' (the newest in output_dir); "
                                     "only steps and what is written may differ from the run's settings")
     progress: bool = knob(True, "show a progress bar (main process only)")
+    report_to: list[str] = knob([JSONL], "where the records go, one or more of: jsonl (metrics.jsonl in output_dir), "
+                                         "tensorboard (event files in output_dir/tensorboard; pip install "
+                                         "'halforder[tensorboard]'), wandb (a Weights & Biases run; pip install wandb)",
+                                choices=TRACKERS, factory=True)
 
     def __post_init__(self):
         self.check()
@@ -83,8 +88,8 @@ class LoopConfig:
             v = getattr(self, f.name)
             need(not _non_finite(v), f"{f.name} must hold finite numbers only, got {v!r}")
             choices = f.metadata.get("choices")
-            need(choices is None or v is None or v in choices, f"{f.name} must be one of {', '.join(map(str, choices or ()))}; "
-                                                  f"got {v!r}")
+            need(choices is None or v is None or all(x in choices for x in (v if isinstance(v, list) else [v])),
+                 f"{f.name} must be one of {', '.join(map(str, choices or ()))}; got {v!r}")
         for name in ("steps", "batch_size", "grad_accum"):
             v = getattr(self, name)
             need(isinstance(v, int) and v >= 1, f"{name} must be a positive integer, got {v!r}")

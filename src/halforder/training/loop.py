@@ -40,6 +40,7 @@ from ..estimators.protocol import Chain
 from ..estimators.samplers import PlanSampler
 from .checkpoints import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from .config import LoopConfig
+from . import trackers
 from .files import append_jsonl, write_text
 from .resume import check_fits, check_output_dir, check_resume, record_config, resume_path
 
@@ -64,7 +65,9 @@ class Hooks:
     Attributes:
       evaluate: ``step -> metrics``, main process only, at step 0 (before training), every
         ``eval_every`` updates and at the last one; a non-empty result is written as a
-        record ``{"step": step, "eval": metrics}``.
+        record ``{"step": step, "eval": metrics}``. Numbers go to the trackers as
+        ``eval/<name>`` scalars; a :class:`~halforder.training.trackers.SampleImages` value
+        as images with their prompts and rewards (the JSONL record keeps prompts and rewards).
       on_step: ``(record, estimate)`` after every update (the estimate averaged over
         micro-batches and processes; ``grad`` is the ascent direction before clipping).
       stop: ``record -> bool``; True ends training after that update (e.g. a compute budget).
@@ -115,15 +118,21 @@ class TrainRNG:
             getattr(self, k).set_state(state[k].cpu())
 
 
-def make_accelerator(mixed_precision: str = "no", cpu: bool | None = None):
-    """An ``accelerate.Accelerator`` (CPU when no GPU is present or ``cpu=True``)."""
+def make_accelerator(cpu: bool | None = None, *, report_to: Sequence[str] = (), output_dir: str | None = None):
+    """An ``accelerate.Accelerator`` (CPU when no GPU is present or ``cpu=True``) with the
+    trackers ``report_to`` names (:mod:`halforder.training.trackers`; TensorBoard writes to
+    ``output_dir/tensorboard``). ``ValueError`` when a tracker's package is missing. No
+    autocast: a task keeps its own precision (the estimators' sums stay float32)."""
     from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
 
     cpu = (not torch.cuda.is_available()) if cpu is None else cpu
-    try:
-        return Accelerator(cpu=cpu, mixed_precision=mixed_precision)
-    except (ValueError, RuntimeError) as e:
-        raise ValueError(f"mixed_precision={mixed_precision!r} is not available here: {e}") from e
+    log_with = trackers.log_with(report_to)
+    if "tensorboard" in log_with and not output_dir:
+        raise ValueError("report_to tensorboard writes into the output directory: give one (output_dir)")
+    project = (ProjectConfiguration(project_dir=output_dir, logging_dir=os.path.join(output_dir, "tensorboard"))
+               if output_dir else None)
+    return Accelerator(cpu=cpu, log_with=log_with or None, project_config=project)
 
 
 def train(task: Task, sampler: PlanSampler, batches: Sequence, cfg: LoopConfig, *, accelerator=None,
@@ -143,7 +152,8 @@ def train(task: Task, sampler: PlanSampler, batches: Sequence, cfg: LoopConfig, 
     if not batches:
         raise ValueError("no training prompts (batches)")
     check_output_dir(cfg)
-    acc = accelerator if accelerator is not None else make_accelerator()
+    acc = accelerator if accelerator is not None else make_accelerator(report_to=cfg.report_to,
+                                                                       output_dir=cfg.output_dir)
     main = acc.is_main_process
     out = cfg.output_dir
     params = task.trainable()
@@ -162,13 +172,12 @@ def train(task: Task, sampler: PlanSampler, batches: Sequence, cfg: LoopConfig, 
         sstate = _restore(ck, params, opt, gens, sstate, acc)
         start = ck.step
 
-    metrics_path = os.path.join(out, "metrics.jsonl") if out else None
-    writer = None
+    metrics_path = os.path.join(out, "metrics.jsonl") if out and trackers.JSONL in cfg.report_to else None
+    trackers.start(acc, cfg.report_to, cfg.to_dict())
     if main and out:
         os.makedirs(out, exist_ok=True)
         record_config(out, cfg, ck)
-        _truncate_metrics(metrics_path, start)
-        writer = _tensorboard(os.path.join(out, "tensorboard"))
+        _truncate_metrics(os.path.join(out, "metrics.jsonl"), start)
     result = TrainResult(start, [], out)
 
     def log(rec):
@@ -180,7 +189,8 @@ def train(task: Task, sampler: PlanSampler, batches: Sequence, cfg: LoopConfig, 
         if main and hooks.evaluate is not None:
             metrics = hooks.evaluate(step)
             if metrics:
-                log({"step": step, "eval": dict(metrics)})
+                log({"step": step, "eval": trackers.plain(metrics)})
+                trackers.track(acc, step, metrics, prefix="eval/")
 
     if cfg.eval_every and start == 0:
         evaluate(0)
@@ -191,7 +201,7 @@ def train(task: Task, sampler: PlanSampler, batches: Sequence, cfg: LoopConfig, 
         t0 = time.perf_counter()
         plan = sampler.sample(sstate, gens.plan)
         with around():
-            est = local_estimate(task, plan, params, batches, cfg, gens, acc.autocast)
+            est = local_estimate(task, plan, params, batches, cfg, gens)
         vec = _flatten(est, names)
         if acc.num_processes > 1:
             vec = acc.reduce(vec, reduction="mean")
@@ -217,10 +227,7 @@ def train(task: Task, sampler: PlanSampler, batches: Sequence, cfg: LoopConfig, 
         result.step = step
         log(rec)
         if main:
-            if writer is not None:
-                for k, v in rec.items():
-                    if isinstance(v, (int, float)) and not isinstance(v, bool):
-                        writer.add_scalar(k, v, step)
+            trackers.track(acc, step, rec)
             bar.update(1)
             bar.set_postfix(reward=rec["reward_mean"], skipped=int(rec["skipped"]))
         if hooks.on_step is not None:
@@ -233,8 +240,8 @@ def train(task: Task, sampler: PlanSampler, batches: Sequence, cfg: LoopConfig, 
         if last:
             break
     bar.close()
-    if writer is not None:
-        writer.close()
+    if main:
+        trackers.finish(acc)
     if main and out and hooks.export is not None:
         hooks.export(out)
     acc.wait_for_everyone()
@@ -242,8 +249,7 @@ def train(task: Task, sampler: PlanSampler, batches: Sequence, cfg: LoopConfig, 
 
 
 # ----------------------------------------------------------------------------- one update
-def local_estimate(task: Task, plan: Plan, params, batches: Sequence, cfg: LoopConfig, rng: TrainRNG,
-                   autocast=contextlib.nullcontext) -> Estimate:
+def local_estimate(task: Task, plan: Plan, params, batches: Sequence, cfg: LoopConfig, rng: TrainRNG) -> Estimate:
     """This process's estimate for one update: the mean over ``cfg.grad_accum`` micro-batches
     of ``cfg.batch_size`` samples each, items drawn with ``rng.data`` and noise from
     ``rng.noise``. With pairing (``cfg.pairing``) a micro-batch holds ``batch_size / G``
@@ -256,8 +262,7 @@ def local_estimate(task: Task, plan: Plan, params, batches: Sequence, cfg: LoopC
         idx = torch.randint(len(batches), (cfg.batch_size // G,), generator=rng.data)
         chain = task.chain(plan, grouped([batches[i] for i in idx.tolist()], G), rng.noise)
         x_T = grouped(chain.sample_start(cfg.batch_size // G, rng.noise), G)
-        with autocast():
-            ests.append(estimate(chain, plan, params, x_T, generator=rng.noise, baseline=baseline, pairing=pairing))
+        ests.append(estimate(chain, plan, params, x_T, generator=rng.noise, baseline=baseline, pairing=pairing))
     mean = (lambda ds: {k: sum(d[k] for d in ds) / len(ds) for k in ds[0]})
     return Estimate(mean([e.grad for e in ests]), torch.cat([e.reward.float() for e in ests]),
                     {r: mean([e.parts[r] for e in ests]) for r in ROLES})
@@ -338,11 +343,3 @@ def _truncate_metrics(path: str, step: int) -> None:
     with open(path, encoding="utf-8") as f:
         keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
     write_text(path, "".join(keep))
-
-
-def _tensorboard(logdir: str):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        return None
-    return SummaryWriter(logdir)

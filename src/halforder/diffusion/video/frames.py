@@ -113,7 +113,7 @@ class VideoView:
                   ) -> DecodedVideoReward:
         """The frames' generator is seeded from ``generator``: random frames are reproducible
         (and checkpointed with it) but drawn apart from the samples' noise."""
-        if generator is None:   # previews: the reward is not called
+        if generator is None:   # evaluation (DiffusionTask.evaluate): frames from a fixed seed
             return DecodedVideoReward(reward, tuple(prompts), self.vae, self.frames, torch.Generator().manual_seed(0))
         frames_gen = torch.Generator(device=generator.device)
         frames_gen.manual_seed(int(torch.randint(0, 2 ** 62, (), generator=generator, device=generator.device)))

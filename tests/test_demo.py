@@ -1,0 +1,44 @@
+"""``halforder demo``: a verdict only where the test can be made, clean errors for settings
+that cannot work."""
+import pytest
+
+from halforder.cli import main
+
+
+def _rows(text):
+    return [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| plan")]
+
+
+def test_too_few_samples_are_said_as_such(capsys):
+    # d = 3: 12 gradient coordinates, so 10 samples leave the sample covariance singular
+    assert main(["demo", "--samples", "10"]) == 0
+    out = capsys.readouterr().out
+    rows = _rows(out)
+    assert len(rows) == 7
+    assert all("| too few samples to test |" in r for r in rows)
+    assert "| biased |" not in out
+    assert "more samples than the 12 gradient coordinates" in out
+
+
+def test_enough_samples_give_verdicts(capsys):
+    # 13 samples > 12 coordinates: every row is tested (seeded, so the verdicts are fixed)
+    assert main(["demo", "--samples", "13"]) == 0
+    rows = _rows(capsys.readouterr().out)
+    assert len(rows) == 7
+    assert all(("| consistent |" in r) or ("| biased |" in r) for r in rows)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--samples", "1"], "samples must be at least 2"),
+    (["--samples", "0"], "samples must be at least 2"),
+    (["--d", "0"], "d (the chain's dimension) must be at least 1"),
+    (["--T", "5"], "T must be at least 6"),
+])
+def test_impossible_settings_exit_2_with_one_message(capsys, argv, message):
+    with pytest.raises(SystemExit) as exc:
+        main(["demo", *argv])
+    assert exc.value.code == 2
+    err = capsys.readouterr()
+    assert err.out == ""
+    assert f"halforder demo: error: {message}" in err.err
+    assert "Traceback" not in err.err

@@ -1,0 +1,152 @@
+"""Every command in README.md, run the way a new user would, leaves ``git status`` clean; the
+README's Python examples give the outputs it shows; its stated times agree with the other
+places that state them, and it says how to get the CPU build of torch.
+
+The commands run in a copy of the working tree that is its own git repository (so that the
+developer's own ``runs/`` does not interfere). Each command found in the README must be
+listed in ``HOW``: run as written, run with extra flags that make it cheaper (same outputs,
+same places), or not run, with the reason.
+"""
+import doctest
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+README = REPO / "README.md"
+PROGRAMS = ("python", "python3", "halforder", "torchrun", "accelerate", "pip", ".")
+
+# command (as written in the README) -> extra flags to run it with, or the reason it is not run
+RUN = ""
+HOW = {
+    "python3 -m venv .venv": "not run: creates .venv/, a git-ignored path (test_setup_outputs_are_ignored)",
+    ". .venv/bin/activate": "not run: changes the calling shell only",
+    "pip install torch==2.13.0 -e .": "not run: needs the network; writes git-ignored paths only",
+    'pip install torch==2.13.0 -e ".[test,diffusion,plots]"': "not run: needs the network; writes git-ignored paths only",
+    "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu": "not run: needs the network",
+    "python -m pytest -q": "not run: the test suite, this test included",
+    "halforder demo": RUN,
+    "python -m experiments.run_all": "not run: about 6 min; deterministic, it rewrites docs/results/ byte for byte",
+    "python -m experiments.run_all --quick": RUN,
+    "python experiments/finetune_cpu.py --jobs 2 --out runs/finetune": "not run: 75 min (its --quick form is run)",
+    "python experiments/finetune_cpu.py --quick": "--methods full --seeds 0 --lrs 0.01",
+    "halforder train --preset tiny --output-dir runs/tiny": RUN,
+    "halforder train --preset tiny-video --output-dir runs/tiny-video": RUN,
+    ("halforder train --model CompVis/stable-diffusion-v1-4 --prompts prompts.txt --reward aesthetic --estimator rlr "
+     "--h 2 --j-sampling uniform --zo-sigma 1e-3 --T 50 --steps 2000 --lr 5e-4 --batch-size 4 --grad-accum 2 "
+     "--mixed-precision bf16 --output-dir runs/sd14-aesthetic"): "not run: needs a GPU and the model's download",
+    "halforder train --help": RUN,
+    "halforder train": "not run: the layout list naming the command, not a command line",
+    "torchrun --standalone --nproc_per_node 2 -m halforder train ...": "not run: elided (tests/diffusion/test_multiprocess.py)",
+    "accelerate launch --num_processes 8 -m halforder train ...": "not run: needs 8 GPUs",
+    "python benchmarks/toy_throughput.py": "--n 256 --repeats 1",
+    "python benchmarks/diffusion_memory.py --out runs/diffusion_memory.md": "--T 5 6 --repeats 1",
+    "python benchmarks/video_memory.py --out runs/video_memory.md": "--T 4 --num-frames 2",
+}
+
+
+def readme_commands(text: str) -> list[str]:
+    """The shell commands of the README: indented code lines (backslash continuations joined)
+    and inline code spans that start with a program, each split at ``&&``, comments dropped."""
+    lines, found, block = text.splitlines(), [], ""
+    for line in lines:
+        if line.startswith("    ") and not line.lstrip().startswith(">>>"):
+            block += " " + line.strip()
+            if block.endswith("\\"):
+                block = block[:-1]
+                continue
+            found.append(block.strip())
+        block = ""
+    found += re.findall(r"`([^`\n]+)`", text)
+    commands = []
+    for c in found:
+        for part in c.split(" && "):
+            part = re.sub(r"\s+#.*$", "", " ".join(part.split()))
+            if part.split(" ")[0] in PROGRAMS and part not in commands:
+                commands.append(part)
+    return commands
+
+
+COMMANDS = readme_commands(README.read_text())
+
+
+def _git(cwd, *args) -> str:
+    return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout
+
+
+@pytest.fixture(scope="module")
+def clone(tmp_path_factory):
+    """The working tree's files (tracked, and untracked but not ignored) in a fresh repository."""
+    root = tmp_path_factory.mktemp("clone")
+    for name in _git(REPO, "ls-files", "-z", "--cached", "--others", "--exclude-standard").split("\0"):
+        if name and (REPO / name).is_file():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, root / name)
+    _git(root, "init", "-q")
+    _git(root, "add", "-A")
+    _git(root, "-c", "user.name=test", "-c", "user.email=test@example.com", "commit", "-q", "-m", "copy")
+    assert _git(root, "status", "--porcelain") == ""
+    return root
+
+
+def test_every_readme_command_is_listed():
+    assert set(COMMANDS) == set(HOW), (sorted(set(COMMANDS) - set(HOW)), sorted(set(HOW) - set(COMMANDS)))
+
+
+@pytest.mark.parametrize("command", [c for c in HOW if not HOW[c].startswith("not run")])
+def test_readme_command_leaves_git_status_clean(clone, command):
+    argv = shlex.split(command) + shlex.split(HOW[command])
+    if argv[0] == "halforder":
+        argv = [sys.executable, "-m", "halforder.cli", *argv[1:]]
+    elif argv[0] in ("python", "python3"):
+        argv = [sys.executable, *argv[1:]]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(clone / "src"), str(clone)]), HF_HUB_OFFLINE="1",
+               OMP_NUM_THREADS="1", MPLBACKEND="Agg")
+    proc = subprocess.run(argv, cwd=clone, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _git(clone, "status", "--porcelain", "--untracked-files=all") == ""
+
+
+def test_setup_outputs_are_ignored(clone):
+    # what the set-up and test commands write: the environment, pip's metadata, pytest's caches
+    for path in (".venv/bin/python", "src/halforder.egg-info/PKG-INFO", "build/lib/x.py", ".pytest_cache/v",
+                 ".hypothesis/examples/x", "runs/anything"):
+        assert subprocess.run(["git", "check-ignore", "-q", path], cwd=clone).returncode == 0, path
+
+
+def test_readme_python_examples_give_the_outputs_shown(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    result = doctest.testfile(str(README), module_relative=False, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted >= 20 and result.failed == 0
+
+
+def test_readme_checks_the_estimate_through_its_standard_errors():
+    # the API example does not leave the relative error as the only check against the truth
+    text = README.read_text()
+    assert "mean_test(s.grad, t).pvalue" in text and "s.grad.std(0) / s.n ** 0.5" in text
+
+
+def _time(path: Path, quick: bool) -> list[str]:
+    """The times stated on the lines that run ``experiments.run_all`` (with or without --quick)."""
+    lines = [line for line in path.read_text().splitlines()
+             if "python -m experiments.run_all" in line and ("--quick" in line) == quick]
+    return [t for line in lines for t in re.findall(r"about (\d+ (?:min|s)) on one core", line)]
+
+
+@pytest.mark.parametrize("quick", [False, True])
+def test_run_all_time_is_one_figure_everywhere(quick):
+    places = [README, REPO / "experiments" / "README.md", REPO / "experiments" / "run_all.py",
+              REPO / "docs" / "results.md"]
+    times = {str(p.relative_to(REPO)): _time(p, quick) for p in places}
+    assert all(len(t) == 1 for t in times.values()), times
+    assert len({t[0] for t in times.values()}) == 1, times
+
+
+def test_readme_says_how_to_get_the_cpu_build_of_torch():
+    assert "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu" in README.read_text()
