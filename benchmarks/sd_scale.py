@@ -15,7 +15,7 @@ evaluated with gradients and the VAE decoder's blocks recomputed in backward):
 Then the agreement checks: per-sample estimates with ``vmap`` against the per-sample loop,
 and a bf16 base against a float32 base, from the same noise.
 
-    python benchmarks/sd_scale.py --size tiny --repeats 0                # CPU smoke run (seconds)
+    python benchmarks/sd_scale.py --tiny                                  # CPU smoke run (seconds)
     python benchmarks/sd_scale.py --size quarter --T 6 --repeats 0       # CPU, memory only (minutes)
     python benchmarks/sd_scale.py --size sd14 --device cuda --out docs/results/sd_scale_h100.md
 
@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import sys
 import time
 
 import torch
@@ -168,7 +169,8 @@ def agreement(size, device, T, batch):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--size", choices=("tiny", *SIZES), default="tiny")
+    ap.add_argument("--size", choices=("tiny", *SIZES), default="sd14")
+    ap.add_argument("--tiny", action="store_true", help="smoke run: --size tiny --device cpu --T 6 --repeats 0")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", choices=("fp32", "bf16"), default="bf16", help="the frozen model's dtype")
     ap.add_argument("--T", type=int, default=50)
@@ -178,13 +180,15 @@ def main(argv=None):
                     "('no' to skip)")
     ap.add_argument("--out", default=None, help="markdown file (default: runs/sd_scale/<size>_<device>.md)")
     args = ap.parse_args(argv)
+    if args.tiny:
+        args.size, args.device, args.T, args.repeats, args.compile = "tiny", "cpu", 6, 0, "no"
     if args.T < 4:
         ap.error("--T must be at least 4 (RLR h=3 needs a block of 3 steps after j = T/2)")
     out = args.out or os.path.join("runs", "sd_scale", f"{args.size}_{args.device}.md")
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     setup = build(args.size, dtype, args.device)
     lines = [f"# Every plan at `{args.size}` size on {device_name(args.device)}", "",
-             f"Written by `benchmarks/sd_scale.py {' '.join(argv if argv is not None else [])}`: {args.dtype} frozen "
+             f"Written by `python benchmarks/sd_scale.py {' '.join(sys.argv[1:] if argv is None else argv)}`: {args.dtype} frozen "
              f"model, float32 LoRA (rank 4, attention), T = {args.T} DDIM steps, CFG 7.5, brightness reward on the "
              "decoded image. Saved = peak bytes autograd keeps (deterministic); reference = one step graph + "
              "T + 1 states; lean = every step with gradients and the VAE decoder's blocks checkpointed.", ""]

@@ -21,7 +21,7 @@ likelihood-ratio (HO) terms have noise to work with; ZO steps add parameter nois
 Run (from the repository root):
 
     python experiments/finetune_cpu.py --jobs 2     # full run, writes docs/results/finetune_*
-    python experiments/finetune_cpu.py --quick      # smoke test, under a minute, writes runs/finetune-quick
+    python experiments/finetune_cpu.py --quick      # smoke test, about a minute of CPU time, writes runs/finetune-quick
 
 Outputs in ``--out``: finetune_reward_vs_compute.png, finetune_diversity_vs_reward.png,
 finetune_samples.png, finetune_table.md, finetune_results.json.
