@@ -18,6 +18,12 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    """No test here touches the network: the hub is offline."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
 @pytest.fixture
 def tiny():
     """Fresh tiny SD components with a DDIM scheduler (seed 0)."""

@@ -17,10 +17,6 @@ from halforder.diffusion.rewards import REWARDS  # noqa: E402
 from halforder.training.checkpoints import save_checkpoint  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def offline(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-
 
 def test_tiny_preset_writes_metrics_grid_adapter_and_checkpoints(tmp_path, capsys):
     from PIL import Image

@@ -14,10 +14,6 @@ from halforder.diffusion.cli import main  # noqa: E402
 from halforder.diffusion.config import TrainConfig, load_config  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def offline(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-
 
 def _fails(tmp_path, capsys, args, match, out=None):
     out = out or str(tmp_path / "out")

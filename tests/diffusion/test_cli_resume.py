@@ -17,10 +17,6 @@ from halforder.diffusion.cli import main  # noqa: E402
 from halforder.training.checkpoints import save_checkpoint  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def offline(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-
 
 def _snapshot(out):
     return {os.path.join(d, f): open(os.path.join(d, f), "rb").read() for d, _, fs in os.walk(out) for f in fs}

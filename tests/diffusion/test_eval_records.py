@@ -14,10 +14,6 @@ from halforder.diffusion.rewards import make_reward  # noqa: E402
 from halforder.diffusion.run import prepare  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def offline(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-
 
 def test_evaluation_records_hold_each_prompt_and_its_reward(tmp_path):
     out = tmp_path / "run"

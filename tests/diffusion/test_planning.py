@@ -12,10 +12,6 @@ from halforder.cli import main  # noqa: E402
 from halforder.estimators.search import parse_bytes, parse_seconds  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def offline(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-
 
 def test_sizes_and_durations_parse():
     assert parse_bytes("2GiB") == 2 * 2 ** 30 and parse_bytes("512MiB") == 512 * 2 ** 20
