@@ -43,6 +43,7 @@ HOW = {
      "--mixed-precision bf16 --output-dir runs/sd14-aesthetic"): "not run: needs a GPU and the model's download",
     "halforder train --help": RUN,
     "halforder train": "not run: the layout list naming the command, not a command line",
+    "halforder plan": "not run: the prose naming the command, not a command line",
     "torchrun --standalone --nproc_per_node 2 -m halforder train ...": "not run: elided (tests/diffusion/test_multiprocess.py)",
     "accelerate launch --num_processes 8 -m halforder train ...": "not run: needs 8 GPUs",
     "python benchmarks/toy_throughput.py": "--n 256 --repeats 1",

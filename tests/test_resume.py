@@ -68,7 +68,7 @@ def test_a_resume_refuses_other_settings_and_lists_them(tmp_path, change):
 
 def test_the_resumable_settings_are_those_that_do_not_change_what_is_trained():
     assert LoopConfig.RESUMABLE == {"steps", "eval_every", "checkpoint_every", "keep_checkpoints", "resume",
-                                    "output_dir", "progress"}
+                                    "output_dir", "progress", "report_to"}
 
 
 def test_nothing_to_resume(tmp_path):

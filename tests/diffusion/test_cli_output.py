@@ -44,7 +44,7 @@ def test_no_known_warnings_on_stderr(tiny_run):
 
 def test_the_summary_rounds_the_reward(tiny_run):
     out, proc = tiny_run
-    last = [json.loads(line) for line in open(out / "metrics.jsonl")][-1]["reward_mean"]
+    last = [r for r in map(json.loads, open(out / "metrics.jsonl")) if "reward_mean" in r][-1]["reward_mean"]
     shown, = re.findall(r"last reward mean (\S+);", proc.stdout)
     assert shown == f"{last:.4g}" and len(shown) <= 6, (shown, last)
 

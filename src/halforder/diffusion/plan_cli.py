@@ -9,6 +9,7 @@ Nothing is written; bad input ends with a one-line message and exit status 2.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 from .config import load_config
@@ -28,8 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     try:
         cfg = load_config(args.config, {"preset": args.preset, "estimator": "auto", "memory_budget": args.memory,
-                                        "time_budget": args.time, "output_dir": None})
-        prepared = prepare(cfg)
+                                        "time_budget": args.time})
+        prepared = prepare(dataclasses.replace(cfg, output_dir=None, resume=None))   # a plan writes nothing
     except (ValueError, OSError) as e:
         print(f"halforder plan: error: {e}", file=sys.stderr)
         return 2
