@@ -178,6 +178,9 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=2, help="timed runs per plan after a warm-up (0: memory only)")
     ap.add_argument("--compile", default="reduce-overhead", help="torch.compile mode for the compiled rollout floor "
                     "('no' to skip)")
+    ap.add_argument("--plans", nargs="+", default=None, help="only these plans (labels as in the table, e.g. 'rlr h=2')")
+    ap.add_argument("--lean-only", action="store_true", help="skip the runs without checkpointing (memory at SD size)")
+    ap.add_argument("--no-agreement", action="store_true", help="skip the vmap/loop and bf16/fp32 checks")
     ap.add_argument("--out", default=None, help="markdown file (default: runs/sd_scale/<size>_<device>.md)")
     args = ap.parse_args(argv)
     if args.tiny:
@@ -207,7 +210,9 @@ def main(argv=None):
                   "| plan | saved | lean saved | lean / reference | CUDA peak | lean CUDA peak | s / estimate | "
                   "lean s | x eager floor | lean x compiled floor |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for name, plan, batching in plans(args.T):
-            plain = measure(setup, plan, batch, batching, False, args.repeats)
+            if args.plans and name not in args.plans:
+                continue
+            plain = (None, None, None) if args.lean_only else measure(setup, plan, batch, batching, False, args.repeats)
             lean = measure(setup, plan, batch, batching, True, args.repeats)
             ratio = (lambda s, f: "-" if s is None or not f else f"{s / f:.2f}")
             lines.append(f"| {name} | {gib(plain[0])} | {gib(lean[0])} | {lean[0] / ref:.2f} | {gib(plain[1])} | "
@@ -215,10 +220,12 @@ def main(argv=None):
                          f"{ratio(lean[2], floors.get('compiled'))} |")
             print(lines[-1], flush=True)
         lines.append("")
-    lines += ["## Agreement of per-sample RLR(h = 2) estimates, same noise", "",
-              "Largest |difference| over the largest |entry|, per part.", "", "| pair | FO | HO | ZO |", "|---|---:|---:|---:|"]
-    for name, parts in agreement(args.size, args.device, min(args.T, 10), 2).items():
-        lines.append(f"| {name} | " + " | ".join(f"{parts[r]:.2e}" for r in ("FO", "HO", "ZO")) + " |")
+    if not args.no_agreement:
+        lines += ["## Agreement of per-sample RLR(h = 2) estimates, same noise", "",
+                  "Largest |difference| over the largest |entry|, per part.", "", "| pair | FO | HO | ZO |",
+                  "|---|---:|---:|---:|"]
+        for name, parts in agreement(args.size, args.device, min(args.T, 10), 2).items():
+            lines.append(f"| {name} | " + " | ".join(f"{parts[r]:.2e}" for r in ("FO", "HO", "ZO")) + " |")
     write_text(out, "\n".join(lines) + "\n")
     print(f"wrote {out}")
 
