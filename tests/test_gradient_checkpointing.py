@@ -74,3 +74,21 @@ def test_checkpointed_full_backprop_keeps_one_step_graph_and_the_states():
 def test_checkpointed_rejects_steps_outside_the_chain():
     with pytest.raises(ValueError, match="outside 1..6"):
         Checkpointed(tanh_chain(T=6, d=4, seed=0)[0], steps=[0, 7])
+
+
+def test_checkpoint_keeps_nothing_alive_after_its_output_is_dropped():
+    """The region holds its inputs only through the output's graph: dropping the output frees
+    them without waiting for the garbage collector (no reference cycle)."""
+    import gc
+    import weakref
+
+    gc.disable()
+    try:
+        w = torch.randn(3, 3, requires_grad=True)
+        x = torch.randn(2, 3)
+        out = checkpoint(lambda a, b: (a @ b, None), x, w)
+        refs = [weakref.ref(out[0]), weakref.ref(out[0].grad_fn)]
+        del out
+        assert all(r() is None for r in refs)
+    finally:
+        gc.enable()

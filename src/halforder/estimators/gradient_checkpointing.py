@@ -8,8 +8,11 @@ the saved-tensor hooks active during backward, so :class:`~halforder.estimators.
 measures the recomputed graph too (inside ``torch.utils.checkpoint``'s non-reentrant mode
 it is hidden from those hooks, and its reentrant mode does not work with
 ``torch.autograd.grad``). Gradients reach only the tensor arguments (tuples of tensors
-included): ``fn`` must not use tensors that need gradients in any other way. The
-estimate is unchanged; each checkpointed region costs a second forward pass.
+included): ``fn`` must not use tensors that need gradients in any other way (a module
+with trainable weights is refused; a closure is not checked), and it must be
+deterministic, since no random state is replayed (a chain's step takes its noise from
+outside). The estimate is unchanged; each checkpointed region costs a second forward pass;
+it is differentiable once.
 
 ``Checkpointed(chain, steps)`` checkpoints the chosen steps of a chain (every step by
 default): full backprop through T checkpointed steps keeps T states and one step graph at
@@ -23,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Collection
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from .protocol import Params, State
 
@@ -59,6 +63,7 @@ class _Recompute(torch.autograd.Function):
         return tuple(call(*tensors))
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, *grads):
         inputs = [t.detach().requires_grad_(need) for t, need in zip(ctx.saved_tensors, ctx.needs_input_grad[1:])]
         with torch.enable_grad():
@@ -72,25 +77,27 @@ class _Recompute(torch.autograd.Function):
 
 def _flatten(values) -> tuple[list[torch.Tensor], Callable]:
     """The tensors in ``values`` (one level of tuples/lists looked into), and the
-    function that puts other tensors back in their places."""
+    function that puts other tensors back in their places. The layout holds no tensor, so
+    it keeps none alive."""
     flat, layout = [], []
     for v in values:
         if isinstance(v, (tuple, list)) and any(isinstance(e, torch.Tensor) for e in v):
-            layout.append((type(v), [isinstance(e, torch.Tensor) for e in v], v))
+            layout.append((type(v), [None if isinstance(e, torch.Tensor) else (e,) for e in v]))
             flat.extend(e for e in v if isinstance(e, torch.Tensor))
+        elif isinstance(v, torch.Tensor):
+            layout.append((None, None))
+            flat.append(v)
         else:
-            layout.append((None, isinstance(v, torch.Tensor), v))
-            if isinstance(v, torch.Tensor):
-                flat.append(v)
+            layout.append((None, (v,)))
 
     def rebuild(ts):
         it = iter(ts)
         out = []
-        for kind, mask, v in layout:
+        for kind, spec in layout:
             if kind is None:
-                out.append(next(it) if mask else v)
+                out.append(next(it) if spec is None else spec[0])
             else:
-                out.append(kind(next(it) if m else e for m, e in zip(mask, v)))
+                out.append(kind(next(it) if e is None else e[0] for e in spec))
         return out
 
     return flat, rebuild
