@@ -46,6 +46,25 @@ def test_params_missing_a_key_names_the_key(setup):
         estimate(chain, plan, {"W": params["W"]}, x_T)
 
 
+def test_other_key_errors_pass_through_unchanged(setup):
+    """Only a parameter lookup is reworded: a KeyError elsewhere (here the reward's) keeps its
+    own type and text."""
+    chain, plan, params, x_T = setup
+
+    class _Reward:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        def reward(self, x0):
+            return {}["the reward's own lookup"]
+
+    with pytest.raises(KeyError, match="the reward's own lookup"):
+        estimate(_Reward(chain), plan, params, x_T)
+
+
 @pytest.mark.parametrize("shape", [(8, 4), (8,), (8, 3, 1)])
 def test_x_T_of_the_wrong_shape_names_both_shapes(setup, shape):
     chain, plan, params, _ = setup

@@ -91,8 +91,9 @@ def checked_inputs(chain, plan, params, x_T: State | None = None) -> Iterator[No
     """The one check of :func:`estimate`'s arguments, once per call: ``TypeError`` or
     ``ValueError`` naming the mistake (plan and chain swapped, a chain outside the protocol, a
     plan the chain cannot run, ``params`` that are not tensors by name, ``x_T`` (if given) not
-    shaped like the chain's start states); a ``KeyError`` for a parameter name that ``params`` lacks, raised
-    inside the block, becomes a ``ValueError`` that names it."""
+    shaped like the chain's start states); a chain's lookup of a parameter name that
+    ``params`` lacks (:class:`MissingParameter`, raised inside the block) becomes a
+    ``ValueError`` that names it. Other ``KeyError``\ s pass through unchanged."""
     if isinstance(chain, Plan) and not isinstance(plan, Plan):
         raise TypeError("estimate(chain, plan, params, x_T): the plan came first; pass the chain first, then the plan")
     if not isinstance(plan, Plan):
@@ -105,12 +106,9 @@ def checked_inputs(chain, plan, params, x_T: State | None = None) -> Iterator[No
         _check_start(chain, x_T)
     try:
         yield
-    except KeyError as e:
-        key = e.args[0] if e.args else None
-        if isinstance(key, str) and key not in params:
-            raise ValueError(f"the chain looks up parameter {key!r}, which params lacks (params holds: "
-                             f"{', '.join(map(str, params)) or 'nothing'})") from e
-        raise
+    except MissingParameter as e:
+        raise ValueError(f"the chain looks up parameter {e.args[0]!r}, which params lacks (params holds: "
+                         f"{', '.join(map(str, params)) or 'nothing'})") from e
 
 
 def _check_start(chain, x_T: State) -> None:
@@ -139,10 +137,11 @@ def _estimate(chain, plan, params, x_T, generator, per_sample, baseline, pairing
         raise ValueError(f"pairing {pairing.name!r} draws groups of {G} samples, but x_T has {N} rows")
     ends = {j for j, _ in plan.blocks}
     if per_sample:
-        leaves = {k: v.detach().unsqueeze(0).repeat(N, *([1] * v.dim())).requires_grad_() for k, v in params.items()}
+        leaves = _Named({k: v.detach().unsqueeze(0).repeat(N, *([1] * v.dim())).requires_grad_()
+                         for k, v in params.items()})
     else:
-        leaves = {k: v.detach().requires_grad_() for k, v in params.items()}
-    frozen = {k: v.detach() for k, v in leaves.items()}
+        leaves = _Named({k: v.detach().requires_grad_() for k, v in params.items()})
+    frozen = _Named({k: v.detach() for k, v in leaves.items()})
     K = plan.fo_steps
     block_start = {j + h - 1: (j, h) for j, h in plan.blocks}
     ho_steps = set(plan.steps(Role.HO))
@@ -209,8 +208,20 @@ def _estimate(chain, plan, params, x_T, generator, per_sample, baseline, pairing
     return Estimate(grad=grad, reward=R.detach(), parts={"FO": fo, "HO": ho, "ZO": zo})
 
 
+class MissingParameter(KeyError):
+    """A chain looked up a parameter name that ``params`` lacks."""
+
+
+class _Named(dict):
+    """The parameters as a chain's step sees them: a name they lack raises
+    :class:`MissingParameter` (turned into a ``ValueError`` naming it by :func:`checked_inputs`)."""
+
+    def __missing__(self, key):
+        raise MissingParameter(key)
+
+
 def _perturb(params, dtheta):
-    return params if dtheta is None else {k: v + dtheta[k] for k, v in params.items()}
+    return params if dtheta is None else _Named({k: v + dtheta[k] for k, v in params.items()})
 
 
 def _noisy_step(chain, t, x, params, sig, eps):
