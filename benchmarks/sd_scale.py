@@ -83,15 +83,18 @@ def plans(T: int):
     yield "reinforce", Plan.reinforce(T), "vmap"
 
 
-def chain_for(setup, plan, batch, batching="vmap", lean=False):
+def chain_for(setup, plan, batch, batching="vmap", lean=False, compile=None):
+    """The benchmark's chain for ``plan`` (``lean``: steps and VAE decoder checkpointed;
+    ``compile``: a torch.compile mode for the denoiser)."""
     comp, encoder, _ = setup
     chain = make_chain(comp, plan.T, ["a photo of a cat"] * batch, make_reward("brightness"), guidance_scale=7.5,
-                       batching=batching, encoder=encoder).for_plan(plan, ho_eta=0.1, zo_sigma=1e-3)
+                       batching=batching, encoder=encoder, compile=compile).for_plan(plan, ho_eta=0.1, zo_sigma=1e-3)
     checkpoint_blocks(comp.vae, lean)
     return Checkpointed(chain) if lean else chain
 
 
 def weights(comp):
+    """The frozen weights and buffers, which the meter leaves out."""
     return [t for m in comp.modules() for t in (*m.parameters(), *m.buffers())]
 
 
@@ -107,15 +110,17 @@ def step_graph_bytes(setup, T: int, batch: int) -> tuple[int, int]:
 
 
 def run_estimate(setup, chain, plan, batch, seed=0, per_sample=False):
+    """One estimate with a leave-one-out baseline, from a seeded start."""
     g = torch.Generator(device=chain.device).manual_seed(seed)
     x = chain.sample_start(batch, g)
     return estimate(chain, plan, setup[2], x, generator=g, baseline="loo", per_sample=per_sample)
 
 
-def measure(setup, plan, batch, batching, lean, repeats):
-    """(saved peak bytes, CUDA peak bytes or None, best seconds or None)."""
+def measure(setup, plan, batch, batching, lean, repeats, compile=None):
+    """(saved peak bytes, CUDA peak bytes or None, best seconds or None); the first run, which
+    is measured for memory, also warms up (and compiles)."""
     comp = setup[0]
-    chain = chain_for(setup, plan, batch, batching, lean)
+    chain = chain_for(setup, plan, batch, batching, lean, compile)
     cuda = chain.device.type == "cuda"
     with SavedTensorMeter(weights(comp)) as meter:
         if cuda:
@@ -128,6 +133,7 @@ def measure(setup, plan, batch, batching, lean, repeats):
 
 
 def best_time(fn, repeats, cuda) -> float | None:
+    """Best wall-clock seconds of ``repeats`` calls (synchronised on CUDA); None for 0 repeats."""
     best = None
     for _ in range(repeats):
         if cuda:
@@ -140,10 +146,11 @@ def best_time(fn, repeats, cuda) -> float | None:
     return best
 
 
-def rollout_seconds(setup, T, batch, repeats):
+def rollout_seconds(setup, T, batch, repeats, compile=None):
+    """Best seconds of a no-grad rollout and its reward (the floor every plan is held to)."""
     from halforder.diffusion.chain import rollout
 
-    chain = chain_for(setup, Plan.zeroth_order(T), batch).with_noise(0.0, 0.0)
+    chain = chain_for(setup, Plan.zeroth_order(T), batch, compile=compile).with_noise(0.0, 0.0)
     g = torch.Generator(device=chain.device).manual_seed(0)
     x = chain.sample_start(batch, g)
     return best_time(lambda: chain.reward(rollout(chain, setup[2], x)), repeats, chain.device.type == "cuda")
@@ -168,6 +175,7 @@ def agreement(size, device, T, batch):
 
 
 def main(argv=None):
+    """Measure and write the markdown table (see the module docstring)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", choices=("tiny", *SIZES), default="sd14")
     ap.add_argument("--tiny", action="store_true", help="smoke run: --size tiny --device cpu --T 6 --repeats 0")
@@ -198,26 +206,27 @@ def main(argv=None):
     for batch in args.batch:
         step, state = step_graph_bytes(setup, args.T, batch)
         ref = step + (args.T + 1) * state
-        floor = rollout_seconds(setup, args.T, batch, args.repeats)
-        floors = {"eager": floor}
-        if args.compile != "no" and args.repeats:
-            setup[0].unet.compile(mode=args.compile)
-            rollout_seconds(setup, args.T, batch, 1)   # compiles
-            floors["compiled"] = rollout_seconds(setup, args.T, batch, args.repeats)
+        mode = args.compile if args.compile != "no" and args.repeats else None
+        floors = {"eager": rollout_seconds(setup, args.T, batch, args.repeats)}
+        if mode:
+            rollout_seconds(setup, args.T, batch, 1, mode)   # compiles
+            floors["compiled"] = rollout_seconds(setup, args.T, batch, args.repeats, mode)
         lines += [f"## Batch {batch}", "",
                   f"One step graph {gib(step)}, one state {state / 2**20:.2f} MiB, reference {gib(ref)}."
                   + "".join(f" No-grad rollout, {k}: {v:.2f} s." for k, v in floors.items() if v), "",
                   "| plan | saved | lean saved | lean / reference | CUDA peak | lean CUDA peak | s / estimate | "
-                  "lean s | x eager floor | lean x compiled floor |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "lean s | lean s, compiled | x eager floor | lean compiled x compiled floor |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for name, plan, batching in plans(args.T):
             if args.plans and name not in args.plans:
                 continue
             plain = (None, None, None) if args.lean_only else measure(setup, plan, batch, batching, False, args.repeats)
             lean = measure(setup, plan, batch, batching, True, args.repeats)
+            fast = measure(setup, plan, batch, batching, True, args.repeats, mode)[2] if mode else None
             ratio = (lambda s, f: "-" if s is None or not f else f"{s / f:.2f}")
             lines.append(f"| {name} | {gib(plain[0])} | {gib(lean[0])} | {lean[0] / ref:.2f} | {gib(plain[1])} | "
-                         f"{gib(lean[1])} | {sec(plain[2])} | {sec(lean[2])} | {ratio(plain[2], floor)} | "
-                         f"{ratio(lean[2], floors.get('compiled'))} |")
+                         f"{gib(lean[1])} | {sec(plain[2])} | {sec(lean[2])} | {sec(fast)} | "
+                         f"{ratio(plain[2], floors['eager'])} | {ratio(fast, floors.get('compiled'))} |")
             print(lines[-1], flush=True)
         lines.append("")
     if not args.no_agreement:
@@ -231,14 +240,17 @@ def main(argv=None):
 
 
 def device_name(device: str) -> str:
+    """The GPU's name, or "CPU"."""
     return torch.cuda.get_device_name(device) if device.startswith("cuda") else "CPU"
 
 
 def gib(b) -> str:
+    """Bytes as GiB or MiB ("-" for None)."""
     return "-" if b is None else f"{b / 2**30:.3f} GiB" if b >= 2**28 else f"{b / 2**20:.2f} MiB"
 
 
 def sec(s) -> str:
+    """Seconds with two decimals ("-" for None)."""
     return "-" if s is None else f"{s:.2f}"
 
 
