@@ -96,6 +96,7 @@ def evaluate(label, chain, chain_for, params, measured, budgets, extra, *, n, n_
 
 
 def toy_part(quick: bool):
+    """Part (a): the search and direct measurements on the default linear chain."""
     cfg = ChainConfig()
     chain, params = default_chain(cfg)
     n = 8
@@ -122,6 +123,7 @@ def toy_part(quick: bool):
 
 
 def sd_part(quick: bool):
+    """Part (b): the search and direct measurements on the tiny SD chain."""
     from halforder.diffusion import add_lora, make_chain, tiny_components
     from halforder.diffusion.rewards import make_reward
 
@@ -149,6 +151,7 @@ def sd_part(quick: bool):
 
 
 def run(out, quick: bool = False) -> dict:
+    """Both parts; writes the tables and the figure to ``out``."""
     parts = [("toy", toy_part(quick)), ("tiny SD", sd_part(quick))]
     rows, summary, errors = [], [], []
     for label, (measured, (r, s, cache), desc) in parts:

@@ -32,15 +32,14 @@ plans is reported by experiment e8 (docs/results/e8_plan_search.md).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import torch
 
 from .draws import draw_estimates
 from .pairing import Pairing
-from .plan import Plan, Role
+from .plan import ChainFor, Plan, Role
 
-ChainFor = Callable[[Plan], object]
 
 
 @dataclass(frozen=True)

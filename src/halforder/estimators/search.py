@@ -24,17 +24,16 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 
 from .memory_model import MemoryCosts, measure_memory, predicted_memory
 from .part_variances import PartVariances, measure_part_variances, predicted_variance
-from .plan import Plan, Role
+from .plan import ChainFor, Plan, Role
 from .time_model import TimeModel, fit_time_model, plan_chain
 
-ChainFor = Callable[[Plan], object]
 
 
 @dataclass(frozen=True)
@@ -53,6 +52,7 @@ class Candidate:
 
     @property
     def is_unbiased(self) -> bool:
+        """Whether the plan drops no step (its estimate is unbiased)."""
         return self.plan.is_unbiased
 
     @property
@@ -125,6 +125,8 @@ class Space:
         return list(out)
 
     def hs_for(self, T: int) -> tuple[int, ...]:
+        """The HO block lengths offered on a chain of T steps: ``hs``, or the powers of two
+        below T."""
         return self.hs if self.hs is not None else tuple(2 ** i for i in range(8) if 2 ** i < T)
 
 
@@ -162,6 +164,7 @@ class Scored:
 
     @property
     def unbiased(self) -> bool:
+        """Whether the candidate's plan is unbiased."""
         return self.candidate.is_unbiased
 
 
