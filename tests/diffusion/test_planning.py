@@ -46,3 +46,27 @@ def test_auto_trains_the_searched_plan_and_records_it(tmp_path, capsys):
     assert f"chosen: {chosen}: lowest variance x time" in table and "   1  " + chosen in table
     cfg = json.load(open(out / "config.json"))
     assert cfg["estimator"] == "auto" and cfg["memory_budget"] == "64MiB"
+
+
+def _all_scored(T):
+    from halforder.estimators.search import Measured, Scored, Space
+    return Measured(tuple(Scored(c, 0, 1.0, 1.0) for c in Space(pairings=("param",)).candidates(T)), None, None, None)
+
+
+def test_runnable_with_checkpointing_keeps_plans_whose_steps_checkpointing_cannot_change():
+    """With --gradient-checkpointing a run checkpoints every step; an FO prefix of one step
+    or HO blocks of one step are the same checkpointed or not, so RLR with K = 1, h = 1
+    tilings (REINFORCE) and ZO plans stay candidates; elsewhere only the all-checkpointed
+    variant does."""
+    from halforder.diffusion.planning import runnable
+    from halforder.estimators import Plan
+    from halforder.estimators.search import Candidate, checkpointable
+    T = 6
+    kept = [s.candidate for s in runnable(_all_scored(T), True).scored]
+    assert Candidate(Plan.reinforce(T)) in kept
+    assert Candidate(Plan.zeroth_order(T), "param") in kept
+    assert any(c.plan.fo_steps == 1 for c in kept)
+    assert Candidate(Plan.full(T), "none", ("FO",)) in kept and Candidate(Plan.full(T)) not in kept
+    assert all(set(c.checkpoint) == set(checkpointable(c.plan.fo_steps, c.plan.blocks)) for c in kept)
+    plain = [s.candidate for s in runnable(_all_scored(T), False).scored]
+    assert set(kept) <= set(plain) and Candidate(Plan.full(T)) in plain

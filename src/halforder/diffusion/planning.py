@@ -18,9 +18,10 @@ import dataclasses
 
 import torch
 
-from ..estimators.plan import Plan, Role
+from ..estimators.plan import Plan
 from ..estimators.samplers import FixedPlan
-from ..estimators.search import Measured, SearchResult, Space, measure, parse_bytes, parse_seconds
+from ..estimators.search import (Measured, SearchResult, Space, checkpointable, measure, parse_bytes,
+                                 parse_seconds)
 
 
 def space_for(cfg) -> Space:
@@ -32,10 +33,13 @@ def space_for(cfg) -> Space:
 
 def runnable(measured: Measured, checkpointing: bool) -> Measured:
     """Only the candidates that checkpoint all their gradient steps or none (all, if
-    ``checkpointing``): what ``Checkpointed(chain)`` of a run gives."""
+    ``checkpointing``): what ``Checkpointed(chain)`` of a run gives. Only the roles where
+    checkpointing can matter are compared (:func:`~halforder.estimators.search.checkpointable`:
+    an FO prefix of one step or HO blocks of one step are the same either way)."""
     def ok(s):
-        steps = set(s.candidate.plan.steps(Role.FO)) | set(s.candidate.plan.steps(Role.HO))
-        return s.candidate.checkpoint_steps == (steps if checkpointing or s.candidate.checkpoint else set())
+        plan = s.candidate.plan
+        can = set(checkpointable(plan.fo_steps, plan.blocks))
+        return set(s.candidate.checkpoint) == (can if checkpointing or s.candidate.checkpoint else set())
     return dataclasses.replace(measured, scored=tuple(s for s in measured.scored if ok(s)))
 
 

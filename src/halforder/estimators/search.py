@@ -114,9 +114,9 @@ class Space:
                 roles = ["FO"] * K + ["ZO"] * (T - K)
                 for j, h in blocks:
                     roles[j - 1:j + h - 1] = ["HO"] * h
-                longest = max((h for _, h in blocks), default=0)
+                can = checkpointable(K, blocks)
                 cks = [c for c in ((), ("FO",), ("HO",), ("FO", "HO")) if self.checkpoint or not c]
-                cks = [c for c in cks if ("FO" not in c or K >= 2) and ("HO" not in c or longest >= 2)]
+                cks = [c for c in cks if set(c) <= set(can)]
                 for fill in ("ZO", "NONE") if self.biased else ("ZO",):
                     if fill == "NONE" and "ZO" not in roles:
                         continue
@@ -129,6 +129,13 @@ class Space:
         """The HO block lengths offered on a chain of T steps: ``hs``, or the powers of two
         below T."""
         return self.hs if self.hs is not None else tuple(2 ** i for i in range(8) if 2 ** i < T)
+
+
+def checkpointable(K: int, blocks) -> tuple[str, ...]:
+    """The roles whose checkpointing can matter for a plan with an FO prefix of K steps and
+    HO ``blocks`` ((j, h), ...): FO if K >= 2, HO if a block is 2 steps or longer (a
+    segment of one step saves the same graph either way)."""
+    return tuple(r for r, ok in (("FO", K >= 2), ("HO", max((h for _, h in blocks), default=0) >= 2)) if ok)
 
 
 def block_starts(T: int, h: int, m: int) -> list[int]:
