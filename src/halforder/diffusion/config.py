@@ -196,7 +196,12 @@ class TrainConfig(LoopConfig):
         rlr = self.estimator in ("rlr", "rlr_no_zo")
         video = self.task == "t2v"
         vc2 = video and self.video_model == "videocrafter2"
-        return {"j_sampling": (rlr, "estimator rlr or rlr_no_zo"),
+        auto = (self.estimator == "auto", "estimator auto (with a memory_budget)")
+        return {"h": (rlr, "estimator rlr or rlr_no_zo"),
+                "k": (self.estimator in ("truncated", "truncated_random"), "estimator truncated or truncated_random"),
+                "memory_budget": auto, "time_budget": auto, "plan_pilots": auto,
+                "eta_plan": (self.eta == "plan", "eta 'plan'"),
+                "j_sampling": (rlr, "estimator rlr or rlr_no_zo"),
                 "j": (rlr and self.j_sampling == "fixed", "j_sampling fixed"),
                 "j_window": (rlr and self.j_sampling == "window", "j_sampling window"),
                 "j_temperature": (rlr and self.j_sampling == "softmax", "j_sampling softmax"),
