@@ -70,3 +70,15 @@ def test_runnable_with_checkpointing_keeps_plans_whose_steps_checkpointing_canno
     assert all(set(c.checkpoint) == set(checkpointable(c.plan.fo_steps, c.plan.blocks)) for c in kept)
     plain = [s.candidate for s in runnable(_all_scored(T), False).scored]
     assert set(kept) <= set(plain) and Candidate(Plan.full(T)) in plain
+
+
+def test_plan_takes_an_ordinary_rlr_config(tmp_path, capsys):
+    """`halforder plan --config run.yaml` on an RLR run's config (fixed j, h) ranks the plans:
+    the config's estimator settings are replaced by the search, not refused."""
+    path = tmp_path / "run.yaml"
+    path.write_text("preset: tiny\nT: 2\nestimator: rlr\nh: 1\nj_sampling: fixed\nj: 2\n")
+    os.chdir(tmp_path)
+    assert main(["plan", "--config", str(path), "--memory", "64MiB", "--plan-pilots", "4", "--top", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "chosen: " in out and "lowest variance x time" in out
+    assert os.listdir(tmp_path) == ["run.yaml"]

@@ -49,6 +49,9 @@ PRESETS: dict[str, dict[str, Any]] = {
                           output_dir=os.path.join("runs", "videocrafter2")),
 }
 
+#: The settings of the fixed estimator families, which estimator auto replaces by its search.
+SAMPLER_FIELDS = ("h", "k", "j_sampling", "j", "j_window", "j_temperature", "j_decay")
+
 TINY_PROMPTS = {"t2i": ("a red square", "a blue circle", "a green field", "a yellow sun",
                         "a white cloud", "a black cat", "an orange fox", "a purple flower"),
                 "t2v": ("a red ball bouncing", "a blue car driving", "a green tree swaying", "a yellow bird flying",
