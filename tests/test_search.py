@@ -6,7 +6,7 @@ import torch
 from halforder.estimators import Plan, SavedTensorMeter, draw_estimates, estimate, grouped
 from halforder.estimators.memory_model import measure_memory, predicted_saved
 from halforder.estimators.part_variances import measure_part_variances, predicted_variance
-from halforder.estimators.search import Candidate, Scored, Space, k_grid, rank, search, tiling
+from halforder.estimators.search import Candidate, Scored, Space, k_grid, measure, rank, search, tiling
 from halforder.estimators.time_model import FEATURES, TimeModel, features
 from halforder.toy import linear_chain
 
@@ -149,3 +149,22 @@ def test_variance_with_a_leave_one_out_baseline_is_that_of_the_training_batch(to
         means.append(torch.cat([v.reshape(-1) for v in est.grad.values()]))
     direct = batch * float(torch.stack(means).double().var(0).sum())
     assert predicted_variance(parts, cand.plan, cand.pairing, chain) == pytest.approx(direct, rel=0.25), cand.name
+
+
+def test_a_memory_limit_keeps_probes_and_pilots_within_it(toy):
+    """With probe_memory the timing probes over it are skipped (full backprop here), the
+    candidates over it get no pilot (variance inf), and those within it are scored."""
+    chain, params = toy
+    space = Space(ks=(0, 1, 8), hs=(1, 2), positions=2)
+    free = measure(chain, params, generator=torch.Generator().manual_seed(0), n=N, space=space, pilot_samples=16,
+                   repeats=1)
+    full = next(s.memory for s in free.scored if s.candidate == Candidate(Plan.full(T)))
+    limit = full - 1
+    m = measure(chain, params, generator=torch.Generator().manual_seed(0), n=N, space=space, pilot_samples=16,
+                repeats=1, probe_memory=limit)
+    assert "full" in " ".join(name for name, _, _ in free.timing.probes)
+    assert len(m.timing.probes) < len(free.timing.probes)
+    assert not any(name == "full" for name, _, _ in m.timing.probes)
+    over = [s for s in m.scored if s.memory > limit]
+    assert over and all(s.variance == float("inf") for s in over)
+    assert all(0 < s.variance < float("inf") for s in m.scored if s.memory <= limit)

@@ -4,6 +4,7 @@ import json
 import os
 
 import pytest
+import torch
 
 pytest.importorskip("diffusers")
 pytest.importorskip("peft")
@@ -82,3 +83,39 @@ def test_plan_takes_an_ordinary_rlr_config(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "chosen: " in out and "lowest variance x time" in out
     assert os.listdir(tmp_path) == ["run.yaml"]
+
+
+def test_a_resumed_auto_run_trains_the_plan_it_chose_without_searching(tmp_path, capsys, monkeypatch):
+    """The choice is stored in the run (plan.json); a resume reuses it and does not search
+    again (a timing-dependent search could switch the estimator mid-run); without it the
+    resume is refused with one line."""
+    import halforder.diffusion.planning as planning
+    out = tmp_path / "auto"
+    args = ["train", "--preset", "tiny", "--T", "2", "--estimator", "auto", "--memory-budget", "64MiB",
+            "--plan-pilots", "4", "--output-dir", str(out), "--no-progress", "--checkpoint-every", "1"]
+    assert main([*args, "--steps", "1"]) == 0
+    chosen = json.load(open(out / "plan.json"))
+    table = (out / "plan_search.txt").read_text()
+    monkeypatch.setattr(planning, "measure", lambda *a, **k: pytest.fail("searched again on resume"))
+    assert main([*args, "--steps", "2", "--resume", "latest"]) == 0
+    plans = [r["plan"] for r in map(json.loads, open(out / "metrics.jsonl")) if "plan" in r]
+    assert len(plans) == 2 and set(plans) == {chosen["name"]}
+    assert (out / "plan_search.txt").read_text() == table
+    capsys.readouterr()
+    os.remove(out / "plan.json")
+    assert main([*args, "--steps", "3", "--resume", "latest"]) == 2
+    err = capsys.readouterr().err
+    assert "without the plan it chose" in err and len(err.strip().splitlines()) == 1
+
+
+def test_out_of_memory_in_the_search_is_one_line(tmp_path, capsys, monkeypatch):
+    import halforder.diffusion.planning as planning
+
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.00 GiB")
+    monkeypatch.setattr(planning, "measure", oom)
+    os.chdir(tmp_path)
+    assert main(["plan", "--preset", "tiny", "--memory", "8GiB"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("halforder plan: error: the device ran out of memory") and len(err.splitlines()) == 1
+    assert not os.listdir(tmp_path)
