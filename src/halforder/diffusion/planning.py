@@ -73,9 +73,9 @@ def choose(cfg, task, prompts, *, progress: bool = False):
     except (RuntimeError, MemoryError) as e:
         if not _out_of_memory(e):
             raise
-        raise ValueError("the device ran out of memory during the plan search (it measures one step graph at "
-                         f"batch size {cfg.batch_size} and keeps probes and pilots within --memory-budget "
-                         f"{cfg.memory_budget}): give a smaller memory budget or batch size") from None
+        raise ValueError("the device ran out of memory during the plan search (it measures one step graph and "
+                         f"the reward's graph at batch size {cfg.batch_size}, and keeps probes and pilots within the "
+                         f"memory budget {cfg.memory_budget}): give a smaller memory budget or batch size") from None
     result = runnable(measured, cfg.gradient_checkpointing).choose(
         budget, parse_seconds(cfg.time_budget) if cfg.time_budget else None)
     best = result.best.candidate
