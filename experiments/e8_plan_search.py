@@ -4,9 +4,10 @@ For each chain the search measures once (memory per step, a time model fitted to
 plans, pilot variances of the parts) and chooses under several memory budgets. For each
 budget, at least 20 feasible candidates (the 10 top-ranked and 10 spread over the rest of
 the ranking, plus the paper's h* plan on the toy chain) are then measured directly:
-variance per chain evaluation from n_var per-sample estimates (G x tr Cov of a pair's
-mean with pairing; 95% CI), seconds per estimate of a batch (median over repeats of the
-process's CPU time: other jobs share this machine, and CPU time of a one-thread process
+variance per chain evaluation of an estimate from a batch of n, as training draws it
+(n_var per-sample estimates; with the leave-one-out baseline in batches of n, over which
+the baseline is taken: n x tr Cov of the batch mean; 95% CI), seconds per estimate of a
+batch (median over repeats of the process's CPU time: other jobs share this machine, and CPU time of a one-thread process
 is robust to them), activation memory with the meter (plus the states the engine holds).
 The search is judged on the *measured* variance x time of its top-ranked plan against the
 best measured one: targets 1.10 on the toy chain, 1.20 on tiny SD.
@@ -28,9 +29,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from halforder.estimators import Pairing, Plan, SavedTensorMeter, draw_estimates, estimate, grouped, theory
+from halforder.estimators import Pairing, Plan, SavedTensorMeter, estimate, grouped, theory
 from halforder.estimators.memory_model import predicted_held
-from halforder.estimators.part_variances import measure_part_variances
+from halforder.estimators.part_variances import measure_part_variances, variance_rows
 from halforder.estimators.search import Candidate, Scored, Space, measure, score
 from halforder.estimators.time_model import median_seconds
 
@@ -43,9 +44,9 @@ def direct(chain_for, cand: Candidate, params, memory, *, n_var: int, n: int, re
     """Measured (variance per evaluation with its CI, seconds per estimate, memory bytes)."""
     chain = cand.chain(chain_for)
     G = Pairing.parse(cand.pairing).size
-    s = draw_estimates(chain, cand.plan, params, n_var, generator=torch.Generator().manual_seed(seed),
-                       pairing=cand.pairing, baseline=baseline, chunk=min(n_var, 1024))
-    tv = trace_var(s.grad.double().cpu())
+    rows = variance_rows(chain, cand.plan, params, n_var, n // G, generator=torch.Generator().manual_seed(seed),
+                         pairing=cand.pairing, baseline=baseline, chunk=min(n_var, 1024))
+    tv = trace_var(rows.double().cpu())
     dtype = next(iter(params.values())).dtype
     x = grouped(chain.sample_start(n // G, torch.Generator().manual_seed(seed + 1), dtype), G)
 
@@ -96,6 +97,7 @@ def evaluate(label, chain, chain_for, params, measured, budgets, extra, *, n, n_
 
 
 def toy_part(quick: bool):
+    """Part (a): the search and direct measurements on the default linear chain."""
     cfg = ChainConfig()
     chain, params = default_chain(cfg)
     n = 8
@@ -111,8 +113,8 @@ def toy_part(quick: bool):
         hs = theory.solve_h_star(cfg.T, sv.V_h, sv.V_z, B, unit, 0.03 * unit)
         h = hs.paper_h if hs.paper_h is not None and 0 <= hs.paper_h <= cfg.T - 1 else hs.h
         plan = Plan.rlr(cfg.T, h, None if h == 0 else 2 + (cfg.T - h - 1) // 2)
-        pilot = measure_part_variances(chain, params, ks=(1,), blocks=(plan.blocks,), pairings=("none",),
-                                       n=measured.parts.n, generator=torch.Generator().manual_seed(6))
+        pilot = measure_part_variances(chain, params, ks=(1,), blocks=((plan.blocks, 1),), pairings=("none",),
+                                       n=measured.parts.n, batch=n, generator=torch.Generator().manual_seed(6))
         parts = replace(measured.parts, ho={**measured.parts.ho, **pilot.ho})
         extra[name] = score(Candidate(plan), measured.memory, measured.timing, parts, lambda p: chain)
     out = evaluate("toy", chain, lambda p: chain, params, measured, budgets, extra, n=n,
@@ -122,6 +124,7 @@ def toy_part(quick: bool):
 
 
 def sd_part(quick: bool):
+    """Part (b): the search and direct measurements on the tiny SD chain."""
     from halforder.diffusion import add_lora, make_chain, tiny_components
     from halforder.diffusion.rewards import make_reward
 
@@ -149,6 +152,7 @@ def sd_part(quick: bool):
 
 
 def run(out, quick: bool = False) -> dict:
+    """Both parts; writes the tables and the figure to ``out``."""
     parts = [("toy", toy_part(quick)), ("tiny SD", sd_part(quick))]
     rows, summary, errors = [], [], []
     for label, (measured, (r, s, cache), desc) in parts:

@@ -1,11 +1,13 @@
 """Run every experiment and write its figures and tables to docs/results/.
 
-    python -m experiments.run_all            # the committed results in docs/results/ (about 6 min on one core)
-    python -m experiments.run_all --quick    # smoke test, tiny samples (about 20 s on one core), in runs/quick-results/
+    python -m experiments.run_all            # the committed results in docs/results/ (about 32 min on one core)
+    python -m experiments.run_all --quick    # smoke test, tiny samples (about 30 s on one core), in runs/quick-results/
 
-Deterministic: every experiment seeds its own generators, and a full run rewrites the
-committed files byte for byte. The times are CPU time on one thread (346 s and 20 s when
-measured). Set HALFORDER_THREADS to use more than one torch thread.
+Every experiment seeds its own generators, and a full run rewrites the committed files of
+e1-e7 byte for byte; e8 measures CPU times (its seconds, and the rankings that use them,
+vary from run to run). The times are CPU time on one thread, measured separately: e1-e7
+313 s, e8 1595 s (about 32 min together); --quick 32 s. Set HALFORDER_THREADS to use more
+than one torch thread.
 """
 from __future__ import annotations
 

@@ -32,7 +32,7 @@ HOW = {
     "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu": "not run: needs the network",
     "python -m pytest -q": "not run: the test suite, this test included",
     "halforder demo": RUN,
-    "python -m experiments.run_all": "not run: about 6 min; deterministic, it rewrites docs/results/ byte for byte",
+    "python -m experiments.run_all": "not run: about 32 min; it rewrites docs/results/, e1-e7 byte for byte (e8 measures CPU times)",
     "python -m experiments.run_all --quick": RUN,
     "python experiments/finetune_cpu.py --jobs 2 --out runs/finetune": "not run: 75 min (its --quick form is run)",
     "python experiments/finetune_cpu.py --quick": "--methods full --seeds 0 --lrs 0.01",

@@ -140,7 +140,10 @@ SETTINGS = dict(
 VIDEO, VC2 = dict(task="t2v"), dict(task="t2v", video_model="videocrafter2")
 NEEDS = dict(j=dict(j_sampling="fixed"), j_window=dict(j_sampling="window"), j_temperature=dict(j_sampling="softmax"),
              j_decay=dict(j_sampling="softmax"), dcot_split=dict(dcot="dcot.yaml"), batch_size=dict(pairing="none"),
-             num_frames=VIDEO, frames=VIDEO, video_model=VIDEO, gif_fps=VIDEO, video_base=VC2, fps=VC2)
+             num_frames=VIDEO, frames=VIDEO, video_model=VIDEO, gif_fps=VIDEO, video_base=VC2, fps=VC2,
+             k=dict(estimator="truncated"), memory_budget=dict(estimator="auto"),
+             time_budget=dict(estimator="auto", memory_budget="2GiB"),
+             plan_pilots=dict(estimator="auto", memory_budget="2GiB"))
 FIELDS = [f.name for f in dataclasses.fields(TrainConfig)]
 
 
@@ -285,7 +288,7 @@ def test_scientific_notation_in_config_files(tmp_path, name, ext):
 
 # ---------------------------------------------------------------------------- settings that do not apply
 # Where a conditional setting whose SETTINGS value applies under the defaults does not apply.
-OFF = dict(j_sampling=dict(estimator="full"))
+OFF = dict(j_sampling=dict(estimator="full"), h=dict(estimator="full"), eta_plan=dict(eta="0.5"))
 
 
 def test_every_conditional_setting_is_in_the_value_tables():
@@ -302,6 +305,19 @@ def test_a_setting_that_does_not_apply_is_refused(name):
         assert re.search(rf"\b{other}\b", str(e.value).split("applies only with")[1]), str(e.value)
     default = getattr(TrainConfig(), name)
     assert _same(getattr(load_config(None, {**OFF.get(name, {}), name: default}), name), default)
+
+
+@pytest.mark.parametrize("values", [
+    dict(memory_budget="2GiB"), dict(time_budget="1s"), dict(plan_pilots=16),
+    dict(estimator="auto", memory_budget="2GiB", h=3), dict(k=3), dict(estimator="rlr", k=2),
+    dict(eta="0.5", eta_plan=0.2),
+])
+def test_estimator_settings_that_do_not_apply_are_refused(values):
+    """The plan search's budgets without estimator auto, h where no RLR block is drawn, k
+    outside truncated backprop, eta_plan with a numeric eta: refused, not ignored."""
+    name = [k for k in values if k not in ("estimator", "memory_budget", "eta")] or ["memory_budget"]
+    with pytest.raises(ValueError, match=rf"^{name[0]}=.* has no effect here"):
+        load_config(None, values)
 
 
 def test_a_video_setting_for_images_ends_the_command_cleanly(tmp_path, capsys):

@@ -4,6 +4,7 @@ import json
 import os
 
 import pytest
+import torch
 
 pytest.importorskip("diffusers")
 pytest.importorskip("peft")
@@ -46,3 +47,75 @@ def test_auto_trains_the_searched_plan_and_records_it(tmp_path, capsys):
     assert f"chosen: {chosen}: lowest variance x time" in table and "   1  " + chosen in table
     cfg = json.load(open(out / "config.json"))
     assert cfg["estimator"] == "auto" and cfg["memory_budget"] == "64MiB"
+
+
+def _all_scored(T):
+    from halforder.estimators.search import Measured, Scored, Space
+    return Measured(tuple(Scored(c, 0, 1.0, 1.0) for c in Space(pairings=("param",)).candidates(T)), None, None, None)
+
+
+def test_runnable_with_checkpointing_keeps_plans_whose_steps_checkpointing_cannot_change():
+    """With --gradient-checkpointing a run checkpoints every step; an FO prefix of one step
+    or HO blocks of one step are the same checkpointed or not, so RLR with K = 1, h = 1
+    tilings (REINFORCE) and ZO plans stay candidates; elsewhere only the all-checkpointed
+    variant does."""
+    from halforder.diffusion.planning import runnable
+    from halforder.estimators import Plan
+    from halforder.estimators.search import Candidate, checkpointable
+    T = 6
+    kept = [s.candidate for s in runnable(_all_scored(T), True).scored]
+    assert Candidate(Plan.reinforce(T)) in kept
+    assert Candidate(Plan.zeroth_order(T), "param") in kept
+    assert any(c.plan.fo_steps == 1 for c in kept)
+    assert Candidate(Plan.full(T), "none", ("FO",)) in kept and Candidate(Plan.full(T)) not in kept
+    assert all(set(c.checkpoint) == set(checkpointable(c.plan.fo_steps, c.plan.blocks)) for c in kept)
+    plain = [s.candidate for s in runnable(_all_scored(T), False).scored]
+    assert set(kept) <= set(plain) and Candidate(Plan.full(T)) in plain
+
+
+def test_plan_takes_an_ordinary_rlr_config(tmp_path, capsys):
+    """`halforder plan --config run.yaml` on an RLR run's config (fixed j, h) ranks the plans:
+    the config's estimator settings are replaced by the search, not refused."""
+    path = tmp_path / "run.yaml"
+    path.write_text("preset: tiny\nT: 2\nestimator: rlr\nh: 1\nj_sampling: fixed\nj: 2\n")
+    os.chdir(tmp_path)
+    assert main(["plan", "--config", str(path), "--memory", "64MiB", "--plan-pilots", "4", "--top", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "chosen: " in out and "lowest variance x time" in out
+    assert os.listdir(tmp_path) == ["run.yaml"]
+
+
+def test_a_resumed_auto_run_trains_the_plan_it_chose_without_searching(tmp_path, capsys, monkeypatch):
+    """The choice is stored in the run (plan.json); a resume reuses it and does not search
+    again (a timing-dependent search could switch the estimator mid-run); without it the
+    resume is refused with one line."""
+    import halforder.diffusion.planning as planning
+    out = tmp_path / "auto"
+    args = ["train", "--preset", "tiny", "--T", "2", "--estimator", "auto", "--memory-budget", "64MiB",
+            "--plan-pilots", "4", "--output-dir", str(out), "--no-progress", "--checkpoint-every", "1"]
+    assert main([*args, "--steps", "1"]) == 0
+    chosen = json.load(open(out / "plan.json"))
+    table = (out / "plan_search.txt").read_text()
+    monkeypatch.setattr(planning, "measure", lambda *a, **k: pytest.fail("searched again on resume"))
+    assert main([*args, "--steps", "2", "--resume", "latest"]) == 0
+    plans = [r["plan"] for r in map(json.loads, open(out / "metrics.jsonl")) if "plan" in r]
+    assert len(plans) == 2 and set(plans) == {chosen["name"]}
+    assert (out / "plan_search.txt").read_text() == table
+    capsys.readouterr()
+    os.remove(out / "plan.json")
+    assert main([*args, "--steps", "3", "--resume", "latest"]) == 2
+    err = capsys.readouterr().err
+    assert "without the plan it chose" in err and len(err.strip().splitlines()) == 1
+
+
+def test_out_of_memory_in_the_search_is_one_line(tmp_path, capsys, monkeypatch):
+    import halforder.diffusion.planning as planning
+
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.00 GiB")
+    monkeypatch.setattr(planning, "measure", oom)
+    os.chdir(tmp_path)
+    assert main(["plan", "--preset", "tiny", "--memory", "8GiB"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("halforder plan: error: the device ran out of memory") and len(err.splitlines()) == 1
+    assert not os.listdir(tmp_path)

@@ -49,6 +49,9 @@ PRESETS: dict[str, dict[str, Any]] = {
                           output_dir=os.path.join("runs", "videocrafter2")),
 }
 
+#: The settings of the fixed estimator families, which estimator auto replaces by its search.
+SAMPLER_FIELDS = ("h", "k", "j_sampling", "j", "j_window", "j_temperature", "j_decay")
+
 TINY_PROMPTS = {"t2i": ("a red square", "a blue circle", "a green field", "a yellow sun",
                         "a white cloud", "a black cat", "an orange fox", "a purple flower"),
                 "t2v": ("a red ball bouncing", "a blue car driving", "a green tree swaying", "a yellow bird flying",
@@ -196,7 +199,12 @@ class TrainConfig(LoopConfig):
         rlr = self.estimator in ("rlr", "rlr_no_zo")
         video = self.task == "t2v"
         vc2 = video and self.video_model == "videocrafter2"
-        return {"j_sampling": (rlr, "estimator rlr or rlr_no_zo"),
+        auto = (self.estimator == "auto", "estimator auto (with a memory_budget)")
+        return {"h": (rlr, "estimator rlr or rlr_no_zo"),
+                "k": (self.estimator in ("truncated", "truncated_random"), "estimator truncated or truncated_random"),
+                "memory_budget": auto, "time_budget": auto, "plan_pilots": auto,
+                "eta_plan": (self.eta == "plan", "eta 'plan'"),
+                "j_sampling": (rlr, "estimator rlr or rlr_no_zo"),
                 "j": (rlr and self.j_sampling == "fixed", "j_sampling fixed"),
                 "j_window": (rlr and self.j_sampling == "window", "j_sampling window"),
                 "j_temperature": (rlr and self.j_sampling == "softmax", "j_sampling softmax"),

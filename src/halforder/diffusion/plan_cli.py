@@ -4,6 +4,7 @@ and a time budget (:mod:`halforder.diffusion.planning`, docs/plan-search.md).
     halforder plan --preset tiny --memory 2GiB [--time 1s]
     halforder plan --config run.yaml --memory 20GiB
 
+The config's estimator settings (an RLR config's h, j law, ...) are replaced by the search.
 Nothing is written; bad input ends with a one-line message and exit status 2.
 """
 from __future__ import annotations
@@ -12,7 +13,8 @@ import argparse
 import dataclasses
 import sys
 
-from .config import load_config
+from ..training.config import field_default
+from .config import SAMPLER_FIELDS, load_config
 from .planning import report
 from .run import prepare
 
@@ -25,12 +27,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--time", help="time budget per estimate (one batch), e.g. 1s, 250ms")
     p.add_argument("--preset", help="a preset of halforder train (e.g. tiny)")
     p.add_argument("--config", help="a config file of halforder train")
+    p.add_argument("--plan-pilots", type=int, help="pilot estimates per part of a plan (default: the config's, 64)")
     p.add_argument("--top", type=int, default=20, help="rows of the table (default 20)")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        cfg = load_config(args.config, {"preset": args.preset, "estimator": "auto", "memory_budget": args.memory,
-                                        "time_budget": args.time})
-        prepared = prepare(dataclasses.replace(cfg, output_dir=None, resume=None))   # a plan writes nothing
+        cfg = load_config(args.config, {"preset": args.preset})
+        fields = cfg.__dataclass_fields__
+        pilots = cfg.plan_pilots if args.plan_pilots is None else args.plan_pilots
+        cfg = dataclasses.replace(cfg, estimator="auto", memory_budget=args.memory, plan_pilots=pilots,
+                                  time_budget=args.time or cfg.time_budget,
+                                  output_dir=None, resume=None,   # a plan writes nothing
+                                  **{f: field_default(fields[f]) for f in SAMPLER_FIELDS})
+        prepared = prepare(cfg)
     except (ValueError, OSError) as e:
         print(f"halforder plan: error: {e}", file=sys.stderr)
         return 2

@@ -11,16 +11,26 @@ candidates offered are those a run can take: pairing "param" for plans with ZO s
 
     halforder plan --preset tiny --memory 2GiB [--time 1s]
     halforder train --preset tiny --estimator auto --memory-budget 2GiB
+
+A run writes its choice to ``plan.json`` in its output directory (:func:`save_choice`);
+resuming it reads the plan from there (:func:`resume_choice`) instead of searching again,
+since a search that depends on measured times could choose another plan.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 
 import torch
 
 from ..estimators.plan import Plan, Role
 from ..estimators.samplers import FixedPlan
-from ..estimators.search import Measured, SearchResult, Space, measure, parse_bytes, parse_seconds
+from ..estimators.search import (Measured, SearchResult, Space, checkpointable, measure, parse_bytes,
+                                 parse_seconds)
+from ..training.files import write_json
+
+PLAN_FILE = "plan.json"
 
 
 def space_for(cfg) -> Space:
@@ -32,10 +42,13 @@ def space_for(cfg) -> Space:
 
 def runnable(measured: Measured, checkpointing: bool) -> Measured:
     """Only the candidates that checkpoint all their gradient steps or none (all, if
-    ``checkpointing``): what ``Checkpointed(chain)`` of a run gives."""
+    ``checkpointing``): what ``Checkpointed(chain)`` of a run gives. Only the roles where
+    checkpointing can matter are compared (:func:`~halforder.estimators.search.checkpointable`:
+    an FO prefix of one step or HO blocks of one step are the same either way)."""
     def ok(s):
-        steps = set(s.candidate.plan.steps(Role.FO)) | set(s.candidate.plan.steps(Role.HO))
-        return s.candidate.checkpoint_steps == (steps if checkpointing or s.candidate.checkpoint else set())
+        plan = s.candidate.plan
+        can = set(checkpointable(plan.fo_steps, plan.blocks))
+        return set(s.candidate.checkpoint) == (can if checkpointing or s.candidate.checkpoint else set())
     return dataclasses.replace(measured, scored=tuple(s for s in measured.scored if ok(s)))
 
 
@@ -43,22 +56,66 @@ def choose(cfg, task, prompts, *, progress: bool = False):
     """Search for ``cfg``'s run on ``task`` (memory budget ``cfg.memory_budget``, time budget
     ``cfg.time_budget``); returns ``(task, sampler, result)``: the task with the chosen
     checkpointing, a :class:`FixedPlan` of the top-ranked plan, and the search result.
-    ``ValueError`` if no candidate fits."""
+    The timing probes and pilots stay within the memory budget (``probe_memory``).
+    ``ValueError`` if no candidate fits, or (one line) if the device runs out of memory."""
     base = task.base_chain(list(prompts)[:1])
 
     def chain_for(plan):
         return base.for_plan(plan, eta=task.eta, ho_eta=task.eta_plan, zo_sigma=task.zo_sigma)
 
     params = {k: v.detach() for k, v in task.params.items()}
-    measured = measure(base, params, generator=torch.Generator(device=base.device).manual_seed(cfg.seed),
-                       n=cfg.batch_size, space=space_for(cfg), chain_for=chain_for, pilot_samples=cfg.plan_pilots,
-                       baseline=None if cfg.baseline == "none" else cfg.baseline, progress=progress)
+    budget = parse_bytes(cfg.memory_budget)
+    try:
+        measured = measure(base, params, generator=torch.Generator(device=base.device).manual_seed(cfg.seed),
+                           n=cfg.batch_size, space=space_for(cfg), chain_for=chain_for,
+                           pilot_samples=cfg.plan_pilots, baseline=None if cfg.baseline == "none" else cfg.baseline,
+                           probe_memory=budget, progress=progress)
+    except (RuntimeError, MemoryError) as e:
+        if not _out_of_memory(e):
+            raise
+        raise ValueError("the device ran out of memory during the plan search (it measures one step graph and "
+                         f"the reward's graph at batch size {cfg.batch_size}, and keeps probes and pilots within the "
+                         f"memory budget {cfg.memory_budget}): give a smaller memory budget or batch size") from None
     result = runnable(measured, cfg.gradient_checkpointing).choose(
-        parse_bytes(cfg.memory_budget), parse_seconds(cfg.time_budget) if cfg.time_budget else None)
+        budget, parse_seconds(cfg.time_budget) if cfg.time_budget else None)
     best = result.best.candidate
-    plan = Plan(best.plan.roles, best.plan.blocks, f"auto: {best.name}")
-    task = dataclasses.replace(task, gradient_checkpointing=bool(best.checkpoint) or cfg.gradient_checkpointing)
-    return task, FixedPlan(plan), result
+    task, sampler = _apply(task, Plan(best.plan.roles, best.plan.blocks, f"auto: {best.name}"),
+                           bool(best.checkpoint) or cfg.gradient_checkpointing)
+    return task, sampler, result
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    return isinstance(e, (MemoryError, torch.OutOfMemoryError)) or any(
+        m in str(e) for m in ("out of memory", "not enough memory"))
+
+
+def _apply(task, plan: Plan, checkpointing: bool):
+    return dataclasses.replace(task, gradient_checkpointing=checkpointing), FixedPlan(plan)
+
+
+def save_choice(out: str, task, sampler: FixedPlan) -> None:
+    """Write the chosen plan and checkpointing to ``out``/:data:`PLAN_FILE` (atomically),
+    so that a resumed run trains the same plan without searching again."""
+    plan = sampler.plan
+    write_json(os.path.join(out, PLAN_FILE), {"name": plan.name, "roles": [r.value for r in plan.roles],
+                                              "blocks": [list(b) for b in plan.blocks],
+                                              "gradient_checkpointing": bool(task.gradient_checkpointing)})
+
+
+def resume_choice(task, checkpoint_path: str, gradient_checkpointing: bool = False):
+    """The plan and checkpointing an estimator-auto run chose, read from its output
+    directory (the checkpoint's ``../..``); returns ``(task, sampler)``. ``ValueError`` if
+    the run has no readable :data:`PLAN_FILE` (a new search could choose another plan)."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(checkpoint_path))), PLAN_FILE)
+    try:
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+        plan = Plan(tuple(Role(r) for r in d["roles"]), tuple(tuple(b) for b in d["blocks"]), d["name"])
+        on = bool(d["gradient_checkpointing"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"cannot resume an estimator-auto run without the plan it chose: {path!r} is missing or "
+                         f"unreadable ({e})") from None
+    return _apply(task, plan, on or gradient_checkpointing)
 
 
 def report(result: SearchResult, top: int = 20) -> str:

@@ -27,7 +27,7 @@ from .components import Components, load_components, tiny_components
 from .config import PRECISIONS, TINY_EVAL_PROMPTS, TINY_MODEL, TINY_PROMPTS, TrainConfig
 from .dcot import DCoTConditioning, StepSplit, load_dcot_prompts
 from .lora import add_lora
-from .planning import choose, report
+from .planning import choose, report, resume_choice, save_choice
 from .previews import save_grid, write_video
 from .rewards import REWARDS, make_reward
 from .sd_chain import ImageView, unet_latent_shape
@@ -149,7 +149,9 @@ def prepare(cfg: TrainConfig, device="cpu") -> Prepared:
     reward = build_reward(cfg, device)
     task = build_task(cfg, build_components(cfg, device), reward, device, step_prompts)
     search = None
-    if sampler is None:
+    if sampler is None and checkpoint is not None:   # the plan the run chose, not a new search
+        task, sampler = resume_choice(task, checkpoint.path, cfg.gradient_checkpointing)
+    elif sampler is None:
         task, sampler, search = choose(cfg, task, prompts)
     if checkpoint is not None:
         check_fits(checkpoint, task.trainable(), sampler.init())
@@ -182,5 +184,6 @@ def run(cfg: TrainConfig, prepared: Prepared, accelerator=None) -> TrainResult:
 
     if prepared.search is not None and cfg.output_dir and acc.is_main_process:
         write_text(os.path.join(cfg.output_dir, "plan_search.txt"), report(prepared.search) + "\n")
+        save_choice(cfg.output_dir, task, prepared.sampler)
     hooks = Hooks(evaluate=evaluate if cfg.output_dir else None, export=export)
     return train(task, prepared.sampler, prepared.prompts, cfg, accelerator=acc, hooks=hooks)

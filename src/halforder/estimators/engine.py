@@ -168,10 +168,10 @@ def _estimate(chain, plan, params, x_T, generator, per_sample, baseline, pairing
                 zo_sum[k].add_(dtheta[k], alpha=1.0 / tau ** 2)
         if t <= K:
             with torch.enable_grad():
-                x = _noisy_step(chain, t, x, _perturb(leaves, dtheta), sig, eps)
+                x = noisy_step(chain, t, x, perturb(leaves, dtheta), sig, eps)
         else:
             with torch.no_grad():
-                x = _noisy_step(chain, t, x, _perturb(frozen, dtheta), sig, eps)
+                x = noisy_step(chain, t, x, perturb(frozen, dtheta), sig, eps)
 
     with torch.set_grad_enabled(K > 0):
         R = chain.reward(latent(x))
@@ -191,9 +191,9 @@ def _estimate(chain, plan, params, x_T, generator, per_sample, baseline, pairing
             xb = x_in
             for t in range(j + h - 1, j, -1):
                 dtheta, eps = noise[t]
-                xb = _noisy_step(chain, t, xb, _perturb(leaves, dtheta), float(chain.sigma(t)), eps)
+                xb = noisy_step(chain, t, xb, perturb(leaves, dtheta), float(chain.sigma(t)), eps)
             dtheta, eps_j = noise[j]
-            mean = chain.step(j, xb, _perturb(leaves, dtheta))
+            mean = chain.step(j, xb, perturb(leaves, dtheta))
             score = (latent(mean) * eps_j).flatten(1).sum(1) / float(chain.sigma(j))
             g = _grad((w * score).sum(), leaves, reduce)
         ho = {k: ho[k] + g[k] for k in ho}
@@ -220,11 +220,15 @@ class _Named(dict):
         raise MissingParameter(key)
 
 
-def _perturb(params, dtheta):
+def perturb(params, dtheta):
+    """``params`` plus the per-sample parameter noise ``dtheta`` (name -> ``[N, *shape]``;
+    None: no noise)."""
     return params if dtheta is None else _Named({k: v + dtheta[k] for k, v in params.items()})
 
 
-def _noisy_step(chain, t, x, params, sig, eps):
+def noisy_step(chain, t: int, x: State, params, sig: float, eps) -> State:
+    """One step of the chain: ``chain.step(t, x, params)`` plus ``sig * eps`` on the latent
+    (``eps`` None: no inherent noise)."""
     mean = chain.step(t, x, params)
     return mean if eps is None else with_latent(mean, latent(mean) + sig * eps)
 

@@ -24,17 +24,16 @@ time). The saved part is what the meter measures of a whole estimate.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Collection
+from typing import Collection
 
 import torch
 
-from .engine import _noisy_step, _perturb
+from .engine import noisy_step, perturb
 from .gradient_checkpointing import Checkpointed
 from .memory import SavedTensorMeter
-from .plan import Plan, Role
+from .plan import ChainFor, Plan, Role
 from .protocol import State, latent
 
-ChainFor = Callable[[Plan], object]
 
 
 @dataclass(frozen=True)
@@ -66,6 +65,7 @@ class MemoryCosts:
 
     @property
     def T(self) -> int:
+        """Steps of the measured chain."""
         return len(self.graph)
 
 
@@ -134,26 +134,26 @@ def measure_memory(chain, params, n: int, *, generator: torch.Generator,
             pair = (x, dtheta, sig, eps)
         for x_in, out in ((x, graph_in), (_requiring_grad(x), graph)):
             with torch.enable_grad(), SavedTensorMeter(exclude) as meter:
-                y = _noisy_step(base, t, x_in, _perturb(leaves, dtheta), sig, eps)
+                y = noisy_step(base, t, x_in, perturb(leaves, dtheta), sig, eps)
             out[t - 1] = meter.peak
             del y
         x_in = _requiring_grad(x)
         with torch.enable_grad(), SavedTensorMeter(exclude) as meter:
-            y = latent(_noisy_step(Checkpointed(base, (t,)), t, x_in, _perturb(leaves, dtheta), sig, eps))
+            y = latent(noisy_step(Checkpointed(base, (t,)), t, x_in, perturb(leaves, dtheta), sig, eps))
             held[t - 1] = meter.live
             meter.reset_peak()
             torch.autograd.grad(y.sum(), [*leaves.values(), latent(x_in)], allow_unused=True)
             recompute[t - 1] = meter.peak - held[t - 1]
         del y
         with torch.no_grad():
-            x = _noisy_step(base, t, x, _perturb(frozen, dtheta), sig, eps)
+            x = noisy_step(base, t, x, perturb(frozen, dtheta), sig, eps)
     shared = 0
     if pair is not None:   # steps 2 and 1 together, against their graphs apart
         x2, dtheta2, sig2, eps2 = pair
         dtheta1, sig1, eps1 = _noise(base, 1, x2, params, generator)
         with torch.enable_grad(), SavedTensorMeter(exclude) as meter:
-            y = _noisy_step(base, 2, x2, _perturb(leaves, dtheta2), sig2, eps2)
-            y = _noisy_step(base, 1, y, _perturb(leaves, dtheta1), sig1, eps1)
+            y = noisy_step(base, 2, x2, perturb(leaves, dtheta2), sig2, eps2)
+            y = noisy_step(base, 1, y, perturb(leaves, dtheta1), sig1, eps1)
         shared = graph_in[1] + graph[0] - meter.peak
         del y
     x0 = _requiring_grad(latent(x))

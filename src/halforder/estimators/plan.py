@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 
 class Role(str, enum.Enum):
@@ -203,3 +203,8 @@ class Plan:
 def _check_T(T: int) -> None:
     if int(T) != T or T < 1:
         raise ValueError(f"T must be a positive integer, got {T!r}")
+
+
+#: A plan's chain: ``chain_for(plan)`` gives the chain a plan runs on, where the noise
+#: scales depend on the plan (a diffusion chain's ``for_plan``).
+ChainFor = Callable[[Plan], object]

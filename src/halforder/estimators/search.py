@@ -24,17 +24,17 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 
 from .memory_model import MemoryCosts, measure_memory, predicted_memory
+from .pairing import Pairing
 from .part_variances import PartVariances, measure_part_variances, predicted_variance
-from .plan import Plan, Role
+from .plan import ChainFor, Plan, Role
 from .time_model import TimeModel, fit_time_model, plan_chain
 
-ChainFor = Callable[[Plan], object]
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,7 @@ class Candidate:
 
     @property
     def is_unbiased(self) -> bool:
+        """Whether the plan drops no step (its estimate is unbiased)."""
         return self.plan.is_unbiased
 
     @property
@@ -113,9 +114,9 @@ class Space:
                 roles = ["FO"] * K + ["ZO"] * (T - K)
                 for j, h in blocks:
                     roles[j - 1:j + h - 1] = ["HO"] * h
-                longest = max((h for _, h in blocks), default=0)
+                can = checkpointable(K, blocks)
                 cks = [c for c in ((), ("FO",), ("HO",), ("FO", "HO")) if self.checkpoint or not c]
-                cks = [c for c in cks if ("FO" not in c or K >= 2) and ("HO" not in c or longest >= 2)]
+                cks = [c for c in cks if set(c) <= set(can)]
                 for fill in ("ZO", "NONE") if self.biased else ("ZO",):
                     if fill == "NONE" and "ZO" not in roles:
                         continue
@@ -125,7 +126,16 @@ class Space:
         return list(out)
 
     def hs_for(self, T: int) -> tuple[int, ...]:
+        """The HO block lengths offered on a chain of T steps: ``hs``, or the powers of two
+        below T."""
         return self.hs if self.hs is not None else tuple(2 ** i for i in range(8) if 2 ** i < T)
+
+
+def checkpointable(K: int, blocks) -> tuple[str, ...]:
+    """The roles whose checkpointing can matter for a plan with an FO prefix of K steps and
+    HO ``blocks`` ((j, h), ...): FO if K >= 2, HO if a block is 2 steps or longer (a
+    segment of one step saves the same graph either way)."""
+    return tuple(r for r, ok in (("FO", K >= 2), ("HO", max((h for _, h in blocks), default=0) >= 2)) if ok)
 
 
 def block_starts(T: int, h: int, m: int) -> list[int]:
@@ -162,16 +172,18 @@ class Scored:
 
     @property
     def unbiased(self) -> bool:
+        """Whether the candidate's plan is unbiased."""
         return self.candidate.is_unbiased
 
 
-def score(candidate: Candidate, memory: MemoryCosts, timing: TimeModel, parts: PartVariances,
+def score(candidate: Candidate, memory: MemoryCosts, timing: TimeModel, parts: PartVariances | None,
           chain_for: ChainFor) -> Scored:
-    """Predicted memory, time and variance of ``candidate``."""
+    """Predicted memory, time and variance of ``candidate`` (variance inf without ``parts``:
+    not piloted)."""
     plan, steps = candidate.plan, candidate.checkpoint_steps
     chain = chain_for(plan)
-    return Scored(candidate, predicted_memory(memory, plan, steps), timing.predict(plan, steps, chain),
-                  predicted_variance(parts, plan, candidate.pairing, chain))
+    variance = float("inf") if parts is None else predicted_variance(parts, plan, candidate.pairing, chain)
+    return Scored(candidate, predicted_memory(memory, plan, steps), timing.predict(plan, steps, chain), variance)
 
 
 @dataclass(frozen=True)
@@ -264,13 +276,17 @@ def measure(chain, params, *, generator: torch.Generator, n: int = 4, space: Spa
       chain, params: the chain and its parameters; ``chain_for(plan)`` gives the chain of a
         plan whose noise scales depend on it (a diffusion chain's ``for_plan``).
       generator: start states and noise of the measurements and pilots.
-      n: samples per estimate (the batch size; pairs count as two).
+      n: samples per estimate (the batch size; pairs count as two). Pilots with a
+        leave-one-out baseline are drawn in batches of n, as training draws them.
       space: the candidates (its ``biased`` also admits biased plans to the ranking).
       pilot_samples: pilot rows per part (module :mod:`.part_variances`).
       baseline: the baseline the estimates will use (e.g. ``"loo"``).
       repeats: timing repeats (medians).
-      probe_memory: the most memory (bytes) a timing probe may take (None: no limit; the
-        device's free memory, where probes such as full backprop would not fit).
+      probe_memory: the most memory (bytes) a timing probe or a pilot may take (None: no
+        limit): probes over it are skipped, pilots run in batches of n and checkpointed
+        where they would not fit otherwise, and candidates that do not fit even so are
+        not piloted (variance inf). Give the memory budget where full backprop would
+        not fit the device.
     """
     chain_for = chain_for or (lambda plan: chain)
     cands = [c for c in space.candidates(chain.T) if _valid(c.plan, chain_for)]
@@ -278,12 +294,21 @@ def measure(chain, params, *, generator: torch.Generator, n: int = 4, space: Spa
     limit = float("inf") if probe_memory is None else probe_memory
     timing = fit_time_model(chain, params, n, generator=generator, chain_for=chain_for, repeats=repeats,
                             admit=lambda plan, ck: predicted_memory(memory, plan, ck) <= limit)
-    parts = measure_part_variances(chain, params, ks={c.plan.fo_steps for c in cands},
-                                   blocks={c.plan.blocks for c in cands},
-                                   pairings={c.pairing for c in cands if Role.ZO in c.plan.roles}, n=pilot_samples,
-                                   generator=generator, chain_for=chain_for, baseline=baseline, progress=progress)
-    return Measured(tuple(score(c, memory, timing, parts, chain_for) for c in cands), memory, timing, parts,
-                    space.biased)
+
+    def checkpoint(plan):   # a pilot's steps to checkpoint: all its gradient steps where it would not fit
+        steps = set(plan.steps(Role.FO)) | set(plan.steps(Role.HO))
+        return steps if predicted_memory(memory, plan) > limit else ()
+
+    fits = [c for c in cands if predicted_memory(memory, c.plan, c.checkpoint_steps) <= limit]
+    parts = measure_part_variances(chain, params, ks={c.plan.fo_steps for c in fits},
+                                   blocks={(c.plan.blocks, Pairing.parse(c.pairing).size) for c in fits},
+                                   pairings={c.pairing for c in fits if Role.ZO in c.plan.roles}, n=pilot_samples,
+                                   batch=n, generator=generator, chain_for=chain_for, baseline=baseline,
+                                   chunk=n if probe_memory is not None else 1 << 14, checkpoint=checkpoint,
+                                   progress=progress)
+    over = set(cands) - set(fits)
+    scored = tuple(score(c, memory, timing, None if c in over else parts, chain_for) for c in cands)
+    return Measured(scored, memory, timing, parts, space.biased)
 
 
 def search(chain, params, memory_budget: float, *, time_budget: float | None = None, **kwargs) -> SearchResult:

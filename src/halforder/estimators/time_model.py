@@ -28,10 +28,9 @@ from scipy.optimize import nnls
 
 from .engine import estimate
 from .gradient_checkpointing import Checkpointed
-from .plan import Plan, Role
+from .plan import ChainFor, Plan, Role
 from .protocol import latent
 
-ChainFor = Callable[[Plan], object]
 FEATURES = ("rollout step", "rollout step with parameter noise", "gradient step (forward + backward)",
             "checkpointed step", "HO block", "ZO step", "reward backward", "call")
 
