@@ -50,7 +50,7 @@ HOW = {
     "python benchmarks/diffusion_memory.py --out runs/diffusion_memory.md": "--T 5 6 --repeats 1",
     "python benchmarks/video_memory.py --out runs/video_memory.md": "--T 4 --num-frames 2",
     "python benchmarks/sd_scale.py --tiny": RUN,
-    "halforder plan --preset tiny --memory 2GiB": RUN,
+    "halforder plan --preset tiny --memory 2GiB": "--plan-pilots 16",
 }
 
 
