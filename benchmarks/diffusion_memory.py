@@ -108,12 +108,12 @@ def write_table(rows, args):
         sec = " | ".join(f"{by[(T, n)][1]:.3f}" for T in Ts)
         lines.append(f"| {n} | {g} | {mem} | {sec} |")
     lines.append("")
-    for n in ("full", "full + checkpointing"):
+    for n in ("full", "full + checkpointing") if len(Ts) > 1 else ():   # a line needs two T values
         a, b, res = _linear_fit(Ts, [by[(T, n)][0] for T in Ts])
         lines.append(f"- {n}: saved bytes = {a / 1024:,.0f} KiB + {b / 1024:,.1f} KiB x T "
                      f"(least squares over T = {', '.join(map(str, Ts))}; largest residual {res / 1024:,.1f} KiB).")
     for n in names:
-        if n.startswith("rlr"):
+        if n.startswith("rlr") and len(Ts) > 1:
             vals = [by[(T, n)][0] for T in Ts]
             lines.append(f"- {n}: saved bytes at T={Ts[-1]} / at T={Ts[0]} = {vals[-1] / vals[0]:.3f} (flat in T).")
     lines += ["- The `graph` column is the cost model `Plan.cost()`; it does not know about checkpointing,",

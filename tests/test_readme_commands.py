@@ -32,7 +32,7 @@ HOW = {
     "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu": "not run: needs the network",
     "python -m pytest -q": "not run: the test suite, this test included",
     "halforder demo": RUN,
-    "python -m experiments.run_all": "not run: about 32 min; it rewrites docs/results/, e1-e7 byte for byte (e8 measures CPU times)",
+    "python -m experiments.run_all": "not run: about an hour; it rewrites docs/results/, e1-e7 byte for byte (e8 measures CPU times)",
     "python -m experiments.run_all --quick": RUN,
     "python experiments/finetune_cpu.py --jobs 2 --out runs/finetune": "not run: 75 min (its --quick form is run)",
     "python experiments/finetune_cpu.py --quick": "--methods full --seeds 0 --lrs 0.01",
@@ -50,7 +50,7 @@ HOW = {
     "python benchmarks/diffusion_memory.py --out runs/diffusion_memory.md": "--T 5 6 --repeats 1",
     "python benchmarks/video_memory.py --out runs/video_memory.md": "--T 4 --num-frames 2",
     "python benchmarks/sd_scale.py --tiny": RUN,
-    "halforder plan --preset tiny --memory 2GiB": "--plan-pilots 16",
+    "halforder plan --preset tiny --memory 2GiB": "--plan-pilots 8",
 }
 
 

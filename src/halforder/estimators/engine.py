@@ -93,7 +93,7 @@ def checked_inputs(chain, plan, params, x_T: State | None = None) -> Iterator[No
     plan the chain cannot run, ``params`` that are not tensors by name, ``x_T`` (if given) not
     shaped like the chain's start states); a chain's lookup of a parameter name that
     ``params`` lacks (:class:`MissingParameter`, raised inside the block) becomes a
-    ``ValueError`` that names it. Other ``KeyError``\ s pass through unchanged."""
+    ``ValueError`` that names it. A ``KeyError`` from anywhere else passes through unchanged."""
     if isinstance(chain, Plan) and not isinstance(plan, Plan):
         raise TypeError("estimate(chain, plan, params, x_T): the plan came first; pass the chain first, then the plan")
     if not isinstance(plan, Plan):

@@ -69,8 +69,9 @@ class Pairing:
         repeated over its members, with the members' signs if ``kind`` is mirrored."""
         if self.size == 1:
             return z
-        s = torch.tensor(self.signs(kind), dtype=z.dtype, device=z.device).view(1, -1, *([1] * (z.dim() - 1)))
-        return (z.unsqueeze(1) * s).reshape(z.shape[0] * self.size, *z.shape[1:])
+        if kind not in self.mirrored:
+            return z.repeat_interleave(self.size, dim=0)
+        return torch.stack([z if s > 0 else -z for s in self.signs(kind)], 1).flatten(0, 1)
 
 
 def grouped(x, size: int):

@@ -31,7 +31,7 @@ import torch
 
 from .memory_model import MemoryCosts, measure_memory, predicted_memory
 from .pairing import Pairing
-from .part_variances import PartVariances, measure_part_variances, predicted_variance
+from .part_variances import PartVariances, layout, measure_part_variances, predicted_variance
 from .plan import ChainFor, Plan, Role
 from .time_model import TimeModel, fit_time_model, plan_chain
 
@@ -111,16 +111,13 @@ class Space:
             layouts = [()] + [((j, h),) for h in hs for j in block_starts(T, h, self.positions) if j > K]
             layouts += [tiling(T, K, h) for h in hs if K < T]
             for blocks in layouts:
-                roles = ["FO"] * K + ["ZO"] * (T - K)
-                for j, h in blocks:
-                    roles[j - 1:j + h - 1] = ["HO"] * h
                 can = checkpointable(K, blocks)
                 cks = [c for c in ((), ("FO",), ("HO",), ("FO", "HO")) if self.checkpoint or not c]
                 cks = [c for c in cks if set(c) <= set(can)]
                 for fill in ("ZO", "NONE") if self.biased else ("ZO",):
-                    if fill == "NONE" and "ZO" not in roles:
+                    plan = layout(T, K, blocks, fill)
+                    if fill == "NONE" and not plan.steps(Role.NONE):
                         continue
-                    plan = Plan.from_roles([fill if r == "ZO" else r for r in roles], list(blocks))
                     pairings = self.pairings if Role.ZO in plan.roles else ("none",)
                     out.update((Candidate(plan, p, c), None) for p in pairings for c in cks)
         return list(out)
@@ -181,9 +178,9 @@ def score(candidate: Candidate, memory: MemoryCosts, timing: TimeModel, parts: P
     """Predicted memory, time and variance of ``candidate`` (variance inf without ``parts``:
     not piloted)."""
     plan, steps = candidate.plan, candidate.checkpoint_steps
-    chain = chain_for(plan)
-    variance = float("inf") if parts is None else predicted_variance(parts, plan, candidate.pairing, chain)
-    return Scored(candidate, predicted_memory(memory, plan, steps), timing.predict(plan, steps, chain), variance)
+    variance = float("inf") if parts is None else predicted_variance(parts, plan, candidate.pairing)
+    seconds = timing.predict(plan, steps, chain_for(plan), candidate.pairing)
+    return Scored(candidate, predicted_memory(memory, plan, steps), seconds, variance)
 
 
 @dataclass(frozen=True)
@@ -302,7 +299,8 @@ def measure(chain, params, *, generator: torch.Generator, n: int = 4, space: Spa
     fits = [c for c in cands if predicted_memory(memory, c.plan, c.checkpoint_steps) <= limit]
     parts = measure_part_variances(chain, params, ks={c.plan.fo_steps for c in fits},
                                    blocks={(c.plan.blocks, Pairing.parse(c.pairing).size) for c in fits},
-                                   pairings={c.pairing for c in fits if Role.ZO in c.plan.roles}, n=pilot_samples,
+                                   zo={(c.plan.fo_steps, c.plan.blocks, c.pairing) for c in fits
+                                       if Role.ZO in c.plan.roles}, n=pilot_samples,
                                    batch=n, generator=generator, chain_for=chain_for, baseline=baseline,
                                    chunk=n if probe_memory is not None else 1 << 14, checkpoint=checkpoint,
                                    progress=progress)
