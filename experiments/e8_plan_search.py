@@ -39,9 +39,9 @@ from halforder.estimators import Pairing, Plan, SavedTensorMeter, estimate, grou
 from halforder.estimators.memory_model import predicted_held
 from halforder.estimators.part_variances import measure_part_variances, variance_rows
 from halforder.estimators.search import Candidate, Scored, Space, measure, score
-from halforder.estimators.time_model import median_seconds
+from halforder.estimators.time_model import round_seconds
 
-from .common import ChainConfig, default_chain, save_fig, trace_var, write_table
+from .common import Z95, ChainConfig, default_chain, save_fig, trace_var, write_table
 
 TARGET = {"toy": 1.10, "tiny SD": 1.20}
 
@@ -63,6 +63,23 @@ def one_estimate(chain_for, cand: Candidate, params, *, n: int, seed: int, basel
                    pairing=cand.pairing, baseline=baseline)
 
 
+def ratio_interval(a, b, var, rounds, reps: int = 4000, seed: int = 0) -> tuple[float, float]:
+    """95% bootstrap interval of a's measured variance x time over b's: each variance drawn
+    from its normal sampling distribution (mean, CI), each time the median of resampled
+    timing rounds; (1, 1) when a is b."""
+    if a == b:
+        return 1.0, 1.0
+    rng = np.random.default_rng(seed)
+
+    def draws(c):
+        v, lo, hi = var(c)
+        r = np.asarray(rounds[c])
+        return rng.normal(v, (hi - lo) / (2 * Z95), reps) * np.median(r[rng.integers(0, len(r), (reps, len(r)))], 1)
+
+    q = draws(a) / draws(b)
+    return float(np.quantile(q, 0.025)), float(np.quantile(q, 0.975))
+
+
 def pick(ranked: tuple[Scored, ...], top: int = 10, spread: int = 10) -> list[Scored]:
     """The ``top`` best and ``spread`` evenly spaced through the rest."""
     rest = ranked[top:]
@@ -75,14 +92,17 @@ def evaluate(label, chain_for, params, measured, budgets, extra, *, n, n_var, re
     """Direct measurement of the picked candidates for every budget; rows and a summary.
 
     Every candidate gets ``n_var`` variance rows, its memory from the meter and its time
-    from rounds that time all the candidates in turn (:func:`median_seconds`). Then, in
-    each budget, the candidates whose measured variance x time is within ``race`` of the
-    best measured one get ``refine`` times the rows (a race: the comparison that decides
-    the verdict is measured most precisely; the rest are far from it)."""
+    from rounds that time all the candidates in turn (the median of :func:`round_seconds`).
+    Then the candidates whose measured variance x time is within ``race`` of the best
+    measured one in some budget get ``refine`` times the rows (a race: the comparison that
+    decides the verdict is measured most precisely; the rest are far from it). The ratio
+    top / best gets a 95% bootstrap interval over both candidates' variance rows and timing
+    rounds."""
     chosen = {}
     for budget_name, budget in budgets:
-        ranked = measured.choose(budget).ranked
-        chosen[budget_name] = pick(ranked, top, top) + ([extra[budget_name]] if extra.get(budget_name) else [])
+        picked = pick(measured.choose(budget).ranked, top, top)
+        paper = extra.get(budget_name)
+        chosen[budget_name] = picked + ([paper] if paper and paper.candidate not in {s.candidate for s in picked} else [])
     cands = list(dict.fromkeys(s.candidate for ss in chosen.values() for s in ss))
     G = {c: Pairing.parse(c.pairing).size for c in cands}
     rows = {c: rows_of(chain_for, c, params, n_var, n=n, seed=seed, baseline=baseline)
@@ -94,19 +114,19 @@ def evaluate(label, chain_for, params, measured, budgets, extra, *, n, n_var, re
         with SavedTensorMeter(params.values()) as meter:
             calls[c]()
         mem[c] = meter.peak + predicted_held(measured.memory, c.plan)
-    seconds = dict(zip(cands, median_seconds(list(calls.values()), repeats, "cpu")))
+    rounds = dict(zip(cands, round_seconds(list(calls.values()), repeats, "cpu")))
+    seconds = {c: float(np.median(r)) for c, r in rounds.items()}
 
     def var(c):
         tv = trace_var(rows[c])
         return G[c] * tv.value, G[c] * tv.lo, G[c] * tv.hi
 
-    for ss in chosen.values():
-        best = min(var(s.candidate)[0] * seconds[s.candidate] for s in ss)
-        for s in ss:
-            c = s.candidate
-            if var(c)[0] * seconds[c] <= race * best and evaluations[c] == n_var:
-                more = rows_of(chain_for, c, params, (refine - 1) * n_var, n=n, seed=seed + 100, baseline=baseline)
-                rows[c], evaluations[c] = torch.cat([rows[c], more]), refine * n_var
+    contenders = {s.candidate for ss in chosen.values() for s in ss
+                  if var(s.candidate)[0] * seconds[s.candidate]
+                  <= race * min(var(o.candidate)[0] * seconds[o.candidate] for o in ss)}
+    for c in tqdm([c for c in cands if c in contenders], desc=f"e8 {label}: race", leave=False):
+        more = rows_of(chain_for, c, params, (refine - 1) * n_var, n=n, seed=seed + 100, baseline=baseline)
+        rows[c], evaluations[c] = torch.cat([rows[c], more]), refine * n_var
     out, summary = [], []
     for budget_name, budget in budgets:
         result = measured.choose(budget)
@@ -122,7 +142,7 @@ def evaluate(label, chain_for, params, measured, budgets, extra, *, n, n_var, re
                         s.variance, v, lo, hi, evaluations[s.candidate], s.score, score[s.candidate],
                         score[s.candidate] / score[best]])
         summary.append([label, budget_name, budget, len(result.ranked), len(chosen[budget_name]), first.name,
-                        best.name, score[first] / score[best], TARGET[label],
+                        best.name, score[first] / score[best], *ratio_interval(first, best, var, rounds), TARGET[label],
                         paper.candidate.name if paper else "—", score[paper.candidate] / score[best] if paper else None])
     cache = {c: (next(s for ss in chosen.values() for s in ss if s.candidate == c), (var(c), seconds[c], mem[c]))
              for c in cands}
@@ -149,7 +169,7 @@ def toy_part(quick: bool):
         pilot = measure_part_variances(chain, params, ks=(1,), blocks=((plan.blocks, 1),),
                                        zo=((1, plan.blocks, "none"),), n=measured.parts.n, batch=n,
                                        generator=torch.Generator().manual_seed(6))
-        parts = replace(measured.parts, ho={**measured.parts.ho, **pilot.ho}, zo={**measured.parts.zo, **pilot.zo})
+        parts = replace(measured.parts, ho={**pilot.ho, **measured.parts.ho}, zo={**pilot.zo, **measured.parts.zo})
         extra[name] = score(Candidate(plan), measured.memory, measured.timing, parts, lambda p: chain)
     out = evaluate("toy", lambda p: chain, params, measured, budgets, extra, n=n,
                    n_var=512 if quick else 16384, repeats=3 if quick else 15, baseline=None, seed=11,
@@ -206,11 +226,13 @@ def run(out, quick: bool = False) -> dict:
                 "**Every directly measured candidate.** `rank` in the search's ranking under that budget (`paper`: "
                 "the paper's h* plan). Variance per chain evaluation, 95% CI; seconds: median CPU time per estimate.")
     write_table(out, "e8_plan_search", ["chain", "budget", "bytes", "feasible", "measured", "top-ranked",
-                                        "best measured", "top / best (measured var x time)", "target",
+                                        "best measured", "top / best (measured var x time)", "95% low",
+                                        "95% high", "target",
                                         "paper's h* plan", "paper / best"], summary,
                 "**The search against direct measurement.** For each budget, the search's top-ranked plan and the "
                 "plan with the lowest *measured* variance x time among those measured; the ratio of their measured "
-                "variance x time (1 = the search found the best).")
+                "variance x time (1 = the search found the best), with a 95% bootstrap interval over both plans' "
+                "variance estimates and timing rounds.")
     write_table(out, "e8_model_error", ["chain", "setting", "candidates", "variance: median |log(pred/meas)|",
                                         "variance: max", "time: median |log(pred/meas)|", "time: max",
                                         "memory: max relative error"], errors,

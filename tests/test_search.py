@@ -127,6 +127,47 @@ def test_variance_model_matches_direct_measurement(toy):
         assert predicted_variance(parts, c.plan, c.pairing) == pytest.approx(direct, rel=0.25), c.name
 
 
+def test_variance_model_on_a_chain_whose_noise_depends_on_the_plan():
+    """As a diffusion chain's ``for_plan`` does, the plan's chain here has parameter noise
+    on its ZO steps only, with a different tau on each (0.05 to 0.4): the pilots run on
+    chains that ``chain_for`` builds for them, and the prediction still matches the plan
+    measured on its own chain. Same sizes, tolerance and false-failure rate as the test
+    above (fixed seeds)."""
+    taus = np.linspace(0.05, 0.4, T)
+
+    def chain_for(plan):
+        return linear_chain(T=T, d=3, sigma=0.5, tau=[float(taus[t]) if r == "ZO" else 0.0
+                                                      for t, r in enumerate(plan.roles)], seed=0)[0]
+
+    chain, params = linear_chain(T=T, d=3, sigma=0.5, tau=0.0, seed=0)
+    n = 4000
+    cands = [Candidate(Plan.rlr(T, 2, 3)), Candidate(Plan.rlr(T, 2, 3), "param"),
+             Candidate(Plan.from_roles(["FO"] * 2 + ["ZO"] * 6), "param"),
+             Candidate(Plan.from_roles(["FO", "ZO", "ZO", "HO", "ZO", "ZO", "ZO", "ZO"], [(4, 1)]), "param")]
+    parts = measure_part_variances(chain, params, ks={c.plan.fo_steps for c in cands},
+                                   blocks={(c.plan.blocks, 2 if c.pairing == "param" else 1) for c in cands},
+                                   zo={(c.plan.fo_steps, c.plan.blocks, c.pairing) for c in cands}, n=n, batch=N,
+                                   chain_for=chain_for, generator=torch.Generator().manual_seed(5))
+    for c in cands:
+        G = 2 if c.pairing == "param" else 1
+        s = draw_estimates(chain_for(c.plan), c.plan, params, n, generator=torch.Generator().manual_seed(6),
+                           pairing=c.pairing)
+        direct = G * float(s.grad.double().var(0).sum())
+        assert predicted_variance(parts, c.plan, c.pairing) == pytest.approx(direct, rel=0.25), c.name
+
+
+def test_the_variance_model_refuses_what_it_does_not_cover(toy):
+    chain, params = toy
+    parts = measure_part_variances(chain, params, ks=(2,), blocks=(), zo={(2, (), "param")}, n=8, batch=N,
+                                   generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="not 'param\\+ho'"):
+        predicted_variance(parts, Plan.from_roles(["FO"] * 2 + ["ZO"] * 6), "param+ho")
+    with pytest.raises(ValueError, match="every step after the FO prefix"):
+        predicted_variance(parts, Plan.from_roles(["FO"] * 2 + ["ZO"] * 5 + ["NONE"]), "param")
+    with pytest.raises(ValueError, match="pairings none and param"):
+        Space(pairings=("none", "ho"))
+
+
 @pytest.mark.parametrize("batch, cand", [
     (2, Candidate(Plan.from_roles(["HO"] * T, tiling(T, 0, 2)))),
     (2, Candidate(Plan.from_roles(["FO"] * 2 + ["ZO"] * 6))),

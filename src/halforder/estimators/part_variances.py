@@ -157,9 +157,9 @@ def measure_part_variances(chain, params, *, ks: Iterable[int], blocks: Iterable
 
     ks = sorted(set(int(k) for k in ks))
     fo = {K: trace_var(fo_pilot(T, K), base=None) for K in ks if K >= 1}   # the FO part takes no baseline
-    ho = {(b, G): trace_var(ho_pilot(T, b), G) for b, G in sorted(set((tuple(b), G) for b, G in blocks)) if b}
+    ho = {(b, G): trace_var(ho_pilot(T, b), G) for b, G in sorted(set((tuple(sorted(b)), G) for b, G in blocks)) if b}
     zo_parts = {}
-    for K, b, p in sorted(set((int(K), tuple(b), p) for K, b, p in zo)):
+    for K, b, p in sorted(set((int(K), tuple(sorted(b)), _modelled(p).name) for K, b, p in zo)):
         pilot = zo_pilot(T, K, b)
         if pilot.steps(Role.ZO):
             zo_parts[(K, b, p)] = trace_var(pilot, Pairing.parse(p).size, p, on=layout(T, K, b))
@@ -169,10 +169,22 @@ def measure_part_variances(chain, params, *, ks: Iterable[int], blocks: Iterable
 def predicted_variance(parts: PartVariances, plan: Plan, pairing: str | Pairing | None) -> float:
     """tr Var per chain evaluation of ``plan`` with ``pairing`` by the model of the module
     docstring. ``KeyError`` if a pilot the plan needs was not measured."""
-    pairing = Pairing.parse(pairing)
-    K = plan.fo_steps
+    pairing = _modelled(pairing)
+    K, blocks = plan.fo_steps, tuple(sorted(plan.blocks))
     v = parts.fo[K] if K else 0.0
-    v += parts.ho[(plan.blocks, pairing.size)] if plan.blocks else 0.0
+    v += parts.ho[(blocks, pairing.size)] if blocks else 0.0
     if plan.steps(Role.ZO):
-        v += parts.zo[(K, plan.blocks, pairing.name)]
+        if plan.steps(Role.ZO) != zo_pilot(plan.T, K, blocks).steps(Role.ZO):
+            raise ValueError(f"plan {plan}: the model needs ZO on every step after the FO prefix outside the HO "
+                             "blocks")
+        v += parts.zo[(K, blocks, pairing.name)]
     return pairing.size * v
+
+
+def _modelled(pairing) -> Pairing:
+    """The pairing, if the model covers it ("none" or "param")."""
+    p = Pairing.parse(pairing)
+    if "ho" in p.mirrored:
+        raise ValueError(f"the variance model covers pairings none and param, not {p.name!r}: a pilot without "
+                         "HO blocks cannot mirror the noise where they end")
+    return p

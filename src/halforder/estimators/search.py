@@ -102,6 +102,10 @@ class Space:
     checkpoint: bool = True
     biased: bool = False
 
+    def __post_init__(self):
+        if not set(self.pairings) <= {"none", "param"}:
+            raise ValueError(f"the search offers pairings none and param (the variance model's), got {self.pairings}")
+
     def candidates(self, T: int) -> list[Candidate]:
         """Every candidate of the space for a chain of T steps (no duplicates)."""
         ks = k_grid(T) if self.ks is None else tuple(k for k in self.ks if 0 <= k <= T)
@@ -273,8 +277,9 @@ def measure(chain, params, *, generator: torch.Generator, n: int = 4, space: Spa
       chain, params: the chain and its parameters; ``chain_for(plan)`` gives the chain of a
         plan whose noise scales depend on it (a diffusion chain's ``for_plan``).
       generator: start states and noise of the measurements and pilots.
-      n: samples per estimate (the batch size; pairs count as two). Pilots with a
-        leave-one-out baseline are drawn in batches of n, as training draws them.
+      n: samples per estimate (the batch size; pairs count as two: paired candidates are
+        offered only for even n). Pilots with a leave-one-out baseline are drawn in
+        batches of n, as training draws them.
       space: the candidates (its ``biased`` also admits biased plans to the ranking).
       pilot_samples: pilot rows per part (module :mod:`.part_variances`).
       baseline: the baseline the estimates will use (e.g. ``"loo"``).
@@ -286,7 +291,8 @@ def measure(chain, params, *, generator: torch.Generator, n: int = 4, space: Spa
         not fit the device.
     """
     chain_for = chain_for or (lambda plan: chain)
-    cands = [c for c in space.candidates(chain.T) if _valid(c.plan, chain_for)]
+    cands = [c for c in space.candidates(chain.T)
+             if _valid(c.plan, chain_for) and n % Pairing.parse(c.pairing).size == 0]
     memory = measure_memory(chain, params, n, generator=generator, chain_for=chain_for)
     limit = float("inf") if probe_memory is None else probe_memory
     timing = fit_time_model(chain, params, n, generator=generator, chain_for=chain_for, repeats=repeats,

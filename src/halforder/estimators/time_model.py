@@ -119,22 +119,31 @@ def fit_time_model(chain, params, n: int, *, generator: torch.Generator, chain_f
         if n % G or not admit(plan, ck):
             continue
         x_T = grouped(chain.sample_start(n // G, generator, dtype), G)
+        device = latent(x_T).device
         calls.append(partial(estimate, c, plan, params, x_T, generator=generator, pairing=pairing))
         rows.append(features(plan, ck, c, pairing))
         names.append(f"{plan}" + (" ckpt" if ck else "") + (f" [{pairing}]" if G > 1 else ""))
     if not rows:
         raise ValueError("no probe plan could be timed on this chain")
-    A, b = np.array(rows), np.array(median_seconds(calls, repeats, latent(x_T).device))
+    A, b = np.array(rows), np.array(median_seconds(calls, repeats, device))
     coef, _ = nnls(A, b)
     fitted = A @ coef
     return TimeModel(tuple(float(c) for c in coef), tuple(zip(names, map(float, b), map(float, fitted))), n, repeats)
 
 
 def median_seconds(calls: Sequence[Callable[[], object]], repeats: int, device, block: float = 0.05) -> list[float]:
-    """Seconds per call of each of ``calls``: the median over ``repeats`` rounds, each of
-    which times every call in turn (so that a slow spell of the machine slows them all
-    alike), of a block of calls lasting about ``block`` seconds (as many as one warm-up
-    call says fit, at least one), divided by its length. Wall-clock time with the device
+    """Seconds per call of each of ``calls``: the median over the rounds of
+    :func:`round_seconds`."""
+    return [statistics.median(r) for r in round_seconds(calls, repeats, device, block)]
+
+
+def round_seconds(calls: Sequence[Callable[[], object]], repeats: int, device,
+                  block: float = 0.05) -> list[list[float]]:
+    """Seconds per call of each of ``calls`` in each of ``repeats`` rounds (``[call][round]``).
+    Each round times every call in turn (so that a slow spell of the machine slows them all
+    alike), as a block of calls lasting about ``block`` seconds, divided by its length; the
+    warm-up sizes the blocks, doubling from one call while a block is under half of
+    ``block`` (so a coarse clock cannot ask for millions). Wall-clock time with the device
     synchronised around each block on a GPU, the process's CPU time on a CPU (robust to
     other processes sharing the machine; with one thread it is the time)."""
     cuda = torch.device(device).type == "cuda"
@@ -149,6 +158,13 @@ def median_seconds(calls: Sequence[Callable[[], object]], repeats: int, device, 
         sync()
         return (clock() - t0) / k
 
-    sizes = [max(1, int(block / max(timed(fn, 1), 1e-9))) for fn in calls]   # the warm-up call sizes the block
+    def size(fn):
+        k, total = 1, timed(fn, 1)
+        while total < block / 2 and k < 1 << 16:
+            k *= 2
+            total = timed(fn, k) * k
+        return k
+
+    sizes = [size(fn) for fn in calls]
     times = [[timed(fn, k) for fn, k in zip(calls, sizes)] for _ in range(max(1, repeats))]
-    return [statistics.median(col) for col in zip(*times)]
+    return [list(col) for col in zip(*times)]
