@@ -36,8 +36,8 @@ G = 2 for pairing "param" and 1 otherwise:
   depends on which steps carry parameter noise and how strongly R responds to each)
   does not depend on the FO and HO computations. This costs one pilot per layout (K,
   blocks, pairing) rather than per prefix; rescaling one pilot by sum tau_t^-2, as if
-  every step's noise moved R alike, was off by up to 45% on the tiny SD chain, where the
-  last step's parameter noise barely moves R.
+  every step's noise moved R alike, put a plan 35% low on the tiny SD chain (0.41
+  against 0.63), where the last step's parameter noise barely moves R.
 * The FO and HO parts are measured on their pilots' chains, not on the plan's: V_FO(K) on
   truncated(K)'s chain (no inherent noise where HO blocks end, eta = 0, and no parameter
   noise, tau = 0, after K), V_HO on a chain with tau = 0 outside the blocks. In a plan
