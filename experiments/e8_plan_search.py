@@ -64,15 +64,16 @@ def one_estimate(chain_for, cand: Candidate, params, *, n: int, seed: int, basel
 
 
 def ratio_interval(a, b, var, rounds, reps: int = 4000, seed: int = 0) -> tuple[float, float]:
-    """95% bootstrap interval of a's measured variance x time over b's: each variance drawn
-    from its normal sampling distribution (mean, CI), each time the median of resampled
+    """95% bootstrap interval of a's measured variance x time over b's (``var``: candidate ->
+    (variance, CI low, CI high)): each variance drawn from its normal sampling distribution,
+    each time the median of resampled
     timing rounds; (1, 1) when a is b."""
     if a == b:
         return 1.0, 1.0
     rng = np.random.default_rng(seed)
 
     def draws(c):
-        v, lo, hi = var(c)
+        v, lo, hi = var[c]
         r = np.asarray(rounds[c])
         return rng.normal(v, (hi - lo) / (2 * Z95), reps) * np.median(r[rng.integers(0, len(r), (reps, len(r)))], 1)
 
@@ -117,26 +118,28 @@ def evaluate(label, chain_for, params, measured, budgets, extra, *, n, n_var, re
     rounds = dict(zip(cands, round_seconds(list(calls.values()), repeats, "cpu")))
     seconds = {c: float(np.median(r)) for c, r in rounds.items()}
 
-    def var(c):
-        tv = trace_var(rows[c])
-        return G[c] * tv.value, G[c] * tv.lo, G[c] * tv.hi
+    def variances():
+        """Per candidate: (variance per evaluation, CI low, CI high) from its rows."""
+        tvs = {c: trace_var(rows[c]) for c in cands}
+        return {c: (G[c] * tv.value, G[c] * tv.lo, G[c] * tv.hi) for c, tv in tvs.items()}
 
+    first_pass = {c: v[0] * seconds[c] for c, v in variances().items()}
     contenders = {s.candidate for ss in chosen.values() for s in ss
-                  if var(s.candidate)[0] * seconds[s.candidate]
-                  <= race * min(var(o.candidate)[0] * seconds[o.candidate] for o in ss)}
+                  if first_pass[s.candidate] <= race * min(first_pass[o.candidate] for o in ss)}
     for c in tqdm([c for c in cands if c in contenders], desc=f"e8 {label}: race", leave=False):
         more = rows_of(chain_for, c, params, (refine - 1) * n_var, n=n, seed=seed + 100, baseline=baseline)
         rows[c], evaluations[c] = torch.cat([rows[c], more]), refine * n_var
+    var = variances()
     out, summary = [], []
     for budget_name, budget in budgets:
         result = measured.choose(budget)
         rank_of = {s.candidate: i for i, s in enumerate(result.ranked, 1)}
-        score = {s.candidate: var(s.candidate)[0] * seconds[s.candidate] for s in chosen[budget_name]}
+        score = {s.candidate: var[s.candidate][0] * seconds[s.candidate] for s in chosen[budget_name]}
         best = min(score, key=score.get)
         first = result.ranked[0].candidate
         paper = extra.get(budget_name)
         for s in chosen[budget_name]:
-            v, lo, hi = var(s.candidate)
+            v, lo, hi = var[s.candidate]
             out.append([label, budget_name, budget, rank_of.get(s.candidate, "paper"), s.candidate.name,
                         "yes" if s.unbiased else "no", s.memory, mem[s.candidate], s.time, seconds[s.candidate],
                         s.variance, v, lo, hi, evaluations[s.candidate], s.score, score[s.candidate],
@@ -144,7 +147,7 @@ def evaluate(label, chain_for, params, measured, budgets, extra, *, n, n_var, re
         summary.append([label, budget_name, budget, len(result.ranked), len(chosen[budget_name]), first.name,
                         best.name, score[first] / score[best], *ratio_interval(first, best, var, rounds), TARGET[label],
                         paper.candidate.name if paper else "—", score[paper.candidate] / score[best] if paper else None])
-    cache = {c: (next(s for ss in chosen.values() for s in ss if s.candidate == c), (var(c), seconds[c], mem[c]))
+    cache = {c: (next(s for ss in chosen.values() for s in ss if s.candidate == c), (var[c], seconds[c], mem[c]))
              for c in cands}
     return out, summary, cache
 
