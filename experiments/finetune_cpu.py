@@ -1,18 +1,25 @@
-"""Reward fine-tuning of a small pixel-space diffusion model on CPU with every estimator.
+"""Reward fine-tuning of a small pixel-space diffusion model on CPU with every estimator,
+at equal counted compute.
 
 A ``UNet2DModel`` pretrained here on 16x16 coloured shapes (:mod:`experiments.shapes.pretrain`)
-is fine-tuned through a LoRA adapter to maximise a learned, hackable reward, the
-probability that a classifier sees a circle (:mod:`experiments.shapes.classifier`).
-Every method starts from the same weights and the same LoRA initialisation and gets the
-same compute budget, counted in UNet evaluations: one per sample in every forward pass
-(the rollout, checkpoint recomputation, HO recomputation) and every backward pass, by
-hooks on the UNet. (The classifier reward is a small fraction of a UNet call.)
+is fine-tuned through a LoRA adapter to maximise a reward with headroom: closeness to one
+target image (:mod:`experiments.shapes.target`), which the base model reaches at 0.05 and
+which only a model that maps every noise onto the target reaches at 1. Every method starts
+from the same weights and LoRA initialisation and spends the same budget of denoiser
+evaluations, counted by the library's compute meter (:mod:`halforder.estimators.compute`:
+one per sample per forward or backward pass, checkpoint and HO recomputation included; the
+training loop writes it to every record). Each run checks the count against
+:func:`~halforder.estimators.expected_evaluations` of the plans it drew.
 
-One code path: every method is a plan sampler of the library
-(``halforder.estimators.make_sampler``) and a gradient-checkpointing flag, the model side
-is the library's ``DiffusionTask`` and the training is the library's loop
-(``halforder.training.train``); this script adds the budget (a ``stop`` hook), the
-evaluations (an ``on_step`` hook) and the activation-memory meter (``around_estimate``).
+One code path: every method is a plan sampler of the library, a pairing, a baseline and a
+checkpointing flag; the model side is the library's ``DiffusionTask`` and the training is
+the library's loop (``halforder.training.train``). This script adds the budget (a ``stop``
+hook), evaluations (``on_step``) and the activation-memory meter (``around_estimate``).
+
+Learning rates: every method is swept over ``lrs`` (factors of 3) on ``sweep_seed``, and
+the grid is extended by factors of 3 past whichever edge holds the best rate, up to
+``lr_extend`` times, so the chosen rate is interior where that is possible; the table says
+where it is not. The chosen rate then runs on every seed.
 
 The chain is the same for every method: DDIM with T steps and eta at every step, so the
 likelihood-ratio (HO) terms have noise to work with; ZO steps add parameter noise
@@ -21,10 +28,10 @@ likelihood-ratio (HO) terms have noise to work with; ZO steps add parameter nois
 Run (from the repository root):
 
     python experiments/finetune_cpu.py --jobs 2     # full run, writes docs/results/finetune_*
-    python experiments/finetune_cpu.py --quick      # smoke test, about a minute of CPU time, writes runs/finetune-quick
+    python experiments/finetune_cpu.py --quick      # smoke test, writes runs/finetune-quick
 
-Outputs in ``--out``: finetune_reward_vs_compute.png, finetune_diversity_vs_reward.png,
-finetune_samples.png, finetune_table.md, finetune_results.json.
+Outputs in ``--out``: finetune_reward_vs_compute.png, finetune_samples.png,
+finetune_table.md, finetune_results.json.
 """
 from __future__ import annotations
 
@@ -35,7 +42,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
@@ -44,16 +51,19 @@ if __package__ in (None, ""):  # run as a script: make `experiments` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from experiments import finetune_report as report  # noqa: E402
-from experiments.shapes.classifier import CircleReward, ClassifierConfig, pretrained_classifier  # noqa: E402
-from experiments.shapes.data import SHAPES, sample_shapes  # noqa: E402
-from experiments.shapes.pretrain import PretrainConfig, ddim_scheduler, pretrained_unet  # noqa: E402
-from halforder.diffusion import Components, DiffusionTask, ImageView, add_lora, rollout  # noqa: E402
-from halforder.estimators import Pairing, SavedTensorMeter, estimate, group_means, grouped, make_sampler  # noqa: E402
+from experiments.shapes.classifier import ClassifierConfig  # noqa: E402
+from experiments.shapes.pretrain import PretrainConfig  # noqa: E402
+from experiments.shapes.target import TargetConfig  # noqa: E402
+from experiments.shapes.world import UNCONDITIONAL, Setup, build_setup, evaluate  # noqa: E402
+from halforder.estimators import (Pairing, SavedTensorMeter, estimate, expected_evaluations, group_means,  # noqa: E402
+                                  grouped, make_sampler)
 from halforder.training import Hooks, LoopConfig, make_accelerator, train  # noqa: E402
 from halforder.training.files import write_json  # noqa: E402
 
 ROLES = ("FO", "HO", "ZO")
-UNCONDITIONAL = [""]   # the model has no text conditioning: every batch item is the empty prompt
+METHODS = ("full", "draft1", "alignprop", "reinforce", "reinforce_grpo", "zeroth_order", "zeroth_order_paired",
+           "rlr_h0", "rlr_h1", "rlr_h2", "rlr_h3", "rlr_h0_paired", "rlr_h1_paired", "rlr_h2_paired",
+           "rlr_h3_paired", "rlr_h2_noZO")
 
 
 @dataclass(frozen=True)
@@ -62,18 +72,19 @@ class ExperimentConfig:
 
     Attributes:
       pretrain: the base model.
-      reward: the classifier whose circle probability is maximised.
-      heldout: a second classifier (another seed and width), never optimised: a drop of its
-        circle probability against the trained one's signals reward hacking.
+      target: the reward's target image and scale.
+      classifier: a shape classifier whose P(circle) is reported beside the reward (the
+        target is a circle; never optimised).
       T: DDIM steps of the chain.
       eta: DDIM eta at every step (sigma_t > 0 everywhere).
       zo_sigma: parameter-noise scale tau on ZO steps.
       batch: samples per gradient estimate (the leave-one-out baseline needs >= 2).
-      budget: UNet evaluations (per sample, forward + backward) that each run may spend;
-        a run stops at the first step that reaches it.
-      lrs: the Adam learning rates swept for every method on ``sweep_seed``; each method
-        then runs ``seeds`` with the rate that gave it the highest mean reward over the
-        budget in the sweep.
+      budget: denoiser evaluations (per sample, forward + backward, by the library's meter)
+        that each run may spend; a run stops at the first update that reaches it.
+      lrs: the Adam learning rates every method is swept over on ``sweep_seed``.
+      lr_extend: at most this many more rates (a factor 3 apart) past the edge that holds
+        the best rate; then the best rate (by the area under reward against compute) runs
+        on every seed.
       sweep_seed: the seed of the learning-rate sweep (not among ``seeds``).
       lora_rank: LoRA rank on ``lora_targets``.
       lora_targets: UNet modules that get LoRA.
@@ -85,169 +96,60 @@ class ExperimentConfig:
     """
 
     pretrain: PretrainConfig = PretrainConfig(steps=1200)
-    reward: ClassifierConfig = ClassifierConfig()
-    heldout: ClassifierConfig = ClassifierConfig(width=24, seed=1)
+    target: TargetConfig = TargetConfig()
+    classifier: ClassifierConfig = ClassifierConfig()
     T: int = 10
     eta: float = 1.0
     zo_sigma: float = 0.05
     batch: int = 8
-    budget: int = 4800
-    lrs: tuple[float, ...] = (3e-4, 1e-3, 3e-3)
+    budget: int = 8000
+    lrs: tuple[float, ...] = (3e-4, 1e-3, 3e-3, 1e-2)
+    lr_extend: int = 3
     sweep_seed: int = 100
     lora_rank: int = 2
     lora_targets: tuple[str, ...] = ("conv1", "conv2")
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
-    n_eval: int = 48
-    n_points: int = 5
+    n_eval: int = 32
+    n_points: int = 6
     n_var: int = 32
-    methods: tuple[str, ...] = ("full", "draft1", "alignprop", "reinforce", "reinforce_paired", "zeroth_order",
-                                "zeroth_order_paired", "rlr_h0", "rlr_h1", "rlr_h2", "rlr_h3", "rlr_h0_paired",
-                                "rlr_h1_paired", "rlr_h2_paired", "rlr_h3_paired", "rlr_h2_paired4", "rlr_h2_noZO")
+    methods: tuple[str, ...] = METHODS
 
 
 QUICK = ExperimentConfig(pretrain=PretrainConfig(channels=(16, 32), steps=20, batch=16),
-                         reward=ClassifierConfig(steps=20, batch=32),
-                         heldout=ClassifierConfig(width=8, steps=20, batch=32, seed=1),
-                         T=4, batch=8, budget=192, lrs=(1e-3, 3e-3), seeds=(0,), n_eval=8, n_points=2, n_var=8,
-                         methods=("full", "draft1", "reinforce", "reinforce_paired", "zeroth_order",
-                                  "zeroth_order_paired", "rlr_h2_paired", "rlr_h2_paired4", "rlr_h2_noZO"))
+                         classifier=ClassifierConfig(steps=20, batch=32),
+                         T=4, batch=8, budget=320, lrs=(1e-3, 3e-3), lr_extend=1, seeds=(0,), n_eval=8, n_points=2,
+                         n_var=8, methods=("full", "draft1", "reinforce", "reinforce_grpo", "zeroth_order",
+                                           "zeroth_order_paired", "rlr_h2_paired", "rlr_h2_noZO"))
 
 
 @dataclass(frozen=True)
 class Method:
-    """A method: a plan sampler of the library, gradient checkpointing, and a pairing."""
+    """A method: a plan sampler of the library, gradient checkpointing, a pairing and a
+    baseline (``grpo``: GRPO's normalised advantage, biased)."""
 
     sampler: object
     checkpointing: bool = False
     pairing: str = "none"
+    baseline: str = "loo"
 
 
 def methods(T: int) -> dict[str, Method]:
     """Every method by name. AlignProp and the ZO-dropping RLR are the library's biased
-    samplers (``truncated_random``, ``rlr_no_zo``). ``_paired``: antithetic pairs with the
-    parameter noise mirrored (REINFORCE, which has no ZO part: the noise where its blocks
-    end); ``_paired4``: groups of four mirroring both."""
+    samplers (``truncated_random``, ``rlr_no_zo``); ``reinforce_grpo`` is REINFORCE with
+    GRPO's normalised advantages (biased); ``_paired``: antithetic pairs with the parameter
+    noise mirrored."""
     out = {"full": Method(make_sampler("full", T), True),
            "draft1": Method(make_sampler("truncated", T, k=1)),
            "alignprop": Method(make_sampler("truncated_random", T, k=T)),
            "reinforce": Method(make_sampler("reinforce", T)),
-           "reinforce_paired": Method(make_sampler("reinforce", T), pairing="ho"),
+           "reinforce_grpo": Method(make_sampler("reinforce", T), baseline="grpo"),
            "zeroth_order": Method(make_sampler("zeroth_order", T)),
            "zeroth_order_paired": Method(make_sampler("zeroth_order", T), pairing="param")}
     for h in range(0, min(3, T - 1) + 1):
         out[f"rlr_h{h}"] = Method(make_sampler("rlr", T, h=h))
         out[f"rlr_h{h}_paired"] = Method(make_sampler("rlr", T, h=h), pairing="param")
-    out["rlr_h2_paired4"] = Method(make_sampler("rlr", T, h=min(2, T - 1)), pairing="param+ho")
     out["rlr_h2_noZO"] = Method(make_sampler("rlr_no_zo", T, h=min(2, T - 1)))
     return out
-
-
-# ----------------------------------------------------------------------------- instruments
-@dataclass
-class Counter:
-    """UNet evaluations, counted once per sample in each forward and each backward pass."""
-
-    forward: int = 0
-    backward: int = 0
-    active: bool = True
-
-    @property
-    def total(self) -> int:
-        return self.forward + self.backward
-
-    def attach(self, unet: torch.nn.Module):
-        """Count every call of ``unet`` while ``active`` (also through ``functional_call`` and
-        checkpoint recomputation) and the backward pass through its output; returns the
-        hook's handle."""
-        def hook(module, args, output):
-            if not self.active:
-                return
-            n = args[0].shape[0]
-            self.forward += n
-            out = output.sample
-            if out.requires_grad:
-                out.register_hook(lambda g: setattr(self, "backward", self.backward + n))
-        return unet.register_forward_hook(hook)
-
-
-# ----------------------------------------------------------------------------- setup
-@dataclass(frozen=True, eq=False)
-class Setup:
-    """Everything shared by the runs: models, the LoRA start, the evaluation noise."""
-
-    cfg: ExperimentConfig
-    unet: torch.nn.Module
-    reward: CircleReward
-    heldout: CircleReward
-    init: dict
-    eval_start: torch.Tensor
-    eval_noise: list
-    probe_noise: torch.Tensor
-    reference: dict = field(default_factory=dict)
-
-    def task(self, checkpointing: bool = False) -> DiffusionTask:
-        """The library's task over the pretrained UNet, with fresh LoRA weights at the start."""
-        cfg = self.cfg
-        params = {k: torch.nn.Parameter(v.clone()) for k, v in self.init.items()}
-        components = Components(self.unet, None, None, None, ddim_scheduler(cfg.pretrain))
-        view = ImageView(None, tuple(self.eval_start.shape[1:]))
-        return DiffusionTask(components, params, self.reward, view, cfg.T, guidance_scale=1.0, eta=cfg.eta,
-                             zo_sigma=cfg.zo_sigma, gradient_checkpointing=checkpointing)
-
-
-def build_setup(cfg: ExperimentConfig, cache_dir: str) -> Setup:
-    """Load or train the base UNet and the two classifiers, add LoRA, draw evaluation noise."""
-    unet = pretrained_unet(cfg.pretrain, cache_dir)
-    reward = CircleReward(pretrained_classifier(cfg.reward, cache_dir))
-    heldout = CircleReward(pretrained_classifier(cfg.heldout, cache_dir))
-    # the LoRA initialisation (A random, B = 0): the same start for all
-    init = {k: v.detach().clone() for k, v in add_lora(unet, rank=cfg.lora_rank, target_modules=cfg.lora_targets,
-                                                          seed=0).items()}
-    g = torch.Generator().manual_seed(12345)
-    shape = (3, cfg.pretrain.size, cfg.pretrain.size)
-    start = torch.randn((cfg.n_eval, *shape), generator=g)
-    noise = [torch.randn((cfg.n_eval, *shape), generator=g) for _ in range(cfg.T)]
-    probe = torch.randn((len(PROBE_T), cfg.n_eval, *shape), generator=g)
-    setup = Setup(cfg, unet, reward, heldout, init, start, noise, probe)
-    data, labels, _ = sample_shapes(1024, cfg.pretrain.size, generator=torch.Generator().manual_seed(999))
-    images = (data + 1) / 2
-    with torch.no_grad():
-        setup.reference.update({
-            "data_reward": float(reward(images).mean()), "data_heldout": float(heldout(images).mean()),
-            "data_diversity": float(data.var(0).mean()), "data_off_data": off_data(setup, data[:cfg.n_eval]),
-            "data_circle_fraction": float((labels == SHAPES.index("circle")).float().mean())})
-    return setup
-
-
-PROBE_T = (50, 150, 300, 500)
-
-
-def off_data(setup: Setup, x0: torch.Tensor) -> float:
-    """Distance to the pretraining distribution: the base model's denoising loss
-    E|eps_base(x_t, t) - eps|^2 on the images, at timesteps PROBE_T with fixed noise (a
-    proxy for their negative log-likelihood under the base model; lower is closer)."""
-    ac = ddim_scheduler(setup.cfg.pretrain).alphas_cumprod
-    total = 0.0
-    with torch.no_grad():
-        for t, eps in zip(PROBE_T, setup.probe_noise):
-            a = float(ac[t])
-            x_t = math.sqrt(a) * x0 + math.sqrt(1 - a) * eps[:len(x0)]
-            total += float((setup.unet(x_t, t).sample - eps[:len(x0)]).pow(2).mean())
-    return total / len(PROBE_T)
-
-
-def evaluate(setup: Setup, task: DiffusionTask) -> tuple[dict, torch.Tensor]:
-    """Reward, held-out reward, diversity, distance to the data (:func:`off_data`) and the
-    held-out circle fraction, on the fixed evaluation noise (tau = 0). The UNet's own LoRA
-    weights stay at their start (B = 0), so ``setup.unet`` called directly is the base model."""
-    chain = task.base_chain(UNCONDITIONAL).with_noise(setup.cfg.eta, 0.0)
-    x0 = rollout(chain, task.params, setup.eval_start, noise=setup.eval_noise).clamp(-1, 1)
-    images = (x0 + 1) / 2
-    with torch.no_grad():
-        logits = setup.heldout.classifier(x0)
-        return {"reward": float(setup.reward(images).mean()), "heldout": float(setup.heldout(images).mean()),
-                "diversity": float(x0.var(0).mean()), "off_data": off_data(setup, x0),
-                "circle_fraction": float((logits.argmax(-1) == SHAPES.index("circle")).float().mean())}, x0
 
 
 def gradient_variance(setup: Setup, method: Method) -> dict:
@@ -260,7 +162,7 @@ def gradient_variance(setup: Setup, method: Method) -> dict:
     n = setup.cfg.n_var
     chain = task.chain(plan, UNCONDITIONAL * n, g)
     est = estimate(chain, plan, task.params, grouped(chain.sample_start(n // G, g), G), generator=g,
-                   per_sample=True, baseline="loo", pairing=method.pairing)
+                   per_sample=True, baseline=method.baseline, pairing=method.pairing)
     var = (lambda d: G * sum(float(group_means(v, G).var(0).sum()) for v in d.values()))  # noqa: E731
     out = {role: var(est.parts[role]) for role in ROLES}
     out["total"] = var(est.grad)
@@ -271,43 +173,88 @@ def gradient_variance(setup: Setup, method: Method) -> dict:
 # ----------------------------------------------------------------------------- one run
 def run(setup: Setup, name: str, seed: int, lr: float, progress=None) -> dict:
     """Fine-tune from the start with method ``name`` at learning rate ``lr`` until the budget
-    is spent, through the library's training loop."""
+    is spent, through the library's training loop; the compute comes from the loop's records
+    (the library's meter), checked against the plans' exact cost."""
     cfg = setup.cfg
     method = methods(cfg.T)[name]
     task = setup.task(method.checkpointing)
-    counter = Counter()
     meter = SavedTensorMeter(exclude=[*setup.unet.parameters(), *task.params.values()])
     first, x0 = evaluate(setup, task)
     curve, train_curve, plans = [{"compute": 0, "seconds": 0.0, **first}], [], []
     marks = [cfg.budget * (i + 1) / cfg.n_points for i in range(cfg.n_points)]
+    eval_seconds = 0.0
 
     def on_step(rec, est):
-        nonlocal x0
-        plans.append(rec["plan"])
-        train_curve.append({"compute": counter.total, "reward": rec["reward_mean"]})
-        while marks and counter.total >= marks[0]:
+        nonlocal x0, eval_seconds
+        plans.append(rec)
+        spent = rec["evaluations"]
+        train_curve.append({"compute": spent, "reward": rec["reward_mean"]})
+        while marks and spent >= marks[0]:
             marks.pop(0)
-            counter.active = False          # evaluations are not part of the budget
+            t0 = time.perf_counter()
             point, x0 = evaluate(setup, task)
-            counter.active = True
-            curve.append({"compute": counter.total, "seconds": rec["elapsed_s"], **point})
+            # training time only: the evaluations before this point are taken out
+            curve.append({"compute": spent, "seconds": rec["elapsed_s"] - eval_seconds, **point})
+            eval_seconds += time.perf_counter() - t0
         if progress is not None:
-            progress.set_postfix(method=name, seed=seed, compute=counter.total, refresh=False)
+            progress.set_postfix(method=name, seed=seed, compute=spent, refresh=False)
 
-    loop = LoopConfig(steps=10 ** 9, lr=lr, batch_size=cfg.batch, grad_accum=1, clip_norm=0.0, baseline="loo",
-                      pairing=method.pairing, seed=seed, output_dir=None, eval_every=0, progress=False)
-    hooks = Hooks(on_step=on_step, stop=lambda rec: counter.total >= cfg.budget, around_estimate=lambda: meter)
-    handle = counter.attach(setup.unet)
-    try:
-        result = train(task, method.sampler, UNCONDITIONAL, loop, accelerator=make_accelerator(cpu=True), hooks=hooks)
-    finally:
-        handle.remove()
+    loop = LoopConfig(steps=10 ** 9, lr=lr, batch_size=cfg.batch, grad_accum=1, clip_norm=0.0,
+                      baseline=method.baseline, pairing=method.pairing, seed=seed, output_dir=None, eval_every=0,
+                      progress=False)
+    hooks = Hooks(on_step=on_step, stop=lambda rec: rec["evaluations"] >= cfg.budget, around_estimate=lambda: meter)
+    result = train(task, method.sampler, UNCONDITIONAL, loop, accelerator=make_accelerator(cpu=True), hooks=hooks)
+    check_count(method, plans, cfg.batch, seed)
     times = [r["time_s"] for r in result.metrics]
-    return {"method": name, "seed": seed, "lr": lr, "pairing": method.pairing, "curve": curve, "train": train_curve, "steps": result.step,
-            "forward": counter.forward, "backward": counter.backward,
+    return {"method": name, "seed": seed, "lr": lr, "pairing": method.pairing, "curve": curve, "train": train_curve,
+            "steps": result.step, "forward": sum(r["evaluations_forward"] for r in result.metrics),
+            "backward": sum(r["evaluations_backward"] for r in result.metrics),
             "time_per_step": sum(times) / len(times), "activation_bytes": meter.peak,
-            "plans": plans[:5], "final_samples": x0[:16].tolist() if seed == cfg.seeds[0] else None,
-            "seconds": result.metrics[-1]["elapsed_s"]}
+            "plans": [r["plan"] for r in plans[:5]], "final_samples": x0[:16].tolist() if seed == cfg.seeds[0] else None,
+            "seconds": result.metrics[-1]["elapsed_s"] - eval_seconds,
+            "diverged": any(r["skipped"] for r in result.metrics)}
+
+
+def check_count(method: Method, records: list, batch: int, seed: int) -> None:
+    """Each update's metered evaluations equal the exact cost of the plan it drew (the
+    loop's plan generator, replayed; the samplers here keep no state)."""
+    g = torch.Generator().manual_seed(seed)
+    for rec in records:
+        plan = method.sampler.sample(method.sampler.init(), g)
+        want = expected_evaluations(plan, batch, checkpointed=method.checkpointing)
+        got = {"forward": rec["evaluations_forward"], "backward": rec["evaluations_backward"]}
+        if str(plan) != rec["plan"] or got != want:
+            raise RuntimeError(f"update {rec['step']}: metered {got} for plan {rec['plan']}, exact {want} for {plan}")
+
+
+# ----------------------------------------------------------------------------- the learning-rate sweep
+def sweep(run_all, cfg: ExperimentConfig) -> tuple[list, dict, dict]:
+    """Every method over ``cfg.lrs`` on the sweep seed, extended a factor 3 at a time past the
+    edge holding the best rate (by :func:`report.auc`), at most ``cfg.lr_extend`` times.
+    Returns the runs, the chosen rate and where it lies (``interior`` or the edge it stayed at;
+    a method whose rates all score alike is not extended)."""
+    runs = run_all([(m, cfg.sweep_seed, lr) for m in cfg.methods for lr in cfg.lrs], "learning-rate sweep")
+    for round_ in range(cfg.lr_extend + 1):
+        chosen, where, todo = {}, {}, []
+        for m in cfg.methods:
+            score = {r["lr"]: report.auc(r) for r in runs if r["method"] == m}
+            tried = sorted(score)
+            chosen[m] = max(tried, key=lambda lr: score[lr])
+            where[m] = ("interior" if tried[0] < chosen[m] < tried[-1] else
+                        "top edge" if chosen[m] == tried[-1] else "bottom edge")
+            if where[m] != "interior" and len(tried) > 1 and len(set(score.values())) > 1:
+                todo.append((m, cfg.sweep_seed, next_rate(chosen[m], +1 if where[m] == "top edge" else -1)))
+        if not todo or round_ == cfg.lr_extend:
+            return runs, chosen, where
+        runs += run_all(todo, f"sweep extension {round_ + 1}")
+    return runs, chosen, where
+
+
+def next_rate(lr: float, direction: int) -> float:
+    """The next rate up (+1) or down (-1) on the grid 1, 3, 10, 30, ... x 10^k (10^(k/2) to
+    one digit: neighbours differ by a factor of 3 or 3.3)."""
+    k = round(2 * math.log10(lr)) + direction
+    return float(f"{10 ** (k / 2):.0e}")
 
 
 # ----------------------------------------------------------------------------- main
@@ -330,7 +277,7 @@ def main(argv=None) -> dict:
                                  "runs/finetune-quick)")
     p.add_argument("--cache", help="weights cache directory (default: experiments/cache, which holds the "
                                    "committed weights; with --quick, runs/cache)")
-    p.add_argument("--budget", type=int, help="override the compute budget (UNet evaluations)")
+    p.add_argument("--budget", type=int, help="override the compute budget (denoiser evaluations)")
     p.add_argument("--seeds", type=int, nargs="+", help="override the seeds")
     p.add_argument("--methods", nargs="+", help="override the methods")
     p.add_argument("--zo-sigma", type=float, help="override the ZO parameter-noise scale tau")
@@ -350,27 +297,27 @@ def main(argv=None) -> dict:
     unknown = set(cfg.methods) - set(methods(cfg.T))
     if unknown:
         p.error(f"unknown methods {sorted(unknown)}; known: {sorted(methods(cfg.T))}")
+    if cfg.budget < 1 or any(not lr > 0 for lr in cfg.lrs):
+        p.error("the budget and the learning rates must be positive")
     os.makedirs(out, exist_ok=True)
     t0 = time.perf_counter()
     setup = build_setup(cfg, cache)
     base, base_samples = evaluate(setup, setup.task())
     gvar = {name: gradient_variance(setup, methods(cfg.T)[name]) for name in cfg.methods}
-    sweep_jobs = [(name, cfg.sweep_seed, lr) for name in cfg.methods for lr in cfg.lrs] if len(cfg.lrs) > 1 else []
     with _runner(setup, cfg, cache, args.jobs) as run_all:
-        sweep = run_all(sweep_jobs, "learning-rate sweep")
-        chosen = {name: max(cfg.lrs, key=lambda lr: next(report.auc(r) for r in sweep
-                                                         if r["method"] == name and r["lr"] == lr))
-                  for name in cfg.methods} if sweep else {name: cfg.lrs[0] for name in cfg.methods}
+        if len(cfg.lrs) > 1:
+            swept, chosen, where = sweep(run_all, cfg)
+        else:
+            swept, chosen, where = [], {m: cfg.lrs[0] for m in cfg.methods}, {m: "not swept" for m in cfg.methods}
         results = run_all([(name, seed, chosen[name]) for name in cfg.methods for seed in cfg.seeds], "runs")
-    table = report.summarise(results, setup, gvar, methods(cfg.T))
-    claims = report.claims(results, cfg.methods, setup.reference, gvar)
-    sweep_md = report.sweep_table(sweep, chosen, cfg.lrs) if sweep else []
-    report.write_table(table, setup, os.path.join(out, "finetune_table.md"),
-                       ["", "## Claims", "", *claims, "", *sweep_md])
-    report.plot(results, setup, out, base_samples)
+    table = report.summarise(results, setup, gvar, methods(cfg.T), where)
+    lines = [*report.claims(results, cfg.methods, setup.reference, table), "",
+             *report.headroom(results, cfg), "", *(report.sweep_table(swept, chosen, where) if swept else [])]
+    report.write_table(table, setup, os.path.join(out, "finetune_table.md"), lines, args.jobs)
+    report.plot(results, setup, out, base_samples, args.jobs)
     summary = {"config": dataclasses.asdict(cfg), "reference": setup.reference, "base": base, "chosen_lr": chosen,
-               "table": table, "wall_seconds": time.perf_counter() - t0,
-               "sweep": [{k: v for k, v in r.items() if k != "final_samples"} for r in sweep],
+               "lr_position": where, "table": table, "wall_seconds": time.perf_counter() - t0, "jobs": args.jobs,
+               "sweep": [{k: v for k, v in r.items() if k != "final_samples"} for r in swept],
                "runs": [{k: v for k, v in r.items() if k != "final_samples"} for r in results]}
     write_json(os.path.join(out, "finetune_results.json"), summary)
     return summary

@@ -167,3 +167,28 @@ def test_float32_estimates_are_float32():
     x_T = chain.sample_start(5, torch.Generator().manual_seed(0), dtype=torch.float32)
     est = estimate(chain, Plan.rlr(4, 2, 2), params, x_T, generator=torch.Generator().manual_seed(0))
     assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in est.grad.values())
+
+
+def test_grpo_advantage_replaces_r_minus_b():
+    """``baseline="grpo"`` weighs the likelihood-ratio terms by (R - mean R) / (std R + 1e-4)
+    over the batch: the estimate with the tensor baseline R - advantage, on the same noise."""
+    from halforder.estimators.baselines import normalised_advantage
+    from halforder.toy import linear_chain
+
+    chain, params = linear_chain(T=6, d=3)
+    plan = Plan.rlr(6, 2, 3)
+
+    def run(baseline):
+        g = torch.Generator().manual_seed(4)
+        return estimate(chain, plan, params, chain.sample_start(16, g), generator=g, per_sample=True,
+                        baseline=baseline)
+
+    R = run(None).reward
+    adv = normalised_advantage(R)
+    assert torch.allclose(adv.mean(), torch.zeros((), dtype=adv.dtype), atol=1e-12)
+    assert float(adv.std()) == pytest.approx(float(R.std() / (R.std() + 1e-4)), rel=1e-9)
+    grpo, same = run("grpo"), run(R - adv)
+    for role in ("HO", "ZO"):
+        for k in params:
+            assert grpo.parts[role][k].abs().max() > 0
+            torch.testing.assert_close(grpo.parts[role][k], same.parts[role][k])

@@ -42,6 +42,14 @@ def sample_shapes(n: int, size: int = 16, generator: torch.Generator | None = No
     margin = 1.1 * r
     cx = margin + (size - 2 * margin) * u[:, 1]
     cy = margin + (size - 2 * margin) * u[:, 2]
+    return draw(shape, colour, cx, cy, r, size), shape, colour
+
+
+def draw(shape: torch.Tensor, colour: torch.Tensor, cx: torch.Tensor, cy: torch.Tensor, r: torch.Tensor,
+         size: int = 16) -> torch.Tensor:
+    """Images ``[n, 3, size, size]`` in [-1, 1] of the given shapes (indices into ``SHAPES``),
+    colours (indices into ``COLOURS``), centres (cx, cy) and sizes r in pixels, all ``[n]``."""
+    n = shape.shape[0]
     grid = torch.arange(size, dtype=torch.float32) + 0.5
     py, px = torch.meshgrid(grid, grid, indexing="ij")
     b = (lambda v: v.view(n, 1, 1))
@@ -49,4 +57,4 @@ def sample_shapes(n: int, size: int = 16, generator: torch.Generator | None = No
     alpha = (0.5 - sd).clamp(0, 1)                             # anti-aliased coverage
     rgb = torch.tensor(list(COLOURS.values()))[colour]          # [n, 3]
     img = alpha.unsqueeze(1) * rgb.view(n, 3, 1, 1)
-    return img * 2 - 1, shape, colour
+    return img * 2 - 1

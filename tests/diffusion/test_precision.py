@@ -9,7 +9,7 @@ from halforder.diffusion import add_lora, make_chain, make_reward, tiny_componen
 from halforder.diffusion.config import TrainConfig
 from halforder.diffusion.denoiser import vmap_attention_backends
 from halforder.diffusion.run import build_components, model_dtype
-from halforder.estimators import Checkpointed, Plan, estimate
+from halforder.estimators import Checkpointed, ComputeMeter, Plan, estimate, expected_evaluations
 from halforder.toy.stats import mean_test
 
 BF16_UNIT_ROUNDOFF = 2.0 ** -8   # bfloat16 keeps 8 significant bits
@@ -151,8 +151,12 @@ def test_a_compiled_denoiser_gives_the_eager_estimate(per_sample, checkpointed, 
             plan, ho_eta=1.0, zo_sigma=1e-2)
         chain = Checkpointed(chain) if checkpointed else chain
         g = torch.Generator().manual_seed(5)
-        results.append(estimate(chain, plan, params, chain.sample_start(2, g), generator=g, per_sample=per_sample))
+        with ComputeMeter() as meter:    # the compute meter sees through the compiled call
+            results.append(estimate(chain, plan, params, chain.sample_start(2, g), generator=g,
+                                    per_sample=per_sample))
         assert bool(counters["stats"]["unique_graphs"]) == (compiled is not None)
+        want = expected_evaluations(plan, 2, checkpointed=checkpointed)
+        assert (meter.forward, meter.backward) == (want["forward"], want["backward"])
     eager, comp = results
     for k in eager.grad:
         assert eager.grad[k].abs().max() > 0

@@ -14,6 +14,10 @@ trainable ``params`` stay float32. The denoiser casts its inputs (state and text
 conditioning) to the network's dtype and its output back to the state's dtype, so the
 chain's states, noise and every estimator sum stay float32 and nothing relies on autocast.
 
+Compute: every call is reported to :mod:`halforder.estimators.compute` as n evaluations of
+its n samples (and n more for each backward pass through its output), outside ``vmap``, the
+loop over samples and ``torch.compile``, so the count is the same under each of them.
+
 Per-sample parameters under ``vmap`` on CUDA: the fused attention kernels
 (memory-efficient, flash, cuDNN) fail in vmap's backward, so the calls run with PyTorch's
 math attention there (:func:`vmap_attention_backends`); the math kernel keeps the attention
@@ -30,6 +34,8 @@ from typing import Callable, Mapping
 import torch
 from torch.func import functional_call, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from ..estimators.compute import record
 
 Params = Mapping[str, torch.Tensor]
 Denoiser = Callable[[torch.Tensor, int, Params], torch.Tensor]
@@ -130,8 +136,9 @@ class ModuleDenoiser:
         with _attention(x.device.type) if how == "vmap" else contextlib.nullcontext(), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=VMAP_FALLBACK, category=UserWarning)
             out = run(self.module, dict(params), batched, how, x.to(self._dtype), timestep, c, u,
-                      self.guidance_scale if u is not None else None)
-        return out.to(x.dtype)
+                      self.guidance_scale if u is not None else None).to(x.dtype)
+        record(n, out)
+        return out
 
 
 def _call(module, params, x, timestep, c, u, w):

@@ -8,11 +8,13 @@
 :mod:`.protocol` is the chain protocol, :mod:`.plan` the roles, :mod:`.engine` how each
 role's estimate is computed, :mod:`.samplers` which plan each training step uses,
 :mod:`.draws` many per-sample estimates, :mod:`.pairing` antithetic groups, :mod:`.memory` the activation-memory meter,
+:mod:`.compute` the compute meter (model evaluations per sample),
 :mod:`.gradient_checkpointing` per-step recomputation, :mod:`.theory` the paper's theory,
 :mod:`.search` the choice of an estimator under budgets (from :mod:`.memory_model`,
 :mod:`.time_model` and :mod:`.part_variances`).
 """
 from .baselines import leave_one_out
+from .compute import ComputeMeter, expected_evaluations
 from .draws import Samples, draw_estimates, flatten
 from .engine import Estimate, estimate
 from .gradient_checkpointing import Checkpointed
@@ -24,7 +26,7 @@ from .search import Candidate, SearchResult, Space, search
 from .samplers import (DropZO, FixedPlan, PlanSampler, RandomTruncation, SoftmaxRLR, UniformRLR, WindowRLR,
                        make_sampler)
 
-__all__ = ["PAIRINGS", "Candidate", "Chain", "Checkpointed", "DropZO", "Estimate", "FixedPlan", "Pairing", "Plan", "PlanSampler",
+__all__ = ["PAIRINGS", "Candidate", "Chain", "Checkpointed", "ComputeMeter", "DropZO", "Estimate", "FixedPlan", "Pairing", "Plan", "PlanSampler",
            "RandomTruncation", "Role", "Samples", "SavedTensorMeter", "SearchResult", "Space", "SoftmaxRLR", "UniformRLR", "WindowRLR", "detach",
-           "draw_estimates", "estimate", "flatten", "group_means", "grouped", "latent", "leave_one_out", "make_sampler",
+           "draw_estimates", "estimate", "expected_evaluations", "flatten", "group_means", "grouped", "latent", "leave_one_out", "make_sampler",
            "pairing_for", "search", "with_latent"]

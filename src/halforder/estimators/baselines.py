@@ -2,6 +2,10 @@
 
 A baseline b_n subtracted from R_n keeps E[(R_n - b_n) * score_n] = grad J exactly when
 b_n does not depend on sample n's noise, because E[score_n] = 0.
+
+:func:`normalised_advantage` is not a baseline: it replaces R_n by GRPO's advantage
+(R_n - mean R) / std R, where the mean includes R_n itself and the division rescales each
+batch differently, so its estimate is biased (what Flow-GRPO and DanceGRPO train with).
 """
 from __future__ import annotations
 
@@ -23,3 +27,11 @@ def leave_one_out(R: torch.Tensor, group: int = 1) -> torch.Tensor:
                          f"samples")
     own = R.reshape(N // group, group).sum(1, keepdim=True).expand(N // group, group).reshape(N)
     return (R.sum(0, keepdim=True) - own) / (N - group)
+
+
+def normalised_advantage(R: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+    """GRPO's advantage (R_n - mean R) / (std R + eps) over the batch (biased: module docstring).
+    Flow-GRPO takes the mean and std over the samples of one prompt; here the batch is the group."""
+    if R.shape[0] < 2:
+        raise ValueError("the normalised advantage needs at least 2 samples in the batch")
+    return (R - R.mean()) / (R.std() + eps)

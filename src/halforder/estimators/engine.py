@@ -29,7 +29,7 @@ from typing import Iterator, Mapping, Union
 
 import torch
 
-from .baselines import leave_one_out
+from .baselines import leave_one_out, normalised_advantage
 from .pairing import Pairing
 from .protocol import Chain, State, check_chain, detach, latent, with_latent
 from .plan import Plan, Role
@@ -70,7 +70,9 @@ def estimate(chain: Chain, plan: Plan, params: Mapping[str, torch.Tensor], x_T: 
       baseline: control variate b subtracted from R in the HO and ZO terms: None, a number,
         a tensor of shape [N] that does not depend on this batch's noise, or ``"loo"`` for
         the leave-one-out mean over the batch (over the other groups, with pairing). Each
-        keeps the estimate unbiased.
+        keeps the estimate unbiased. ``"grpo"`` instead uses GRPO's normalised advantage
+        (R - mean) / std over the batch in place of R - b: biased
+        (:func:`~halforder.estimators.baselines.normalised_advantage`).
       pairing: ``None``/``"none"`` (independent samples), ``"param"``, ``"ho"`` or
         ``"param+ho"``: rows come in antithetic groups of G = 2 or 4 consecutive samples that
         share every noise draw except the mirrored ones (see
@@ -183,7 +185,7 @@ def _estimate(chain, plan, params, x_T, generator, per_sample, baseline, pairing
     fo = dict(zeros)
     if K > 0:
         fo = _grad(R.sum(), leaves, reduce)
-    w = R.detach() - _baseline(R.detach(), baseline, G)
+    w = normalised_advantage(R.detach()) if baseline == "grpo" else R.detach() - _baseline(R.detach(), baseline, G)
 
     ho = dict(zeros)
     for (j, h), x_in in stored.items():
@@ -243,7 +245,7 @@ def _baseline(R: torch.Tensor, baseline: Baseline, group: int) -> torch.Tensor:
         return torch.zeros_like(R)
     if isinstance(baseline, str):
         if baseline != "loo":
-            raise ValueError(f"unknown baseline {baseline!r}; use None, a number, a tensor or 'loo'")
+            raise ValueError(f"unknown baseline {baseline!r}; use None, a number, a tensor, 'loo' or 'grpo'")
         return leave_one_out(R, group)
     b = torch.as_tensor(baseline, dtype=R.dtype, device=R.device)
     if b.dim() not in (0, 1) or (b.dim() == 1 and b.shape != R.shape):

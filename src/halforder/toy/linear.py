@@ -19,6 +19,7 @@ from typing import Sequence
 
 import torch
 
+from ..estimators.compute import record
 from .base import ToyChain
 from .rewards import Quadratic
 
@@ -31,7 +32,9 @@ class LinearGaussianChain(ToyChain):
 
     def step(self, t: int, x: torch.Tensor, params) -> torch.Tensor:
         W, b = params["W"], params["b"]
-        return (W @ x.unsqueeze(-1)).squeeze(-1) + b
+        out = (W @ x.unsqueeze(-1)).squeeze(-1) + b
+        record(x.shape[0], out)
+        return out
 
     # exact quantities
     def moments(self, params, per_step: bool = False) -> tuple[torch.Tensor, torch.Tensor]:

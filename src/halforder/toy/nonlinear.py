@@ -10,6 +10,7 @@ from typing import Sequence
 
 import torch
 
+from ..estimators.compute import record
 from .base import ToyChain
 from .rewards import Quadratic
 
@@ -20,7 +21,9 @@ class TanhChain(ToyChain):
 
     def step(self, t: int, x: torch.Tensor, params) -> torch.Tensor:
         W, b = params["W"], params["b"]
-        return torch.tanh((W @ x.unsqueeze(-1)).squeeze(-1) + b)
+        out = torch.tanh((W @ x.unsqueeze(-1)).squeeze(-1) + b)
+        record(x.shape[0], out)
+        return out
 
 
 def tanh_chain(T: int = 8, d: int = 3, sigma: float | Sequence[float] = 0.3,

@@ -6,8 +6,9 @@ A checkpoint is a directory ``step_XXXXXXXX`` holding
     sampler.safetensors   the plan sampler's state (e.g. running gradient norms)
     optimizer.pt          the optimiser's state_dict (read back with weights_only=True)
     rng.pt                every random generator's state, one dict per process
-    meta.json             step, number of processes, format version, the SHA-256 of each file and
-                          the run's settings (``config``, as in its ``config.json``)
+    meta.json             step, number of processes, format version, the SHA-256 of each file,
+                          the run's settings (``config``, as in its ``config.json``) and the
+                          model evaluations spent up to this step (``evaluations``: forward, backward)
 
 It is written through :func:`~halforder.training.files.atomic_dir`, so a crash leaves
 either the previous checkpoints or the complete new one. :func:`load_checkpoint`
@@ -21,6 +22,7 @@ import json
 import os
 import re
 import shutil
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -28,7 +30,7 @@ import torch
 
 from .files import atomic_dir
 
-FORMAT = 1
+FORMAT = 2   # 2: meta.json records the evaluations spent
 _FILES = ("params.safetensors", "sampler.safetensors", "optimizer.pt", "rng.pt")
 _NAME = re.compile(r"^step_(\d{8})$")
 
@@ -49,6 +51,7 @@ class Checkpoint:
     num_processes: int
     path: str
     config: dict[str, Any] | None = None
+    evaluations: dict[str, int] = dataclasses.field(default_factory=lambda: {"forward": 0, "backward": 0})
 
 
 def checkpoint_name(step: int) -> str:
@@ -57,9 +60,10 @@ def checkpoint_name(step: int) -> str:
 
 def save_checkpoint(root: str, step: int, params: Mapping[str, torch.Tensor], sampler_state: Mapping[str, torch.Tensor],
                     optimizer: Mapping[str, Any], rng: list[Mapping[str, torch.Tensor]], keep: int = 0,
-                    config: Mapping[str, Any] | None = None) -> str:
+                    config: Mapping[str, Any] | None = None, evaluations: Mapping[str, int] | None = None) -> str:
     """Write the checkpoint of ``step`` under ``root`` atomically, with the run's settings
-    ``config`` (what a resume is checked against); keep only the newest ``keep`` checkpoints
+    ``config`` (what a resume is checked against) and the evaluations spent so far
+    (``{"forward": f, "backward": b}``, all processes); keep only the newest ``keep`` checkpoints
     (0: keep all). Returns its path."""
     from safetensors.torch import save_file
 
@@ -70,7 +74,8 @@ def save_checkpoint(root: str, step: int, params: Mapping[str, torch.Tensor], sa
         torch.save([dict(r) for r in rng], os.path.join(tmp, _FILES[3]))
         meta = {"format": FORMAT, "step": int(step), "num_processes": len(rng),
                 "sha256": {f: _sha256(os.path.join(tmp, f)) for f in _FILES},
-                "config": None if config is None else dict(config)}
+                "config": None if config is None else dict(config),
+                "evaluations": {k: int((evaluations or {}).get(k, 0)) for k in ("forward", "backward")}}
         with open(os.path.join(tmp, "meta.json"), "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=1)
     if keep > 0:
@@ -108,6 +113,7 @@ def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> Chec
         config = meta.get("config")
         if config is not None and not isinstance(config, dict):
             raise TypeError("config is not a mapping")
+        evaluations = {k: int(meta["evaluations"][k]) for k in ("forward", "backward")}
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"checkpoint {path!r} is corrupted or incomplete: meta.json unreadable ({e})") from e
     if meta.get("format") != FORMAT:
@@ -127,7 +133,7 @@ def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> Chec
         raise CheckpointError(f"checkpoint {path!r} is corrupted: {e}") from e
     if len(rng) != nproc:
         raise CheckpointError(f"checkpoint {path!r} is corrupted: {len(rng)} RNG states for {nproc} processes")
-    return Checkpoint(step, params, sampler_state, optimizer, rng, nproc, path, config)
+    return Checkpoint(step, params, sampler_state, optimizer, rng, nproc, path, config, evaluations)
 
 
 def _sha256(file: str) -> str:

@@ -59,7 +59,8 @@ class LoopConfig:
     grad_accum: int = knob(2, "micro-batches averaged into one update (the paper: 2)")
     clip_norm: float = knob(1.0, "clip the gradient's global norm to this value (0: no clipping)")
     baseline: str = knob("loo", "control variate of the likelihood-ratio terms: loo (leave-one-out batch mean, "
-                                "needs batch_size >= 2) or none", choices=("loo", "none"))
+                                "needs batch_size >= 2), none, or grpo (GRPO's normalised advantage (R - mean) / std "
+                                "over the batch in place of R - b; biased)", choices=("loo", "none", "grpo"))
     pairing: str = knob(AUTO, "antithetic groups of samples sharing their noise: none; param (pairs with mirrored "
                                "parameter noise); ho (pairs with mirrored noise where HO blocks end); param+ho (groups "
                                "of 4); auto (param for plans with ZO steps, none otherwise). batch_size counts "

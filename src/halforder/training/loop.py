@@ -8,6 +8,7 @@ Each update:
         x_T   = chain.sample_start(n, noise_generator)       # in antithetic groups with pairing
         est   = estimate(chain, plan, params, x_T, generator=noise_generator, baseline=..., pairing=...)
     g = mean over micro-batches and processes of est.grad   # an estimate of grad E[R]
+    count the model's evaluations (ComputeMeter), summed over processes
     if rewards and g are finite:  param.grad = -g;  clip;  AdamW step
     state = sampler.update(state, plan, averaged estimate)
 
@@ -35,7 +36,7 @@ from typing import Any, Callable, ContextManager, Mapping, Protocol, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from ..estimators import Estimate, Plan, estimate, grouped, pairing_for
+from ..estimators import ComputeMeter, Estimate, Plan, estimate, grouped, pairing_for
 from ..estimators.protocol import Chain
 from ..estimators.samplers import PlanSampler
 from .checkpoints import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
@@ -165,12 +166,14 @@ def train(task: Task, sampler: PlanSampler, batches: Sequence, cfg: LoopConfig, 
     gens = TrainRNG.seeded(cfg.seed, acc.process_index, acc.device)
     sstate = sampler.init()
     start, ck = 0, None
+    spent = {"forward": 0, "backward": 0}   # evaluations since step 0, all processes
     resume = resume_path(cfg)
     if resume:
         ck = load_checkpoint(resume, map_location=acc.device)
         check_resume(cfg, ck)
         sstate = _restore(ck, params, opt, gens, sstate, acc)
         start = ck.step
+        spent = dict(ck.evaluations)
 
     metrics_path = os.path.join(out, "metrics.jsonl") if out and trackers.JSONL in cfg.report_to else None
     trackers.start(acc, cfg.report_to, cfg.to_dict())
@@ -200,8 +203,13 @@ def train(task: Task, sampler: PlanSampler, batches: Sequence, cfg: LoopConfig, 
     for step in range(start + 1, cfg.steps + 1):
         t0 = time.perf_counter()
         plan = sampler.sample(sstate, gens.plan)
-        with around():
+        with ComputeMeter() as meter, around():
             est = local_estimate(task, plan, params, batches, cfg, gens)
+        counts = torch.tensor([meter.forward, meter.backward], dtype=torch.int64, device=acc.device)
+        if acc.num_processes > 1:
+            counts = acc.reduce(counts, reduction="sum")
+        f, b = (int(v) for v in counts.tolist())
+        spent = {"forward": spent["forward"] + f, "backward": spent["backward"] + b}
         vec = _flatten(est, names)
         if acc.num_processes > 1:
             vec = acc.reduce(vec, reduction="mean")
@@ -210,7 +218,8 @@ def train(task: Task, sampler: PlanSampler, batches: Sequence, cfg: LoopConfig, 
         rec = {"step": step, "plan": str(plan), "j": plan.blocks[0][0] if len(plan.blocks) == 1 else None,
                "pairing": pairing_for(cfg.pairing, plan).name,
                "reward_mean": _num(rewards.mean()), "reward_std": _num(rewards.std()) if len(rewards) > 1 else 0.0,
-               "grad_norm": _norm(est.grad.values())}
+               "grad_norm": _norm(est.grad.values()), "evaluations_forward": f, "evaluations_backward": b,
+               "evaluations": spent["forward"] + spent["backward"]}
         rec.update({f"grad_norm_{r}": _norm(est.parts[r].values()) for r in ROLES})
         reason = ("non-finite reward" if not bool(torch.isfinite(rewards).all()) else
                   "non-finite gradient" if not bool(torch.isfinite(vec).all()) else None)
@@ -236,7 +245,7 @@ def train(task: Task, sampler: PlanSampler, batches: Sequence, cfg: LoopConfig, 
         if cfg.eval_every and (step % cfg.eval_every == 0 or last):
             evaluate(step)
         if out and ((cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or last):
-            _checkpoint(os.path.join(out, "checkpoints"), step, params, sstate, opt, gens, cfg, acc)
+            _checkpoint(os.path.join(out, "checkpoints"), step, params, sstate, opt, gens, cfg, acc, spent)
         if last:
             break
     bar.close()
@@ -307,7 +316,7 @@ def _memory(device) -> int:
 
 
 # ----------------------------------------------------------------------------- checkpoints
-def _checkpoint(root, step, params, sstate, opt, gens, cfg, acc) -> None:
+def _checkpoint(root, step, params, sstate, opt, gens, cfg, acc, spent) -> None:
     if acc.num_processes > 1:
         from accelerate.utils import gather_object
         rng = gather_object([{k: v.cpu() for k, v in gens.state().items()}])
@@ -315,7 +324,7 @@ def _checkpoint(root, step, params, sstate, opt, gens, cfg, acc) -> None:
         rng = [gens.state()]
     if acc.is_main_process:
         save_checkpoint(root, step, {k: p.detach() for k, p in params.items()}, sstate, opt.state_dict(), rng,
-                        keep=cfg.keep_checkpoints, config=cfg.to_dict())
+                        keep=cfg.keep_checkpoints, config=cfg.to_dict(), evaluations=spent)
     acc.wait_for_everyone()
 
 
