@@ -153,7 +153,7 @@ def methods(T: int) -> dict[str, Method]:
 
 
 def gradient_variance(setup: Setup, method: Method) -> dict:
-    """Variance per chain evaluation of the estimate at the start, per role: G x the trace of
+    """Variance per sample of the estimate at the start, per role: G x the trace of
     the covariance of a group mean (G = 1 unpaired), from ``n_var`` samples (per_sample)."""
     g = torch.Generator().manual_seed(777)
     plan = method.sampler.sample(method.sampler.init(), g)

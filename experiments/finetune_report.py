@@ -64,6 +64,8 @@ def summarise(results: list, setup, gvar: dict, methods: dict, where: dict) -> d
         row["auc"] = _ci([auc(r) for r in runs])
         row["steps"] = sum(r["steps"] for r in runs) / len(runs)
         row["evaluations"] = sum(r["forward"] + r["backward"] for r in runs) / len(runs)
+        # metered evaluations per sample of one update: variance x this is the variance at one evaluation's compute
+        row["per_sample"] = sum(r["forward"] + r["backward"] for r in runs) / sum(r["steps"] * cfg.batch for r in runs)
         row["activation_mb"] = max(r["activation_bytes"] for r in runs) / 2 ** 20
         row["time_per_step"] = sum(r["time_per_step"] for r in runs) / len(runs)
         row["seconds"] = _ci([r["seconds"] for r in runs])
@@ -93,20 +95,22 @@ def write_table(table: dict, setup, path: str, extra: list[str], jobs: int) -> N
              "",
              "| Method | Label | Pairing | lr (position) | AUC: mean reward over the budget | Final reward | P(circle) "
              "| Diversity | Off-data | Updates | Seconds per run | Activation memory (MB) | Plan cost fwd/bwd/graph "
-             "| Grad var FO / HO / ZO |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| Evaluations per sample | Grad var per sample FO / HO / ZO | Grad var x evaluations |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, row in sorted(table.items(), key=lambda kv: -kv[1]["auc"][0]):
         c, gv = row["cost"], row["grad_var"]
         lines.append(f"| {name} | {row['label']} | {row['pairing']} | {row['lr']:g} ({row['lr_position']}) | "
                      f"**{f(row['auc'])}** | {f(row['reward'])} | {f(row['circle'])} | {f(row['diversity'])} | "
                      f"{f(row['off_data'])} | {row['steps']:.0f} | {f(row['seconds'])} | {row['activation_mb']:.2f} | "
-                     f"{c['forward']}/{c['backward']}/{c['graph_steps']} | "
-                     f"{gv['FO']:.3g} / {gv['HO']:.3g} / {gv['ZO']:.3g} |")
+                     f"{c['forward']}/{c['backward']}/{c['graph_steps']} | {row['per_sample']:.3g} | "
+                     f"{gv['FO']:.3g} / {gv['HO']:.3g} / {gv['ZO']:.3g} | {gv['total'] * row['per_sample']:.3g} |")
     lines += ["", "Plan cost is `Plan.cost()` of one draw (AlignProp and RLR draw K or j per update); full backprop "
               "is checkpointed, so it also pays one recomputation per step. lr: the rate chosen by the sweep (below) "
-              "and whether it lies inside the rates tried. Gradient variance: per chain evaluation at the start, per "
-              f"role: G x the trace of the covariance of a group mean of G samples (G = 1 unpaired, 2 paired), from "
-              f"{cfg.n_var} samples. Seconds: training time of one run, evaluations excluded, {jobs} run(s) at a "
+              "and whether it lies inside the rates tried. Evaluations per sample: denoiser evaluations of one update "
+              "per sample, metered. Gradient variance per sample at the start, per role: G x the trace of the "
+              "covariance of a group mean of G samples (G = 1 unpaired, 2 paired), from "
+              f"{cfg.n_var} samples; times the evaluations per sample, it is the variance of an estimate that "
+              "costs one evaluation (lower is better at equal compute). Seconds: training time of one run, evaluations excluded, {jobs} run(s) at a "
               "time on a 2-core machine, one thread each. Activation memory: peak bytes saved for backward. "
               "Diversity: per-pixel variance over the evaluation samples. Off-data: the base model's denoising "
               "loss on the samples (lower = closer to the pretraining data). P(circle): a shape classifier's "
@@ -130,7 +134,7 @@ def claims(runs: list, methods_run, reference: dict, table: dict) -> list[str]:
     for base in ("zeroth_order", "rlr_h0", "rlr_h1", "rlr_h2", "rlr_h3"):
         if base in by and f"{base}_paired" in by:
             lines.append(f"- {base}, paired − unpaired: AUC {g(_welch(area[base + '_paired'], area[base]))}; ZO variance "
-                         f"per evaluation at the start, unpaired / paired "
+                         f"per sample at the start (equal cost), unpaired / paired "
                          f"{table[base]['grad_var']['ZO'] / max(table[base + '_paired']['grad_var']['ZO'], 1e-300):.3g}x.")
     return lines
 

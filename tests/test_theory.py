@@ -9,7 +9,7 @@ from hypothesis import given, settings, strategies as st
 
 from halforder.estimators import Plan
 from halforder.estimators import theory
-from halforder.estimators import draw_estimates, flatten
+from halforder.estimators import draw_estimates, estimate, flatten
 from halforder.toy import LinearGaussianChain, Quadratic, mean_test
 
 ALPHA = 1e-3  # Hotelling tests below: false-failure rate 1e-3 per test under H0
@@ -148,3 +148,35 @@ def test_measured_step_variances_order_on_linear_chain():
     assert sv.steps == (2, 4) and len(sv.ho) == len(sv.zo) == 2
     assert sv.V_h == pytest.approx(math.sqrt(np.mean(sv.ho)))
     assert sv.V_h < sv.V_z and sv.fo1 < min(sv.ho)
+
+
+def test_paired_zo_variance_meets_its_first_order_floor():
+    """On a linear-Gaussian chain paired ZO's variance per pair is its floor
+    m d sum_t E|g_t|^2 + 2 E|G|^2 - |E G|^2 (theory.paired_zo_floor) up to O(tau^2), and not
+    the floor of one shared perturbation, d sum_t E|g_t|^2, which is m times smaller.
+    Both are estimates: the test allows 4 combined standard errors (false failure about 6e-5
+    under normality; fixed seeds)."""
+    from halforder.estimators import grouped
+    from halforder.estimators.theory import paired_zo_floor, pathwise_step_gradients
+    from halforder.toy import linear_chain
+
+    T, n, pairs = 6, 4000, 20000
+    base, params = linear_chain(T=T, d=3, sigma=0.5, tau=0.0)
+    noisy, _ = linear_chain(T=T, d=3, sigma=0.5, tau=1e-3)
+    g = pathwise_step_gradients(lambda plan: base, params, T, n, seed=0)
+    assert g.shape == (T, n, 12)
+    floor = paired_zo_floor(g)
+    m, d = T, 12
+    G = g.sum(0)
+    per_sample = m * d * g.pow(2).sum((0, 2)) + 2 * G.pow(2).sum(1)
+    floor_se = float(per_sample.std()) / n ** 0.5
+    gen = torch.Generator().manual_seed(1)
+    est = estimate(noisy, Plan.zeroth_order(T), params, grouped(noisy.sample_start(pairs, gen), 2), generator=gen,
+                   per_sample=True, pairing="param")
+    z = torch.cat([v.flatten(1) for v in est.grad.values()], 1).view(pairs, 2, -1).mean(1)
+    dev = (z - z.mean(0)).pow(2).sum(1)
+    measured, measured_se = float(dev.mean()), float(dev.std()) / pairs ** 0.5
+    se = (floor_se ** 2 + measured_se ** 2) ** 0.5
+    assert abs(measured - floor) < 4 * se, (measured, floor, se)
+    shared = d * float(g.pow(2).sum((0, 2)).mean())
+    assert abs(measured - shared) > 20 * se

@@ -155,12 +155,13 @@ def test_checkpoint_roundtrip_and_corruption(tmp_path):
     rng = [{"plan": torch.Generator().manual_seed(1).get_state()}]
     for step in (1, 2, 3):
         path = save_checkpoint(root, step, params, {"norm": torch.zeros(3, dtype=torch.float64)},
-                               opt.state_dict(), rng, keep=2)
+                               opt.state_dict(), rng, keep=2, evaluations={"forward": 10 * step, "backward": step})
     assert [os.path.basename(p) for p in list_checkpoints(root)] == ["step_00000002", "step_00000003"]
     os.makedirs(os.path.join(root, ".tmp-step_00000009-x"))     # a crashed write is never picked up
     assert latest_checkpoint(root) == path
     ck = load_checkpoint(path)
     assert ck.step == 3 and ck.num_processes == 1
+    assert ck.evaluations == {"forward": 30, "backward": 3}
     assert all(torch.equal(ck.params[k], params[k]) for k in params)
     assert ck.sampler_state["norm"].dtype == torch.float64
 
@@ -172,6 +173,10 @@ def test_checkpoint_roundtrip_and_corruption(tmp_path):
     with pytest.raises(CheckpointError, match="corrupted: params.safetensors"):
         load_checkpoint(path)
     older = list_checkpoints(root)[0]
+    meta = json.load(open(os.path.join(older, "meta.json")))
+    json.dump(dict(meta, format=1), open(os.path.join(older, "meta.json"), "w"))   # written before the count
+    with pytest.raises(CheckpointError, match="has format 1, expected 2"):
+        load_checkpoint(older)
     os.remove(os.path.join(older, "meta.json"))
     with pytest.raises(CheckpointError, match="meta.json"):
         load_checkpoint(older)

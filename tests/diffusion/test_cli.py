@@ -24,10 +24,16 @@ def test_tiny_preset_writes_metrics_grid_adapter_and_checkpoints(tmp_path, capsy
 
     out = tmp_path / "tiny"
     assert main(["--preset", "tiny", "--steps", "3", "--output-dir", str(out), "--no-progress"]) == 0
-    assert "trained 3 updates" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "trained 3 updates" in printed
     recs = [json.loads(line) for line in open(out / "metrics.jsonl")]
     updates = [r for r in recs if "plan" in r]
     assert [r["step"] for r in updates] == [1, 2, 3]
+    # the CLI's run reports its compute: RLR(h=2) costs T + 2 forward and 3 backward steps per sample
+    config = json.load(open(out / "config.json"))
+    n = config["batch_size"] * config["grad_accum"]
+    assert [r["evaluations"] for r in updates] == [k * n * (config["T"] + 2 + 3) for k in (1, 2, 3)]
+    assert f"{updates[-1]['evaluations']:,} denoiser evaluations" in printed
     for r in updates:
         assert not r["skipped"] and r["plan"].startswith("rlr(h=2,j=")
         assert 0 <= r["reward_mean"] <= 1                              # brightness of images in [0, 1]

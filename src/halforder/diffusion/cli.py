@@ -101,8 +101,11 @@ def main(argv: list[str] | None = None) -> int:
     if acc.is_main_process:
         last = next((r for r in reversed(result.metrics) if "reward_mean" in r), {})
         reward = last.get("reward_mean")
+        spent = last.get("evaluations")
         print(f"trained {result.step} updates ({cfg.estimator}, model {cfg.model}); last reward mean "
-              f"{'n/a' if reward is None else f'{reward:.4g}'}; outputs in {cfg.output_dir}")
+              f"{'n/a' if reward is None else f'{reward:.4g}'}; "
+              f"{'' if spent is None else f'{spent:,} denoiser evaluations per sample in all; '}"
+              f"outputs in {cfg.output_dir}")
     return 0
 
 

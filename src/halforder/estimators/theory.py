@@ -1,5 +1,6 @@
 """The paper's theory as functions: the budget model and h* (sec. 4.2, app. J.6), the
-truncation bias (Prop. 6.1) and the convergence bound (Thm. 6.4).
+truncation bias (Prop. 6.1), the convergence bound (Thm. 6.4), and per-step pathwise
+gradients with the variance floor of paired ZO they imply (docs/design.md, "Antithetic pairing").
 
 Choosing h (eq. 7). RLR(h) has one FO step, h HO steps and T-1-h ZO steps. With per-step
 standard deviations V_h (FO and HO) and V_z (ZO), the bound (14), sum of variances plus
@@ -26,6 +27,7 @@ import numpy as np
 import torch
 
 from .draws import draw_estimates
+from .engine import estimate
 from .plan import Plan
 
 
@@ -213,6 +215,44 @@ def measure_step_variances(chain, params: Mapping[str, torch.Tensor], n: int, *,
             out.append(float(s.grad.var(0).sum()))
     fo = draw_estimates(chain, Plan.truncated(T, 1), params, n, generator=generator)
     return StepVariances(steps, tuple(ho), tuple(zo), float(fo.grad.var(0).sum()), n)
+
+
+def pathwise_step_gradients(chain_for, params: Mapping[str, torch.Tensor], T: int, n: int, *,
+                            seed: int = 0) -> torch.Tensor:
+    """Per-sample pathwise gradients through each step's parameters alone, ``[T, n, d]`` (the
+    parameters flattened in order): g_t = truncated(t) - truncated(t-1) on the same noise.
+
+    ``chain_for(plan)`` gives the chain of a plan (a :data:`~halforder.estimators.plan.ChainFor`).
+    Truncated plans have no ZO step, so on a chain without parameter noise there every plan
+    draws the same x_T and inherent noise from ``seed``; equal rewards check it."""
+    G, rewards = [], None
+    for k in range(1, T + 1):
+        plan = Plan.truncated(T, k)
+        g = torch.Generator().manual_seed(seed)
+        chain = chain_for(plan)
+        est = estimate(chain, plan, params, chain.sample_start(n, g), generator=g, per_sample=True)
+        if rewards is not None and not torch.equal(rewards, est.reward):
+            raise ValueError("the truncated plans drew different noise: the chain must have no parameter noise "
+                             "off the ZO steps")
+        rewards = est.reward
+        G.append(torch.cat([v.flatten(1) for v in est.grad.values()], 1).double())
+    G = torch.stack(G)
+    return torch.cat([G[:1], G[1:] - G[:-1]])
+
+
+def paired_zo_floor(g: torch.Tensor) -> float:
+    """The variance (trace of the covariance) of one antithetic pair of ZO estimates to first
+    order in tau, from the per-sample pathwise gradients ``g`` ``[m, n, d]`` of its m ZO steps
+    (:func:`pathwise_step_gradients`).
+
+    With its own noise eps'_t ~ N(0, I_d) at each ZO step, a pair's estimate is
+    (sum_s g_s . eps'_s)(sum_t eps'_t) to first order; for jointly Gaussian a = sum_s g_s . eps'_s
+    and b = sum_t eps'_t, E[a^2 |b|^2] = E a^2 E|b|^2 + 2 |E[a b]|^2 with E|b|^2 = m d and
+    E[a b] = G = sum_t g_t, so Var = m d sum_s E|g_s|^2 + 2 E|G|^2 - |E G|^2: m times the
+    floor d sum_s E|g_s|^2 of one perturbation shared by all steps."""
+    m, _, d = g.shape
+    G = g.sum(0)
+    return float(m * d * g.pow(2).sum((0, 2)).mean() + 2 * G.pow(2).sum(1).mean() - G.mean(0).pow(2).sum())
 
 
 # ----------------------------------------------------------------- truncation bias

@@ -17,12 +17,12 @@ on anything missing, truncated or altered.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import re
 import shutil
-import dataclasses
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -113,11 +113,14 @@ def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> Chec
         config = meta.get("config")
         if config is not None and not isinstance(config, dict):
             raise TypeError("config is not a mapping")
-        evaluations = {k: int(meta["evaluations"][k]) for k in ("forward", "backward")}
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"checkpoint {path!r} is corrupted or incomplete: meta.json unreadable ({e})") from e
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {path!r} has format {meta.get('format')!r}, expected {FORMAT}")
+    try:
+        evaluations = {k: int(meta["evaluations"][k]) for k in ("forward", "backward")}
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {path!r} is corrupted: meta.json has no evaluation count ({e})") from e
     for name in _FILES:
         file = os.path.join(path, name)
         if not os.path.isfile(file):
