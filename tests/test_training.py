@@ -208,3 +208,11 @@ def test_gradient_checkpointing_leaves_the_estimate_unchanged(plan):
     for k in plain.grad:
         assert torch.allclose(plain.grad[k], ckpt.grad[k], rtol=1e-12, atol=1e-14)
         assert plain.grad[k].abs().max() > 0
+
+
+def test_grpo_advantage_needs_two_samples(tmp_path):
+    from halforder.training.config import ConfigError
+
+    with pytest.raises(ConfigError, match="'grpo' advantage"):
+        _cfg(tmp_path, batch_size=1, pairing="none", baseline="grpo")
+    assert _cfg(tmp_path, batch_size=2, pairing="none", baseline="grpo").baseline == "grpo"

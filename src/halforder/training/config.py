@@ -107,6 +107,8 @@ class LoopConfig:
         G = 2 if self.pairing == AUTO else Pairing.parse(self.pairing).size
         need(self.batch_size % G == 0, f"pairing {self.pairing} draws groups of {G} samples: batch_size must be a "
                                        f"multiple of {G}, got {self.batch_size} (pairing none draws single samples)")
+        need(self.baseline != "grpo" or self.batch_size >= 2,
+             f"the 'grpo' advantage normalises over the batch: batch_size >= 2, got {self.batch_size}")
         need(self.baseline != "loo" or self.batch_size >= 2 * G,
              f"the 'loo' baseline needs at least 2 groups: batch_size >= {2 * G} with pairing {self.pairing}")
 
