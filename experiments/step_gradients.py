@@ -31,13 +31,9 @@ if __package__ in (None, ""):  # run as a script: make `experiments` importable
 
 from experiments.finetune_cpu import QUICK, ExperimentConfig  # noqa: E402
 from experiments.shapes.world import UNCONDITIONAL, build_setup  # noqa: E402
-from halforder.estimators import ComputeMeter, Plan, estimate, expected_evaluations, grouped  # noqa: E402
+from halforder.estimators import ComputeMeter, Plan, draw_estimates, expected_evaluations  # noqa: E402
 from halforder.estimators.theory import paired_zo_floor, pathwise_step_gradients  # noqa: E402
 from halforder.training.files import write_json, write_text  # noqa: E402
-
-
-def _flat(grad: dict) -> torch.Tensor:
-    return torch.cat([v.flatten(1) for v in grad.values()], 1).double()
 
 
 def step_gradients(setup, n: int, seed: int = 0) -> torch.Tensor:
@@ -55,14 +51,11 @@ def step_gradients(setup, n: int, seed: int = 0) -> torch.Tensor:
 
 def paired_zo(setup, n_pairs: int, seed: int = 1) -> torch.Tensor:
     """Per-pair estimates ``[n_pairs, d]`` of paired ZO (every step ZO, mirrored parameter noise)."""
-    cfg = setup.cfg
     task = setup.task()
-    plan = Plan.zeroth_order(cfg.T)
-    g = torch.Generator().manual_seed(seed)
-    chain = task.chain(plan, UNCONDITIONAL * 2 * n_pairs, g)
-    est = estimate(chain, plan, task.params, grouped(chain.sample_start(n_pairs, g), 2), generator=g,
-                   per_sample=True, pairing="param")
-    return _flat(est.grad).view(n_pairs, 2, -1).mean(1)
+    plan = Plan.zeroth_order(setup.cfg.T)
+    chain = task.chain(plan, UNCONDITIONAL * 2 * n_pairs)
+    return draw_estimates(chain, plan, task.params, n_pairs, generator=torch.Generator().manual_seed(seed),
+                          pairing="param").grad.double()
 
 
 def _mean_se(values: torch.Tensor) -> tuple[float, float]:

@@ -9,7 +9,7 @@ from hypothesis import given, settings, strategies as st
 
 from halforder.estimators import Plan
 from halforder.estimators import theory
-from halforder.estimators import draw_estimates, estimate, flatten
+from halforder.estimators import draw_estimates, flatten
 from halforder.toy import LinearGaussianChain, Quadratic, mean_test
 
 ALPHA = 1e-3  # Hotelling tests below: false-failure rate 1e-3 per test under H0
@@ -156,7 +156,6 @@ def test_paired_zo_variance_meets_its_first_order_floor():
     the floor of one shared perturbation, d sum_t E|g_t|^2, which is m times smaller.
     Both are estimates: the test allows 4 combined standard errors (false failure about 6e-5
     under normality; fixed seeds)."""
-    from halforder.estimators import grouped
     from halforder.estimators.theory import paired_zo_floor, pathwise_step_gradients
     from halforder.toy import linear_chain
 
@@ -170,10 +169,8 @@ def test_paired_zo_variance_meets_its_first_order_floor():
     G = g.sum(0)
     per_sample = m * d * g.pow(2).sum((0, 2)) + 2 * G.pow(2).sum(1)
     floor_se = float(per_sample.std()) / n ** 0.5
-    gen = torch.Generator().manual_seed(1)
-    est = estimate(noisy, Plan.zeroth_order(T), params, grouped(noisy.sample_start(pairs, gen), 2), generator=gen,
-                   per_sample=True, pairing="param")
-    z = torch.cat([v.flatten(1) for v in est.grad.values()], 1).view(pairs, 2, -1).mean(1)
+    z = draw_estimates(noisy, Plan.zeroth_order(T), params, pairs, generator=torch.Generator().manual_seed(1),
+                       pairing="param").grad
     dev = (z - z.mean(0)).pow(2).sum(1)
     measured, measured_se = float(dev.mean()), float(dev.std()) / pairs ** 0.5
     se = (floor_se ** 2 + measured_se ** 2) ** 0.5

@@ -26,7 +26,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from .draws import draw_estimates
+from .draws import draw_estimates, flatten
 from .engine import estimate
 from .plan import Plan
 
@@ -235,7 +235,7 @@ def pathwise_step_gradients(chain_for, params: Mapping[str, torch.Tensor], T: in
             raise ValueError("the truncated plans drew different noise: the chain must have no parameter noise "
                              "off the ZO steps")
         rewards = est.reward
-        G.append(torch.cat([v.flatten(1) for v in est.grad.values()], 1).double())
+        G.append(flatten(est.grad, sample_axis=True).double())
     G = torch.stack(G)
     return torch.cat([G[:1], G[1:] - G[:-1]])
 
