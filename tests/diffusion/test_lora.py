@@ -157,7 +157,7 @@ def test_load_lora_refuses_what_it_cannot_restore(tiny, tmp_path):
     with pytest.raises(FileNotFoundError, match="no LoRA file"):
         load_lora(tiny.unet, tmp_path)
     save_file({"unet.conv_in.lora_A.weight": torch.zeros(2, 4, 3, 3)}, str(tmp_path / LORA_FILE))
-    with pytest.raises(ValueError, match="no UNet LoRA adapter with its config"):
+    with pytest.raises(ValueError, match="no UNet or transformer LoRA adapter with its config"):
         load_lora(tiny.unet, tmp_path)
     params = trained_lora(tiny.unet, ("to_q",))
     save_lora(tiny.unet, tmp_path)

@@ -1,25 +1,27 @@
 """Diffusion models as chains, and reward fine-tuning of their LoRA adapters.
 
 Needs the ``diffusion`` extra (diffusers, peft, transformers, accelerate). One idea a module:
-:mod:`.solvers` (DDIM, DPM-Solver), :mod:`.denoiser` (functional call, CFG, per-sample
-parameters), :mod:`.chain` (the chain and its noise schedules), :mod:`.text` (prompt
-embeddings), :mod:`.sd_chain` (the chain builder), :mod:`.components` (loading and tiny models), :mod:`.hub` (offline
+:mod:`.solvers` (DDIM, DPM-Solver, flow-matching Euler), :mod:`.denoiser` (functional call,
+CFG, per-sample parameters), :mod:`.chain` (the chain and its noise schedules), :mod:`.text` (prompt
+embeddings), :mod:`.sd_chain` (the chain builder), :mod:`.components` (the parts of a model, SD 1/2
+loading and tiny models), :mod:`.families` (SD 1/2, SD3, FLUX: loading by model_index.json), :mod:`.hub` (offline
 behaviour), :mod:`.lora`, :mod:`.rewards` and :mod:`.clip_preprocess`, :mod:`.task` (the
 training task), :mod:`.dcot`, :mod:`.config`, :mod:`.run` and :mod:`.cli` (a run from a
 config), :mod:`.previews` (sample grids and GIFs), and :mod:`.video`.
 """
 from .chain import DiffusionChain, eta_schedule, rollout, tau_schedule
-from .components import Components, load_components, make_scheduler, tiny_components
+from .components import Components, make_scheduler, tiny_components, unet_latent_shape
 from .denoiser import ModuleDenoiser
+from .families import family_of, load_components, tiny_model
 from .lora import add_lora, lora_params, save_lora, set_lora
 from .rewards import REWARDS, make_reward, register
-from .solvers import DDIMSolver, DPMSolver, LatentScale, make_solver
-from .sd_chain import DecodedReward, ImageView, decode_latents, make_chain, model_solver, unet_latent_shape
+from .solvers import DDIMSolver, DPMSolver, FlowMatchSolver, LatentScale, make_solver
+from .sd_chain import DecodedReward, ImageView, decode_latents, image_view, make_chain, model_solver
 from .task import DiffusionTask
 from .text import PromptEncoder, encode_prompts, text_conditioning
 
-__all__ = ["Components", "DDIMSolver", "DPMSolver", "DecodedReward", "DiffusionChain", "DiffusionTask", "ImageView",
-           "LatentScale", "ModuleDenoiser", "PromptEncoder", "REWARDS", "add_lora", "decode_latents", "encode_prompts",
-           "eta_schedule", "load_components", "lora_params", "make_chain", "make_reward", "make_scheduler",
+__all__ = ["Components", "DDIMSolver", "DPMSolver", "DecodedReward", "DiffusionChain", "DiffusionTask",
+           "FlowMatchSolver", "ImageView", "LatentScale", "ModuleDenoiser", "PromptEncoder", "REWARDS", "add_lora",
+           "decode_latents", "encode_prompts", "eta_schedule", "family_of", "image_view", "load_components", "lora_params", "make_chain", "make_reward", "make_scheduler",
            "make_solver", "model_solver", "register", "rollout", "save_lora", "set_lora", "tau_schedule",
-           "text_conditioning", "tiny_components", "unet_latent_shape"]
+           "text_conditioning", "tiny_components", "tiny_model", "unet_latent_shape"]

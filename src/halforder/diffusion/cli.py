@@ -51,7 +51,7 @@ def parser() -> argparse.ArgumentParser:
         if action.dest in defaults:
             if action.dest == "reward_kwargs":
                 action.type, action.metavar = _json_mapping, "JSON"
-            if not action.option_strings[0].startswith("--no"):
+            if not action.option_strings[0].startswith(("--no-", "--no_")):
                 action.help = f"{action.help} (default: {_show(defaults[action.dest])})"
             action.default = argparse.SUPPRESS
     p.add_argument("--config", default=argparse.SUPPRESS,

@@ -1,14 +1,17 @@
 """The parts of a latent text-to-image diffusion model, loaded or built tiny.
 
-``load_components`` reads a Stable Diffusion checkpoint (hub id or local directory in
-the diffusers layout) with ``from_pretrained``; ``tiny_components`` builds the same five
+:class:`Components` holds a model's parts under the names of its diffusers pipeline.
+``load_sd_components`` reads a Stable Diffusion 1/2 checkpoint (hub id or local directory
+in the diffusers layout) with ``from_pretrained``; ``tiny_components`` builds the same five
 parts from small configs with random weights, for tests and offline demos (nothing is
 downloaded: the tokenizer's vocabulary is the 256 byte-level symbols, with no merges).
+Other model families (SD3, FLUX) load and build theirs in :mod:`halforder.diffusion.families`,
+which also reads a folder's ``model_index.json`` to pick the family (``load_components``).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 
@@ -20,10 +23,11 @@ _SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 @dataclass(frozen=True, eq=False)
 class Components:
-    """A diffusion model split into its parts (diffusers objects).
+    """A diffusion model split into its parts (diffusers objects), named as in its pipeline.
 
     Attributes:
-      unet: the denoiser, e.g. ``UNet2DConditionModel``.
+      unet: the denoising network: a UNet (``UNet2DConditionModel``, ``UNet3DConditionModel``)
+        or a transformer (``SD3Transformer2DModel``, ``FluxTransformer2DModel``).
       vae: ``AutoencoderKL`` (latents <-> images; its ``config.scaling_factor`` is used),
         or None for a pixel-space model.
       text_encoder: ``CLIPTextModel``, or None for an unconditional model.
@@ -31,6 +35,10 @@ class Components:
       scheduler: a diffusers scheduler (DDIM or DPMSolverMultistep for a chain).
       latent_scale: the :class:`~halforder.diffusion.solvers.LatentScale` of the model's
         forward process (VideoCrafter2), which its solvers use; None: the standard process.
+      text_encoder_2, tokenizer_2, text_encoder_3, tokenizer_3: the further text encoders of
+        SD3 (CLIP-G, T5; ``text_encoder_3`` None: no T5) and FLUX (``text_encoder_2``: T5).
+      family: the model family's name (``halforder.diffusion.families``): ``"sd"``, ``"sd3"``, ``"flux"``.
+      max_sequence_length: the T5 prompt length (the pipeline's ``max_sequence_length``).
     """
 
     unet: Any
@@ -39,6 +47,12 @@ class Components:
     tokenizer: Any
     scheduler: Any
     latent_scale: LatentScale | None = None
+    text_encoder_2: Any = None
+    tokenizer_2: Any = None
+    text_encoder_3: Any = None
+    tokenizer_3: Any = None
+    family: str = "sd"
+    max_sequence_length: int | None = None
 
     def freeze(self) -> "Components":
         """Put every module in eval mode with ``requires_grad=False``; returns self."""
@@ -48,19 +62,20 @@ class Components:
         return self
 
     def modules(self) -> list:
-        """The networks that are present (UNet, VAE, text encoder)."""
-        return [m for m in (self.unet, self.vae, self.text_encoder) if m is not None]
+        """The networks that are present (denoiser, VAE, text encoders)."""
+        return [m for m in (self.unet, self.vae, self.text_encoder, self.text_encoder_2, self.text_encoder_3)
+                if m is not None]
 
     def to(self, device=None, dtype: torch.dtype | None = None) -> "Components":
         """Move every network to ``device`` and cast it to ``dtype``; returns self. For
         models built from configs: a checkpoint's modules that must stay float32 are
-        kept so only by ``from_pretrained(torch_dtype=...)`` (:func:`load_components`)."""
+        kept so only by ``from_pretrained(torch_dtype=...)`` (:func:`load_sd_components`)."""
         for m in self.modules():
             torch.nn.Module.to(m, device, dtype)   # diffusers' own .to warns about those modules
         return self
 
 
-def load_components(model: str, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+def load_sd_components(model: str, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                     local_files_only: bool = False, revision: str | None = None,
                     scheduler: str = "ddim") -> Components:
     """Load the parts of a Stable Diffusion model with ``from_pretrained``.
@@ -108,6 +123,30 @@ def load_parts(model: str, unet_cls, what: str, *, dtype: torch.dtype = torch.fl
     return Components(unet, vae, text_encoder, tokenizer, sched).to(device)
 
 
+def load_modules(model: str, parts: Mapping[str, tuple[Any, str | None]], what: str, *, dtype: torch.dtype,
+                 kw: dict) -> dict[str, Any]:
+    """``{subfolder: cls.from_pretrained(model, subfolder=subfolder, ...)}`` for ``parts``
+    ``{subfolder: (cls, dtype keyword)}`` (``"torch_dtype"`` for diffusers models, ``"dtype"`` for
+    transformers models, None for tokenizers and schedulers); a failure is :func:`load_error`."""
+    out = {}
+    try:
+        for sub, (cls, dtype_kw) in parts.items():
+            out[sub] = cls.from_pretrained(model, subfolder=sub, **kw, **({dtype_kw: dtype} if dtype_kw else {}))
+    except (OSError, ValueError) as e:
+        raise load_error(what, model, e) from e
+    return out
+
+
+def unet_latent_shape(unet, latent_size=None) -> tuple[int, ...]:
+    """``(C, h, w)`` of the UNet's latents: ``latent_size`` (an int or (h, w)) or its
+    config's ``sample_size``."""
+    size = latent_size if latent_size is not None else unet.config.sample_size
+    if size is None:
+        raise ValueError("the UNet config has no sample_size: give the latent size (h, w)")
+    size = (int(size), int(size)) if isinstance(size, int) else tuple(int(s) for s in size)
+    return (unet.config.in_channels, *size)
+
+
 def load_scheduler_config(model: str, kw: dict) -> dict:
     """The ``scheduler`` subfolder's config of a diffusers model directory or hub id."""
     from diffusers import DDIMScheduler
@@ -135,6 +174,37 @@ def make_scheduler(kind: str, config: dict | None = None):
 SD_SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                            beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
                            steps_offset=1, prediction_type="epsilon")
+
+
+def tiny_t5(vocab_size: int | None = None, max_length: int = 16, width: int = 16):
+    """A one-layer T5 encoder of width ``width`` and its tokenizer (one token per character of
+    printable ASCII, ``</s>`` appended), built offline; weights from the global RNG."""
+    import string
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
+
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
+    for ch in string.printable:
+        vocab.setdefault(ch, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                                        model_max_length=max_length)
+    encoder = T5EncoderModel(T5Config(vocab_size=vocab_size or len(vocab), d_model=width, d_kv=8, d_ff=2 * width,
+                                      num_layers=1, num_heads=2, relative_attention_num_buckets=8,
+                                      decoder_start_token_id=0))
+    return encoder, tokenizer
+
+
+def tiny_clip_config(vocab_size: int, max_length: int = 16, width: int = 16, layers: int = 1):
+    """The ``CLIPTextConfig`` of the tiny CLIP text encoders (byte-level vocabulary)."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(vocab_size=vocab_size, hidden_size=width, intermediate_size=2 * width,
+                          num_hidden_layers=layers, num_attention_heads=2, max_position_embeddings=max_length,
+                          bos_token_id=0, eos_token_id=1, pad_token_id=1, projection_dim=width)
 
 
 def tiny_tokenizer(max_length: int = 16):

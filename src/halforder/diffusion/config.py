@@ -22,26 +22,39 @@ from ..estimators.samplers import FAMILIES, J_SAMPLING, PlanSampler, make_sample
 from ..estimators.search import parse_bytes, parse_seconds
 from ..training.config import ConfigError, LoopConfig, field_default, from_mapping, knob, need, read_mapping_file
 from .denoiser import BATCHING
+from .families import TINY_MODELS
 from .lora import DEFAULT_TARGETS
 from .rewards import REWARDS
+from .solvers import FLOW_NOISE
 from .video.components import VIDEOCRAFTER2_BASE, VIDEOCRAFTER2_UNET, check_videocrafter2_scheduler
 from .video.frames import FRAME_MODES, parse_frames
 from .video.rewards import VIDEO_REWARDS
 
-TINY_MODEL = "tiny"
 PRECISIONS = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 COMPILE_MODES = ("no", "default", "reduce-overhead", "max-autotune")
 
 PRESETS: dict[str, dict[str, Any]] = {
     # Offline, CPU, tiny random components: a smoke run of the whole pipeline in well under a minute.
-    "tiny": dict(model=TINY_MODEL, reward="brightness", T=6, guidance_scale=2.0, steps=6, batch_size=4,
+    "tiny": dict(model="tiny", reward="brightness", T=6, guidance_scale=2.0, steps=6, batch_size=4,
                  grad_accum=1, lr=1e-2, lora_rank=2, lora_alpha=2.0, h=2, eval_every=3, checkpoint_every=3,
                  eval_num=4, output_dir=os.path.join("runs", "tiny")),
     # Offline, CPU, a tiny random UNet3D: text-to-video in well under a minute.
-    "tiny-video": dict(task="t2v", model=TINY_MODEL, reward="brightness+0.5*temporal", T=4, guidance_scale=2.0,
+    "tiny-video": dict(task="t2v", model="tiny", reward="brightness+0.5*temporal", T=4, guidance_scale=2.0,
                        steps=4, batch_size=4, grad_accum=1, lr=1e-2, lora_rank=2, lora_alpha=2.0, h=2, eta_plan=1.0,
                        zo_sigma=1e-2, eval_every=2, checkpoint_every=2, eval_num=2, num_frames=4, frames="ends",
                        gif_fps=4.0, output_dir=os.path.join("runs", "tiny-video")),
+    # Offline, CPU, tiny random flow-matching transformers: SD3 (CFG) and FLUX (guidance embedding, no CFG),
+    # with Flow-GRPO's SDE noise level 0.7 where an HO block ends.
+    **{name: dict(model=name, reward="brightness", T=4, guidance_scale=g, steps=4, batch_size=4, grad_accum=1,
+                  lr=1e-2, lora_rank=2, lora_alpha=2.0, eta_plan=0.7, eval_every=2, checkpoint_every=2,
+                  eval_num=4, output_dir=os.path.join("runs", name))
+       for name, g in (("tiny-sd3", 2.0), ("tiny-flux", 3.5))},
+    # The models' published sampling settings (model cards): SD3.5 medium, 40 steps, CFG 4.5, shift 3, 1024 px;
+    # FLUX.1-dev, 50 steps, guidance 3.5, dynamic shift, 1024 px. Download the models only when run.
+    "sd35m": dict(model="stabilityai/stable-diffusion-3.5-medium", T=40, guidance_scale=4.5, shift=3.0,
+                  latent_size=[128, 128], eta_plan=0.7, output_dir=os.path.join("runs", "sd35m")),
+    "flux-dev": dict(model="black-forest-labs/FLUX.1-dev", T=50, guidance_scale=3.5, latent_size=[128, 128],
+                     eta_plan=0.7, output_dir=os.path.join("runs", "flux-dev")),
     # VideoCrafter2's official text-to-video sampling (its inference script): DDIM with its latent scale,
     # 50 steps, eta 1, guidance 12, fps 28, 16 frames at 320x512. Downloads the model only when run.
     "videocrafter2": dict(task="t2v", model=VIDEOCRAFTER2_UNET, video_model="videocrafter2", scheduler="ddim", T=50,
@@ -70,14 +83,20 @@ class TrainConfig(LoopConfig):
                                                                   "compile", "batching"}
 
     # ------------------------------------------------------------------ model
-    task: str = knob("t2i", "t2i: text-to-image (a UNet2DConditionModel); t2v: text-to-video (a UNet3D)",
-                     choices=("t2i", "t2v"))
+    task: str = knob("t2i", "t2i: text-to-image (SD 1/2, SD3/3.5 or FLUX, by the model's model_index.json); t2v: "
+                            "text-to-video (a UNet3D)", choices=("t2i", "t2v"))
     model: str = knob("CompVis/stable-diffusion-v1-4",
-                      "hub id or local directory (diffusers layout) of the model; 'tiny': tiny random parts, "
-                      "offline; with video_model videocrafter2, the converted UNet")
+                      "hub id or local directory (diffusers layout) of the model; tiny, tiny-sd3, tiny-flux: tiny "
+                      "random parts, offline; with video_model videocrafter2, the converted UNet")
     revision: str | None = knob(None, "hub revision of the model (None: the default branch)")
-    scheduler: str = knob("ddim", "sampler of the chain: ddim, or dpm (DPM-Solver++ SDE, order 2)",
+    scheduler: str = knob("ddim", "sampler of a UNet model's chain: ddim, or dpm (DPM-Solver++ SDE, order 2); "
+                                  "flow-matching models (SD3, FLUX) keep their flow-matching Euler scheduler",
                           choices=("ddim", "dpm"))
+    noise: str = knob("sde", "flow-matching models: the noise where eta > 0: sde (Flow-GRPO's reverse SDE) or cps "
+                             "(coefficient-preserving sampling, eta in [0, 1])", choices=FLOW_NOISE)
+    shift: float | None = knob(None, "flow-matching models: the scheduler's shift (None: the model's own)")
+    t5: bool = knob(True, "SD3: load the T5 text encoder (--no-t5: zeros in its place, as the pipeline allows; "
+                          "saves SD3.5's T5-XXL, about 9.5 GB in bf16)")
     T: int = knob(50, "sampler steps of the chain (the paper: 50 DDIM steps for images, 25 for video)")
     guidance_scale: float = knob(7.5, "classifier-free guidance weight (1: no guidance)")
     negative_prompt: str = knob("", "the prompt of the unconditional branch of classifier-free guidance")
@@ -118,6 +137,9 @@ class TrainConfig(LoopConfig):
     memory_budget: str | None = knob(None, "estimator auto: activation memory budget, e.g. 2GiB or 512MiB")
     time_budget: str | None = knob(None, "estimator auto: time budget per estimate (one micro-batch), e.g. 1s")
     plan_pilots: int = knob(64, "estimator auto: pilot estimates per part of a plan (more: a surer choice)")
+    reinforce_window: list[int] | None = knob(None, "reinforce: a b, REINFORCE terms on steps a..b only, no gradient "
+                                                    "elsewhere (MixGRPO's window; with eta 'plan' the other steps are "
+                                                    "ODE steps)")
     h: int = knob(2, "RLR: length of the half-order block (0 <= h <= T-1; the paper: 2)")
     k: int = knob(1, "truncated backprop: first-order steps K (truncated_random: K uniform on 1..k)")
     j_sampling: str = knob("uniform", "RLR: law of the block start j: uniform, softmax (of running gradient norms), "
@@ -139,8 +161,8 @@ class TrainConfig(LoopConfig):
     # ------------------------------------------------------------------ video (task t2v)
     num_frames: int = knob(16, "video: frames per video (VideoCrafter2: 16)")
     frames: str = knob("random", f"video: frames the reward decodes: {', '.join(FRAME_MODES)}, or indices like 0,8,15")
-    latent_size: list[int] | None = knob(None, "video: latent height and width (None: the UNet's sample_size; "
-                                               "320x512 video: 40 64)")
+    latent_size: list[int] | None = knob(None, "latent height and width (None: the model's own size; 320x512 "
+                                               "video: 40 64; 1024 px SD3.5 or FLUX: 128 128)")
     video_model: str = knob("t2v", "video: t2v (TextToVideoSDPipeline layout) or videocrafter2 (model is the "
                                    "converted UNet, video_base the VAE and text encoder)",
                             choices=("t2v", "videocrafter2"))
@@ -150,8 +172,9 @@ class TrainConfig(LoopConfig):
                             "official script: 28)")
     gif_fps: float = knob(8.0, "video: frame rate of the written GIFs")
 
-    preset: str | None = knob(None, "start from a preset: tiny (offline CPU smoke run), tiny-video (the same for "
-                                    "text-to-video), videocrafter2 (VideoCrafter2's official sampling settings)",
+    preset: str | None = knob(None, "start from a preset: tiny, tiny-sd3, tiny-flux (offline CPU smoke runs), "
+                                    "tiny-video (the same for text-to-video), sd35m, flux-dev, videocrafter2 (the "
+                                    "models' published sampling settings)",
                               choices=tuple(PRESETS))
 
     def check(self) -> None:
@@ -174,6 +197,7 @@ class TrainConfig(LoopConfig):
         need(self.eta_value() == "plan" or self.eta_value() >= 0, f"eta must be 'plan' or a number >= 0, "
                                                                   f"got {self.eta!r}")
         need(self.guidance_scale >= 0, f"guidance_scale must be >= 0, got {self.guidance_scale}")
+        need(self.shift is None or self.shift > 0, f"shift must be > 0, got {self.shift}")
         for name in ("lora_rank", "eval_num", "num_frames"):
             need(getattr(self, name) >= 1, f"{name} must be a positive integer, got {getattr(self, name)!r}")
         for name in ("lora_alpha", "fps", "gif_fps"):
@@ -202,6 +226,7 @@ class TrainConfig(LoopConfig):
         auto = (self.estimator == "auto", "estimator auto (with a memory_budget)")
         return {"h": (rlr, "estimator rlr or rlr_no_zo"),
                 "k": (self.estimator in ("truncated", "truncated_random"), "estimator truncated or truncated_random"),
+                "reinforce_window": (self.estimator == "reinforce", "estimator reinforce"),
                 "memory_budget": auto, "time_budget": auto, "plan_pilots": auto,
                 "eta_plan": (self.eta == "plan", "eta 'plan'"),
                 "j_sampling": (rlr, "estimator rlr or rlr_no_zo"),
@@ -227,8 +252,10 @@ class TrainConfig(LoopConfig):
     def sampler(self) -> PlanSampler:
         """The plan sampler of the estimator settings."""
         try:
+            window = self.reinforce_window if self.estimator == "reinforce" else self.j_window
+            need(window is None or len(window) == 2, f"a window is two steps a b, got {window!r}")
             return make_sampler(self.estimator, self.T, h=self.h, k=self.k, j_sampling=self.j_sampling, j=self.j,
-                                window=None if self.j_window is None else tuple(self.j_window),
+                                window=None if window is None else tuple(window),
                                 temperature=self.j_temperature, decay=self.j_decay)
         except ValueError as e:
             raise ConfigError(str(e)) from None

@@ -2,9 +2,11 @@
 and per-sample parameters.
 
 ``denoiser(x_t, t, params) -> model output`` (what the scheduler's ``prediction_type``
-names: epsilon, v or sample). Any network drives a chain this way:
-``UNet2DConditionModel`` (latents [N,C,H,W], text conditioning), ``UNet2DModel`` (pixels,
-unconditional) and ``UNet3DConditionModel`` (latents [N,C,F,H,W]). ``params`` are the
+names: epsilon, v or sample; a flow-matching model's velocity). Any network drives a chain
+this way: ``UNet2DConditionModel`` (latents [N,C,H,W], text conditioning), ``UNet2DModel``
+(pixels, unconditional), ``UNet3DConditionModel`` (latents [N,C,F,H,W]) through
+:func:`unet_call`, and the transformers of SD3 and FLUX through their model family's call
+(:mod:`halforder.diffusion.families`), whose conditioning is a dict of tensors. ``params`` are the
 trainable tensors (the LoRA weights) by name, given to ``torch.func.functional_call``; a
 value with a leading sample axis (parameter noise, per-sample gradients) gives every
 sample its own copy.
@@ -29,7 +31,7 @@ import contextlib
 import functools
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Optional, Union
 
 import torch
 from torch.func import functional_call, vmap
@@ -39,6 +41,10 @@ from ..estimators.compute import record
 
 Params = Mapping[str, torch.Tensor]
 Denoiser = Callable[[torch.Tensor, int, Params], torch.Tensor]
+#: text conditioning, rows [N, ...] per sample: one tensor (a UNet's encoder_hidden_states) or a dict of them
+Conditioning = Union[torch.Tensor, Mapping[str, torch.Tensor]]
+#: ``call(module, params, x, timestep, conditioning or None) -> network output`` for one kind of network
+NetworkCall = Callable[[torch.nn.Module, Params, torch.Tensor, torch.Tensor, Optional[Conditioning]], torch.Tensor]
 BATCHING = ("vmap", "loop")
 # torch warns when vmap falls back to a loop for an operator without a batching rule (the CPU
 # flash attention of diffusers' attention processors): the result is right, only slower.
@@ -63,6 +69,25 @@ def module_dtype(module: torch.nn.Module) -> torch.dtype:
     return frozen[0] if frozen else next(module.parameters()).dtype
 
 
+def unet_call(module, params: Params, x: torch.Tensor, timestep: torch.Tensor, c: torch.Tensor | None):
+    """A diffusers UNet's output: ``module(x, timestep, encoder_hidden_states=c).sample``."""
+    if c is None:
+        return functional_call(module, params, (x, timestep)).sample
+    return functional_call(module, params, (x, timestep), {"encoder_hidden_states": c}).sample
+
+
+def map_conditioning(f, c):
+    """``f`` applied to every tensor of a conditioning (None stays None)."""
+    if c is None:
+        return None
+    return {k: f(v) for k, v in c.items()} if isinstance(c, Mapping) else f(c)
+
+
+def rows(c) -> int:
+    """The number of rows of a conditioning."""
+    return len(next(iter(c.values()))) if isinstance(c, Mapping) else len(c)
+
+
 @dataclass(frozen=True, eq=False)
 class ModuleDenoiser:
     """``denoiser(x, t, params)`` for a diffusers network (UNet2DConditionModel,
@@ -84,6 +109,8 @@ class ModuleDenoiser:
       compile: None (eager), or a ``torch.compile`` mode (``"default"``,
         ``"reduce-overhead"``, ``"max-autotune"``) for the network's call together with
         the functional call, vmap and guidance.
+      call: how the network is called (:data:`NetworkCall`): :func:`unet_call`, or a model
+        family's; contexts are then that family's conditioning (a tensor or a dict of tensors).
     """
 
     module: torch.nn.Module
@@ -93,6 +120,7 @@ class ModuleDenoiser:
     guidance_scale: float = 1.0
     batching: str = "vmap"
     compile: str | None = None
+    call: NetworkCall = unet_call
     _shapes: dict = field(init=False, repr=False)
     _dtype: torch.dtype = field(init=False, repr=False)
 
@@ -109,14 +137,14 @@ class ModuleDenoiser:
     def _context(self, t: int, n: int):
         if self.context is None:
             return None, None
-        c = self.context(t) if callable(self.context) else self.context
-        c = (c.expand(n, *c.shape[1:]) if c.shape[0] == 1 else c).to(self._dtype)
-        u = None
-        if self.cfg:
-            u = self.negative_context
-            u = (u.expand(n, *u.shape[1:]) if u.shape[0] == 1 else u).to(self._dtype)
-        if c.shape[0] != n or (u is not None and u.shape[0] != n):
-            raise ValueError(f"context has {c.shape[0]} rows but the state has {n} samples")
+        def fit(v):   # one row broadcast to n, in the network's dtype
+            v = v.expand(n, *v.shape[1:]) if v.shape[0] == 1 else v
+            return v.to(self._dtype) if v.is_floating_point() else v
+
+        c = map_conditioning(fit, self.context(t) if callable(self.context) else self.context)
+        u = map_conditioning(fit, self.negative_context) if self.cfg else None
+        if rows(c) != n or (u is not None and rows(u) != n):
+            raise ValueError(f"context has {rows(c)} rows but the state has {n} samples")
         return c, u
 
     def __call__(self, x: torch.Tensor, t: int, params: Params) -> torch.Tensor:
@@ -136,35 +164,35 @@ class ModuleDenoiser:
         with _attention(x.device.type) if how == "vmap" else contextlib.nullcontext(), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=VMAP_FALLBACK, category=UserWarning)
             out = run(self.module, dict(params), batched, how, x.to(self._dtype), timestep, c, u,
-                      self.guidance_scale if u is not None else None).to(x.dtype)
+                      self.guidance_scale if u is not None else None, self.call).to(x.dtype)
         record(n, out)
         return out
 
 
-def _call(module, params, x, timestep, c, u, w):
-    if c is None:
-        return functional_call(module, params, (x, timestep)).sample
+def _call(module, params, x, timestep, c, u, w, call):
     if u is None:
-        return functional_call(module, params, (x, timestep), {"encoder_hidden_states": c}).sample
-    out = functional_call(module, params, (torch.cat([x, x]), timestep),
-                          {"encoder_hidden_states": torch.cat([u, c])}).sample
+        return call(module, params, x, timestep, c)
+    both = {k: torch.cat([u[k], c[k]]) for k in c} if isinstance(c, Mapping) else torch.cat([u, c])
+    out = call(module, params, torch.cat([x, x]), timestep, both)
     uncond, cond = out.to(torch.promote_types(out.dtype, torch.float32)).chunk(2)
     return uncond + w * (cond - uncond)
 
 
-def _apply(module, params, batched, how, x, timestep, c, u, w):
+def _apply(module, params, batched, how, x, timestep, c, u, w, call):
     """The network on a batch: one call (``how="plain"``), or per-sample parameters by
     ``vmap`` or a loop over samples."""
     if how == "plain":
-        return _call(module, params, x, timestep, c, u, w)
+        return _call(module, params, x, timestep, c, u, w, call)
 
     def one(p, xi, ci, ui):
-        add = (lambda v: None if v is None else v.unsqueeze(0))
-        return _call(module, p, xi.unsqueeze(0), timestep, add(ci), add(ui), w).squeeze(0)
+        add = (lambda v: v.unsqueeze(0))
+        return _call(module, p, xi.unsqueeze(0), timestep, map_conditioning(add, ci), map_conditioning(add, ui), w,
+                     call).squeeze(0)
 
     if how == "loop":
         return torch.stack([one({k: v[i] if batched[k] else v for k, v in params.items()}, x[i],
-                                None if c is None else c[i], None if u is None else u[i]) for i in range(len(x))])
+                                map_conditioning(lambda v: v[i], c), map_conditioning(lambda v: v[i], u))
+                            for i in range(len(x))])
     dims = {k: 0 if b else None for k, b in batched.items()}
     return vmap(one, in_dims=(dims, 0, None if c is None else 0, None if u is None else 0),
                 randomness="error")(params, x, c, u)

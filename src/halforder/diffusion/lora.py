@@ -1,4 +1,4 @@
-"""LoRA adapters on a diffusers UNet through peft: the trainable parameters theta.
+"""LoRA adapters on a diffusers UNet or transformer through peft: the trainable parameters theta.
 
 ``add_lora`` freezes the UNet and adds an adapter (``unet.add_adapter(LoraConfig(...))``)
 whose weights are float32 whatever the base's dtype; ``lora_params`` returns exactly the
@@ -11,7 +11,8 @@ Loading a trained LoRA. ``save_lora(unet, directory)`` writes
 (``unet.<module path>.lora_A.weight`` / ``lora_B.weight``, for every adapted module: attention,
 ``proj_in``/``proj_out``, feed-forward, convs, any linear layer) and the adapter's
 ``LoraConfig`` (rank, alpha, target modules) as metadata. For an image UNet,
-``StableDiffusionPipeline.load_lora_weights(directory)`` loads it exactly. For any UNet,
+``StableDiffusionPipeline.load_lora_weights(directory)`` loads it exactly; for a transformer
+(``prefix="transformer"``) so do ``StableDiffusion3Pipeline`` and ``FluxPipeline``. For any UNet,
 ``UNet3DConditionModel`` included (whose ``TextToVideoSDPipeline`` cannot load LoRA),
 ``load_lora(unet, directory)`` restores the adapter into a UNet built from the same base
 weights and returns its parameters, as ``add_lora`` does (e.g. to sample or to go on training).
@@ -26,7 +27,7 @@ import torch
 
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 LORA_FILE = "pytorch_lora_weights.safetensors"
-_PREFIX = "unet."  # the prefix StableDiffusionPipeline.save_lora_weights gives the UNet's keys
+LORA_PREFIXES = ("unet", "transformer")  # the prefixes the pipelines' save_lora_weights give the network's keys
 
 
 def add_lora(unet: torch.nn.Module, rank: int = 4, alpha: float | None = None,
@@ -102,24 +103,31 @@ def set_lora(unet: torch.nn.Module, values: Mapping[str, torch.Tensor]) -> None:
             params[k].copy_(v)
 
 
-def save_lora(unet: torch.nn.Module, directory: str | os.PathLike, adapter_name: str = "default") -> str:
-    """Save the adapter so that ``StableDiffusionPipeline.load_lora_weights(directory)`` (image
-    UNets) and :func:`load_lora` (any UNet) load it exactly; returns the path of the file.
+def save_lora(unet: torch.nn.Module, directory: str | os.PathLike, adapter_name: str = "default",
+              prefix: str = "unet") -> str:
+    """Save the adapter so that the pipelines' ``load_lora_weights(directory)`` and
+    :func:`load_lora` load it exactly; returns the path of the file. ``prefix``: ``"unet"``
+    (``StableDiffusionPipeline``) or ``"transformer"`` (``StableDiffusion3Pipeline``,
+    ``FluxPipeline``).
 
-    The keys are peft's (``unet.<module path>.lora_A.weight``), unconverted: diffusers' loader
+    The keys are peft's (``<prefix>.<module path>.lora_A.weight``), unconverted: diffusers' loader
     picks the key format from the first key, so a file whose attention keys alone were renamed
     to diffusers' format would load only part of the adapter for other targets, silently."""
-    from diffusers.loaders import StableDiffusionLoraLoaderMixin   # the pipeline's module would import CLIP's
-                                                                   # image processor, and transformers warn
+    from diffusers.loaders import SD3LoraLoaderMixin, StableDiffusionLoraLoaderMixin   # not the pipelines' modules,
+                                                                                        # which import CLIP's image
+                                                                                        # processor (warnings)
     from peft.utils import get_peft_model_state_dict
 
+    if prefix not in LORA_PREFIXES:
+        raise ValueError(f"prefix must be one of {LORA_PREFIXES}, got {prefix!r}")
     if not lora_params(unet):
-        raise ValueError("the UNet has no LoRA adapter to save")
+        raise ValueError("the network has no LoRA adapter to save")
     state = get_peft_model_state_dict(unet, adapter_name=adapter_name)
     state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     metadata = unet.peft_config[adapter_name].to_dict()
-    StableDiffusionLoraLoaderMixin.save_lora_weights(directory, unet_lora_layers=state, safe_serialization=True,
-                                                     unet_lora_adapter_metadata=metadata)
+    writer = StableDiffusionLoraLoaderMixin if prefix == "unet" else SD3LoraLoaderMixin   # same file format as FLUX's
+    writer.save_lora_weights(directory, safe_serialization=True, **{f"{prefix}_lora_layers": state,
+                                                                    f"{prefix}_lora_adapter_metadata": metadata})
     return os.path.join(os.fspath(directory), LORA_FILE)
 
 
@@ -143,10 +151,13 @@ def load_lora(unet: torch.nn.Module, path: str | os.PathLike,
         raise FileNotFoundError(f"no LoRA file at {file}")
     with safe_open(file, framework="pt") as f:
         meta = json.loads((f.metadata() or {}).get(LORA_ADAPTER_METADATA_KEY, "{}"))
-        state = {k.removeprefix(_PREFIX): f.get_tensor(k) for k in f.keys() if k.startswith(_PREFIX)}
-    config = {k.removeprefix(_PREFIX): v for k, v in meta.items() if k.startswith(_PREFIX)}
+        keys = list(f.keys())
+        prefix = next((p + "." for p in LORA_PREFIXES if keys and all(k.startswith(p + ".") for k in keys)), "")
+        state = {k.removeprefix(prefix): f.get_tensor(k) for k in keys} if prefix else {}
+    config = {k.removeprefix(prefix): v for k, v in meta.items() if prefix and k.startswith(prefix)}
     if not config or not state:
-        raise ValueError(f"{file} holds no UNet LoRA adapter with its config (was it written by save_lora?)")
+        raise ValueError(f"{file} holds no UNet or transformer LoRA adapter with its config (was it written by "
+                         "save_lora?)")
     params = _inject(unet, LoraConfig(**config), adapter_name)
     ours = {n for n in params if f".{adapter_name}." in n}
     result = set_peft_model_state_dict(unet, convert_unet_state_dict_to_peft(state), adapter_name=adapter_name)

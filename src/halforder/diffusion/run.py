@@ -9,6 +9,7 @@ held-out prompts (``samples/final.gif``).
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import os
 from dataclasses import dataclass
@@ -23,14 +24,15 @@ from ..training.files import atomic_dir, write_text
 from ..training.loop import Hooks, TrainResult, make_accelerator, train
 from ..training.resume import check_fits, check_output_dir, check_resume, resume_path
 from ..training.trackers import SampleImages
-from .components import Components, load_components, tiny_components
-from .config import PRECISIONS, TINY_EVAL_PROMPTS, TINY_MODEL, TINY_PROMPTS, TrainConfig
+from .components import Components
+from .config import PRECISIONS, TINY_EVAL_PROMPTS, TINY_PROMPTS, TrainConfig
 from .dcot import DCoTConditioning, StepSplit, load_dcot_prompts
 from .lora import add_lora
 from .planning import choose, report, resume_choice, save_choice
 from .previews import save_grid, write_video
 from .rewards import REWARDS, make_reward
-from .sd_chain import ImageView, unet_latent_shape
+from .families import TINY_MODELS, load_components, tiny_model
+from .sd_chain import image_view
 from .task import DiffusionTask, StepPrompts
 from .video.components import load_video_components, load_videocrafter2, tiny_video_components
 from .video.frames import VideoView, frame_indices, parse_frames, video_view
@@ -74,17 +76,31 @@ def model_dtype(cfg: TrainConfig, device="cpu") -> torch.dtype:
 
 
 def build_components(cfg: TrainConfig, device="cpu") -> Components:
-    """The frozen parts ``cfg.model`` names (``"tiny"``: random tiny parts, no download),
-    in the dtype of ``cfg.mixed_precision``."""
+    """The frozen parts ``cfg.model`` names (``"tiny"``, ``"tiny-sd3"``, ``"tiny-flux"``: random
+    tiny parts, no download), in the dtype of ``cfg.mixed_precision``, with ``cfg.shift``."""
     video, dtype = cfg.task == "t2v", model_dtype(cfg, device)
-    if cfg.model == TINY_MODEL:
-        comp = (tiny_video_components if video else tiny_components)(cfg.seed, scheduler=cfg.scheduler).to(dtype=dtype)
+    if video and cfg.model in TINY_MODELS and cfg.model != "tiny":
+        raise ValueError(f"model {cfg.model!r} is a text-to-image model; the tiny video model is 'tiny'")
+    if video and cfg.model == "tiny":
+        comp = tiny_video_components(cfg.seed, scheduler=cfg.scheduler).to(dtype=dtype)
+    elif cfg.model in TINY_MODELS:
+        comp = tiny_model(cfg.model, cfg.seed, scheduler=cfg.scheduler).to(dtype=dtype)
     elif video and cfg.video_model == "videocrafter2":
         comp = load_videocrafter2(cfg.model, cfg.video_base, fps=cfg.fps, revision=cfg.revision,
                                   scheduler=cfg.scheduler, dtype=dtype)
+    elif video:
+        comp = load_video_components(cfg.model, revision=cfg.revision, scheduler=cfg.scheduler, dtype=dtype)
     else:
-        comp = (load_video_components if video else load_components)(cfg.model, revision=cfg.revision,
-                                                                      scheduler=cfg.scheduler, dtype=dtype)
+        comp = load_components(cfg.model, revision=cfg.revision, scheduler=cfg.scheduler, dtype=dtype, t5=cfg.t5)
+    if not cfg.t5:
+        if comp.family != "sd3":
+            raise ValueError(f"no_t5 applies to SD3 models; {cfg.model!r} is not one")
+        comp = dataclasses.replace(comp, text_encoder_3=None, tokenizer_3=None)
+    if cfg.shift is not None:
+        if type(comp.scheduler).__name__ != "FlowMatchEulerDiscreteScheduler":
+            raise ValueError("shift applies to flow-matching models (SD3, FLUX) only")
+        comp = dataclasses.replace(comp, scheduler=type(comp.scheduler).from_config(comp.scheduler.config,
+                                                                                    shift=cfg.shift))
     if cfg.checkpoint_decode and comp.vae is not None:
         checkpoint_blocks(comp.vae)
     return comp.to(device)
@@ -116,10 +132,10 @@ def build_task(cfg: TrainConfig, components: Components, reward, device="cpu",
             raise ValueError(f"the reward {cfg.reward!r} needs at least {min_frames(reward)} decoded frames per "
                              f"video, but frames={cfg.frames!r} decodes {k}")
     else:
-        view = ImageView(components.vae, unet_latent_shape(unet, cfg.latent_size))
+        view = image_view(components, cfg.latent_size)
     return DiffusionTask(components, params, reward, view, cfg.T, cfg.guidance_scale, cfg.negative_prompt,
                          cfg.eta_value(), cfg.eta_plan, cfg.zo_sigma, cfg.gradient_checkpointing, step_prompts,
-                         cfg.batching, None if cfg.compile == "no" else cfg.compile)
+                         cfg.batching, None if cfg.compile == "no" else cfg.compile, cfg.noise)
 
 
 def prepare(cfg: TrainConfig, device="cpu") -> Prepared:
@@ -134,7 +150,7 @@ def prepare(cfg: TrainConfig, device="cpu") -> Prepared:
         prompts, eval_prompts = step_prompts.originals, None
     elif cfg.prompts is not None:
         prompts, eval_prompts = read_prompts(cfg.prompts), None
-    elif cfg.model == TINY_MODEL:
+    elif cfg.model in TINY_MODELS:
         prompts, eval_prompts = list(TINY_PROMPTS[cfg.task]), list(TINY_EVAL_PROMPTS[cfg.task])
     else:
         raise ValueError("a prompt file is needed (--prompts FILE, one prompt per line)")

@@ -19,6 +19,7 @@ from ..estimators import Plan
 from ..estimators.gradient_checkpointing import Checkpointed
 from .chain import DiffusionChain, Schedule, rollout
 from .components import Components
+from .families import family_of, prompt_encoder
 from .lora import save_lora
 from .sd_chain import Reward, View, make_chain, model_solver
 from .text import PromptEncoder
@@ -43,6 +44,7 @@ class DiffusionTask:
       step_prompts: None, or ``prompts -> (t -> prompts)``: per-step conditioning (DCoT).
       batching: how per-sample parameters are applied (``"vmap"`` or ``"loop"``).
       compile: None, or a ``torch.compile`` mode for the denoiser.
+      noise: a flow-matching model's noise family where eta > 0 (``"sde"`` or ``"cps"``).
     """
 
     components: Components
@@ -59,13 +61,14 @@ class DiffusionTask:
     step_prompts: StepPrompts | None = None
     batching: str = "vmap"
     compile: str | None = None
+    noise: str = "sde"
     _encoder: PromptEncoder | None = field(init=False, repr=False)
     _solver: object = field(init=False, repr=False)
 
     def __post_init__(self):
         c = self.components
-        object.__setattr__(self, "_encoder", PromptEncoder(c) if c.text_encoder is not None else None)
-        object.__setattr__(self, "_solver", model_solver(c, self.T))
+        object.__setattr__(self, "_encoder", prompt_encoder(c))
+        object.__setattr__(self, "_solver", model_solver(c, self.T, self.view.latent_shape, self.noise))
 
     def trainable(self) -> dict[str, torch.nn.Parameter]:
         return self.params
@@ -103,4 +106,4 @@ class DiffusionTask:
 
     def save_adapter(self, directory: str) -> None:
         """The LoRA adapter in the layout ``load_lora_weights`` reads."""
-        save_lora(self.components.unet, directory)
+        save_lora(self.components.unet, directory, prefix=family_of(self.components).lora_prefix)

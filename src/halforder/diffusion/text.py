@@ -1,15 +1,16 @@
 """Text conditioning: CLIP embeddings of prompts, each distinct prompt encoded once.
 
 ``encode_prompts`` computes the embeddings as ``StableDiffusionPipeline.encode_prompt``
-does; :class:`PromptEncoder` caches them per prompt, so a training run encodes each of
-its prompts once however many batches draw it; :func:`text_conditioning` gives a chain
+does (other model families encode in :mod:`halforder.diffusion.families`);
+:class:`PromptEncoder` caches any encoder's rows per prompt, so a training run encodes each
+of its prompts once however many batches draw it; :func:`text_conditioning` gives a chain
 its context, fixed or per step (DCoT).
 """
 from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Callable, Sequence, Union
+from typing import Callable, Mapping, Sequence, Union
 
 import torch
 
@@ -31,22 +32,25 @@ def encode_prompts(components, prompts: Sequence[str]) -> torch.Tensor:
 
 @dataclass(frozen=True, eq=False)
 class PromptEncoder:
-    """``encoder(prompts) -> [N, L, D]``: :func:`encode_prompts` with each distinct prompt
-    encoded once and kept (the newest ``capacity`` prompts)."""
+    """``encoder(prompts) -> conditioning``: ``encode(prompts)`` (rows ``[N, ...]``: one tensor,
+    or a dict of them) with each distinct prompt encoded once and kept (the newest
+    ``capacity`` prompts)."""
 
-    components: object
+    encode: Callable[[list[str]], Union[torch.Tensor, Mapping[str, torch.Tensor]]]
     capacity: int = 1024
     _cache: OrderedDict = field(default_factory=OrderedDict, init=False, repr=False)
 
-    def __call__(self, prompts: Sequence[str]) -> torch.Tensor:
+    def __call__(self, prompts: Sequence[str]):
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         missing = list(dict.fromkeys(p for p in prompts if p not in self._cache))
         if missing:
-            for p, e in zip(missing, encode_prompts(self.components, missing)):
-                self._cache[p] = e
+            out = self.encode(missing)
+            for i, p in enumerate(missing):
+                self._cache[p] = {k: v[i] for k, v in out.items()} if isinstance(out, Mapping) else out[i]
         for p in prompts:
             self._cache.move_to_end(p)
-        out = torch.stack([self._cache[p] for p in prompts])
+        got = [self._cache[p] for p in prompts]
+        out = {k: torch.stack([g[k] for g in got]) for k in got[0]} if isinstance(got[0], Mapping) else torch.stack(got)
         while len(self._cache) > max(self.capacity, len(prompts)):
             self._cache.popitem(last=False)
         return out

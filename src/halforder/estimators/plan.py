@@ -120,10 +120,18 @@ class Plan:
         return cls((Role.ZO,) * T, (), "zeroth_order")
 
     @classmethod
-    def reinforce(cls, T: int) -> "Plan":
-        """REINFORCE / DDPO-style: HO blocks of length 1 on every step."""
+    def reinforce(cls, T: int, steps: Sequence[int] | None = None) -> "Plan":
+        """REINFORCE / DDPO-style: HO blocks of length 1 on every step, or only on ``steps``
+        (the others NONE: Flow-GRPO's subset of steps, MixGRPO's window). With ``steps`` the
+        plan estimates the gradient through those steps' parameters alone."""
         _check_T(T)
-        return cls((Role.HO,) * T, tuple((t, 1) for t in range(1, T + 1)), "reinforce")
+        if steps is None:
+            return cls((Role.HO,) * T, tuple((t, 1) for t in range(1, T + 1)), "reinforce")
+        chosen = sorted({int(t) for t in steps})
+        if not chosen or chosen[0] < 1 or chosen[-1] > T:
+            raise ValueError(f"REINFORCE steps must be a non-empty subset of 1..{T}, got {list(steps)}")
+        roles = tuple(Role.HO if t in chosen else Role.NONE for t in range(1, T + 1))
+        return cls(roles, tuple((t, 1) for t in chosen), f"reinforce{chosen}")
 
     @classmethod
     def rlr(cls, T: int, h: int, j: int | None = None) -> "Plan":

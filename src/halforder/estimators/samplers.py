@@ -260,12 +260,14 @@ def make_sampler(estimator: str, T: int, *, h: int = 2, k: int = 1, j_sampling: 
         ``uniform``, ``softmax`` (running gradient norms), ``window`` (j uniform on
         ``window = (a, b)``) or ``fixed`` (the given ``j``).
       k: the truncated families only.
+      window: for ``reinforce``, the steps a..b that get REINFORCE terms (None: every step).
 
     Raises ``ValueError`` naming the problem (the ranges of h and j are
     :meth:`Plan.rlr`'s).
     """
+    steps = None if window is None else range(window[0], window[1] + 1)
     fixed = {"full": lambda: Plan.full(T), "truncated": lambda: Plan.truncated(T, k),
-             "reinforce": lambda: Plan.reinforce(T), "zeroth_order": lambda: Plan.zeroth_order(T)}
+             "reinforce": lambda: Plan.reinforce(T, steps), "zeroth_order": lambda: Plan.zeroth_order(T)}
     if estimator in fixed:
         return FixedPlan(fixed[estimator]())
     if estimator == "truncated_random":

@@ -14,7 +14,8 @@ from typing import Sequence, Union
 
 import torch
 
-from ..sd_chain import Reward, decode_latents, unet_latent_shape
+from ..components import unet_latent_shape
+from ..sd_chain import Reward, decode_latents
 
 FrameSpec = Union[str, int, Sequence[int]]
 FRAME_MODES = ("all", "random", "ends", "first", "middle", "last")

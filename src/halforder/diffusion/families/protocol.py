@@ -1,0 +1,65 @@
+"""What a model family adds to the shared machinery: one frozen record of functions.
+
+A family is one kind of diffusers pipeline (SD 1/2, SD3, FLUX). The chain, the solvers, the
+estimators, the task, the training loop and the CLI are shared; a family says how its parts
+load, how prompts become conditioning, how its network is called, what its latents look like
+and which sampler schedule its pipeline uses. A new family is one module defining a
+:class:`ModelFamily` and one entry in the registry (:mod:`halforder.diffusion.families`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+from ..components import Components
+from ..denoiser import Conditioning, NetworkCall
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """One model family.
+
+    Attributes:
+      name: the name a :class:`~halforder.diffusion.components.Components` carries (``family``).
+      pipelines: the ``_class_name`` values of ``model_index.json`` that this family loads.
+      tiny_model: the model name that builds its tiny random parts offline (e.g. ``"tiny-sd3"``).
+      lora_prefix: the key prefix of its LoRA files (``"unet"`` or ``"transformer"``).
+      load: ``(model, *, dtype, kw, scheduler, t5) -> Components`` (``kw``: ``from_pretrained``'s
+        ``local_files_only`` and ``revision``; not frozen, on the CPU).
+      tiny: ``(seed, *, scheduler) -> Components``: tiny random parts, frozen.
+      encode: ``(components, prompts) -> conditioning`` rows ``[N, ...]``, as the pipeline encodes.
+      network: ``(components, latent_shape, guidance_scale) -> (call, cfg_weight)``: how the
+        network is called and the classifier-free-guidance weight (1: none).
+      latent_shape: ``(components, size) -> shape`` of one latent as the chain holds it
+        (``size``: None, an int or (h, w) of the VAE latent).
+      unpack: ``(components, latent_shape) -> f or None``: the chain's latents ``[N, ...]`` as the
+        VAE's ``[N, C, h, w]`` (None: already so).
+      solver: ``(components, T, latent_shape, noise) -> solver`` with the pipeline's schedule.
+    """
+
+    name: str
+    pipelines: tuple[str, ...]
+    tiny_model: str
+    lora_prefix: str
+    load: Callable[..., Components]
+    tiny: Callable[..., Components]
+    encode: Callable[[Components, Sequence[str]], Conditioning]
+    network: Callable[[Components, tuple, float], tuple[NetworkCall, float]]
+    latent_shape: Callable[[Components, Any], tuple[int, ...]]
+    unpack: Callable[[Components, tuple], Callable | None]
+    solver: Callable[..., Any]
+
+
+def latent_hw(size, default: int) -> tuple[int, int]:
+    """``(h, w)`` of a latent: ``size`` (an int or (h, w)) or ``default``."""
+    size = default if size is None else size
+    return (int(size), int(size)) if isinstance(size, int) else tuple(int(s) for s in size)
+
+
+def dynamic_shift(config, seq_len: int, max_shift: float) -> float:
+    """The dynamic shift mu of a flow-matching pipeline for ``seq_len`` image tokens: linear
+    from ``base_shift`` at ``base_image_seq_len`` to ``max_shift`` at ``max_image_seq_len``
+    (the scheduler config's values, with the pipeline's defaults)."""
+    b0, b1 = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
+    s0, s1 = config.get("base_shift", 0.5), config.get("max_shift", max_shift)
+    return s0 + (s1 - s0) * (seq_len - b0) / (b1 - b0)

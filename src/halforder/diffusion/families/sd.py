@@ -1,0 +1,25 @@
+"""Stable Diffusion 1/2 (and the UNet3D video models): a UNet on CLIP embeddings, DDIM or
+DPM-Solver, classifier-free guidance (``StableDiffusionPipeline``)."""
+from __future__ import annotations
+
+from ..components import load_sd_components, tiny_components, unet_latent_shape
+from ..denoiser import unet_call
+from ..solvers import make_solver
+from ..text import encode_prompts
+from .protocol import ModelFamily
+
+
+def _load(model, *, dtype, kw, scheduler="ddim", t5=True):
+    return load_sd_components(model, dtype=dtype, scheduler=scheduler, **kw)
+
+
+def _solver(components, T, latent_shape, noise="sde"):
+    return make_solver(components.scheduler, T, latent_scale=components.latent_scale, noise=noise)
+
+
+FAMILY = ModelFamily(
+    name="sd", pipelines=("StableDiffusionPipeline",), tiny_model="tiny", lora_prefix="unet",
+    load=_load, tiny=lambda seed, scheduler="ddim": tiny_components(seed, scheduler=scheduler),
+    encode=encode_prompts, network=lambda components, shape, w: (unet_call, w),
+    latent_shape=lambda components, size: unet_latent_shape(components.unet, size),
+    unpack=lambda components, shape: None, solver=_solver)

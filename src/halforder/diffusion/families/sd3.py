@@ -1,0 +1,138 @@
+"""Stable Diffusion 3 and 3.5: an MMDiT transformer (``SD3Transformer2DModel``) predicting the
+flow velocity, on two CLIP encoders and optionally T5, with classifier-free guidance
+(``StableDiffusion3Pipeline``).
+
+The prompt embedding is the pipeline's: the penultimate hidden states of CLIP-L and CLIP-G
+side by side, zero-padded to T5's width and followed by T5's tokens (zeros without T5), and
+the two CLIP pooled projections side by side. The network is called with the pipeline's
+timestep, sigma * 1000.
+"""
+from __future__ import annotations
+
+import torch
+from torch.func import functional_call
+
+from ..components import Components, load_modules, tiny_clip_config, tiny_t5, tiny_tokenizer
+from ..hub import local_dir, looks_local
+from ..solvers import make_solver
+from .protocol import ModelFamily, dynamic_shift, latent_hw
+
+T5_LENGTH = 256      # the pipeline's max_sequence_length
+SUBFOLDERS = ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler")
+
+
+def clip_embeddings(tokenizer, encoder, prompts, length):
+    """(penultimate hidden states ``[N, L, D]``, pooled projection ``[N, P]``) of a CLIP text model."""
+    ids = tokenizer(list(prompts), padding="max_length", max_length=length, truncation=True,
+                    return_tensors="pt").input_ids
+    out = encoder(ids.to(encoder.device), output_hidden_states=True)
+    return out.hidden_states[-2], out[0]
+
+
+def t5_embeddings(tokenizer, encoder, prompts, length):
+    """T5's last hidden states ``[N, length, D]`` (max-length padding, as the pipelines)."""
+    ids = tokenizer(list(prompts), padding="max_length", max_length=length, truncation=True,
+                    add_special_tokens=True, return_tensors="pt").input_ids
+    return encoder(ids.to(encoder.device))[0]
+
+
+def encode(c: Components, prompts):
+    """``{"encoder_hidden_states", "pooled_projections"}`` as ``StableDiffusion3Pipeline.encode_prompt``."""
+    prompts, L = list(prompts), c.max_sequence_length or T5_LENGTH
+    with torch.no_grad():
+        e1, p1 = clip_embeddings(c.tokenizer, c.text_encoder, prompts, c.tokenizer.model_max_length)
+        e2, p2 = clip_embeddings(c.tokenizer_2, c.text_encoder_2, prompts, c.tokenizer.model_max_length)
+        if c.text_encoder_3 is None:
+            t5 = torch.zeros(len(prompts), L, c.unet.config.joint_attention_dim, dtype=e1.dtype, device=e1.device)
+        else:
+            t5 = t5_embeddings(c.tokenizer_3, c.text_encoder_3, prompts, L)
+        clip = torch.cat([e1, e2], dim=-1)
+        clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
+        return {"encoder_hidden_states": torch.cat([clip, t5.to(clip.dtype)], dim=-2),
+                "pooled_projections": torch.cat([p1, p2], dim=-1)}
+
+
+def call(module, params, x, timestep, c):
+    """The transformer's velocity, called as the pipeline calls it."""
+    kwargs = dict(hidden_states=x, timestep=timestep.expand(x.shape[0]), **c)
+    return functional_call(module, params, (), kwargs).sample
+
+
+def latent_shape(c: Components, size=None):
+    """``(C, h, w)``: the transformer's ``sample_size`` (1024 px for SD3.5) or ``size``."""
+    return (c.unet.config.in_channels, *latent_hw(size, c.unet.config.sample_size))
+
+
+def solver(c: Components, T, shape, noise="sde"):
+    """The pipeline's schedule: ``set_timesteps(T)``, with mu from the image tokens under dynamic shifting."""
+    mu = None
+    if c.scheduler.config.get("use_dynamic_shifting"):
+        p = c.unet.config.patch_size
+        mu = dynamic_shift(c.scheduler.config, (shape[-2] // p) * (shape[-1] // p), 1.16)
+    return make_solver(c.scheduler, T, noise=noise, mu=mu)
+
+
+def load(model, *, dtype, kw, scheduler="ddim", t5=True):
+    """An SD3 / SD3.5 folder or hub id; ``t5=False`` leaves T5 out (the pipeline then feeds zeros)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from transformers import AutoTokenizer, CLIPTextModelWithProjection, T5EncoderModel
+
+    flow_scheduler_only(scheduler)
+    if looks_local(model):
+        model = local_dir(model, "model", SUBFOLDERS + (("text_encoder_3", "tokenizer_3") if t5 else ()))
+    parts = {"transformer": (SD3Transformer2DModel, "torch_dtype"), "vae": (AutoencoderKL, "torch_dtype"),
+             "text_encoder": (CLIPTextModelWithProjection, "dtype"), "tokenizer": (AutoTokenizer, None),
+             "text_encoder_2": (CLIPTextModelWithProjection, "dtype"), "tokenizer_2": (AutoTokenizer, None),
+             "scheduler": (FlowMatchEulerDiscreteScheduler, None)}
+    if t5:
+        parts.update(text_encoder_3=(T5EncoderModel, "dtype"), tokenizer_3=(AutoTokenizer, None))
+    m = load_modules(model, parts, "the SD3 model", dtype=dtype, kw=kw)
+    return Components(m["transformer"], m["vae"], m["text_encoder"], m["tokenizer"], m["scheduler"],
+                      text_encoder_2=m["text_encoder_2"], tokenizer_2=m["tokenizer_2"],
+                      text_encoder_3=m.get("text_encoder_3"), tokenizer_3=m.get("tokenizer_3"), family="sd3")
+
+
+def flow_scheduler_only(scheduler: str) -> None:
+    """Refuse a UNet sampler (dpm) for a flow-matching model, which samples with its own scheduler."""
+    if scheduler != "ddim":
+        raise ValueError(f"scheduler {scheduler!r} applies to UNet models; a flow-matching model samples with its "
+                         "FlowMatchEulerDiscreteScheduler (leave scheduler at its default)")
+
+
+def tiny_vae(shift: float, scale: float):
+    """A tiny ``AutoencoderKL`` without quant convs (as SD3's and FLUX's): 4 latent channels, 2x."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
+                         layers_per_block=1, norm_num_groups=4, sample_size=16, use_quant_conv=False,
+                         use_post_quant_conv=False, shift_factor=shift, scaling_factor=scale,
+                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+
+
+def tiny(seed: int = 0, scheduler: str = "ddim") -> Components:
+    """Tiny random SD3 parts (no download): a two-layer MMDiT on 8x8 latents (patch 2), two
+    one-layer CLIPs and a one-layer T5 (16 tokens), SD3's shift 3; frozen, float32, CPU."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from transformers import CLIPTextModelWithProjection
+
+    flow_scheduler_only(scheduler)
+    tokenizer = tiny_tokenizer(16)
+    with torch.random.fork_rng(devices=[]):   # the libraries initialise weights from the global RNG
+        torch.manual_seed(seed)
+        transformer = SD3Transformer2DModel(
+            sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
+            num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=32,
+            pos_embed_max_size=8)
+        clip_l = CLIPTextModelWithProjection(tiny_clip_config(len(tokenizer), layers=2))
+        clip_g = CLIPTextModelWithProjection(tiny_clip_config(len(tokenizer), layers=2))
+        t5, t5_tokenizer = tiny_t5(width=32)
+        vae = tiny_vae(0.0609, 1.5305)
+    return Components(transformer, vae, clip_l, tokenizer, FlowMatchEulerDiscreteScheduler(shift=3.0),
+                      text_encoder_2=clip_g, tokenizer_2=tiny_tokenizer(16), text_encoder_3=t5,
+                      tokenizer_3=t5_tokenizer, family="sd3", max_sequence_length=16).freeze()
+
+
+FAMILY = ModelFamily(name="sd3", pipelines=("StableDiffusion3Pipeline",), tiny_model="tiny-sd3",
+                     lora_prefix="transformer", load=load, tiny=tiny, encode=encode,
+                     network=lambda c, shape, w: (call, w), latent_shape=latent_shape,
+                     unpack=lambda c, shape: None, solver=solver)
