@@ -18,9 +18,14 @@ and a bf16 base against a float32 base, from the same noise.
     python benchmarks/sd_scale.py --tiny                                  # CPU smoke run (seconds)
     python benchmarks/sd_scale.py --size quarter --T 6 --repeats 0       # CPU, memory only (minutes)
     python benchmarks/sd_scale.py --size sd14 --device cuda --out docs/results/sd_scale_h100.md
+    python benchmarks/sd_scale.py --size sd35m --latent 16 --guidance 1 --T 4 --repeats 0   # CPU, SD3.5 (30 min)
 
 Sizes: ``tiny`` (the test components), ``quarter`` (SD 1.4's UNet and VAE at a quarter of
-their width), ``sd14`` (SD 1.4: 860 M UNet parameters), ``sd21`` (SD 2.1, 768x768).
+their width), ``sd14`` (SD 1.4: 860 M UNet parameters), ``sd21`` (SD 2.1, 768x768), ``sd35m``
+(SD3.5 medium's MMDiT, 2.2 B parameters, and its 16-channel VAE, with 77 + 256 text tokens of
+random embeddings: CLIP's and T5's). ``--latent`` sets the latent size (SD3.5: 128 = 1024 px),
+``--guidance`` the CFG weight (1: none); ``--scaling`` adds one step graph's bytes at several
+latent sizes, to extrapolate from a size a CPU can run.
 """
 from __future__ import annotations
 
@@ -32,7 +37,7 @@ import time
 
 import torch
 
-from halforder.diffusion import add_lora, make_chain, make_reward
+from halforder.diffusion import add_lora, image_view, make_chain, make_reward
 from halforder.diffusion.components import SD_SCHEDULER_CONFIG, Components, make_scheduler, tiny_components
 from halforder.estimators import Plan, SavedTensorMeter, estimate
 from halforder.estimators.gradient_checkpointing import Checkpointed, checkpoint_blocks
@@ -54,7 +59,9 @@ def build(size: str, dtype: torch.dtype, device: str, seed: int = 0):
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        if size == "tiny":
+        if size == "sd35m":
+            comp, encoder = sd35m()
+        elif size == "tiny":
             comp = tiny_components(seed)
             width, encoder = 16, None
         else:
@@ -71,6 +78,24 @@ def build(size: str, dtype: torch.dtype, device: str, seed: int = 0):
     return comp, encoder, params
 
 
+def sd35m():
+    """SD3.5 medium's transformer and VAE from their configs (random weights) and an encoder of
+    fixed random conditioning: 77 CLIP + 256 T5 tokens of width 4096, pooled width 2048."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+
+    transformer = SD3Transformer2DModel(
+        sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
+        num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
+        pos_embed_max_size=384, dual_attention_layers=tuple(range(13)), qk_norm="rms_norm")
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(128, 256, 512, 512),
+                        layers_per_block=2, down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, use_quant_conv=False, use_post_quant_conv=False,
+                        scaling_factor=1.5305, shift_factor=0.0609, sample_size=1024)
+    comp = Components(transformer, vae, None, None, FlowMatchEulerDiscreteScheduler(shift=3.0), family="sd3").freeze()
+    table = {"encoder_hidden_states": torch.randn(2, 77 + 256, 4096), "pooled_projections": torch.randn(2, 2048)}
+    return comp, (lambda prompts: {k: v[[0 if p else 1 for p in prompts]] for k, v in table.items()})
+
+
 def plans(T: int):
     """(label, plan, batching) of every plan measured."""
     j = T // 2
@@ -83,12 +108,16 @@ def plans(T: int):
     yield "reinforce", Plan.reinforce(T), "vmap"
 
 
+LATENT, GUIDANCE = None, 7.5     # the latent size (None: the model's own) and CFG weight; main() sets them
+
+
 def chain_for(setup, plan, batch, batching="vmap", lean=False, compile=None):
     """The benchmark's chain for ``plan`` (``lean``: steps and VAE decoder checkpointed;
     ``compile``: a torch.compile mode for the denoiser)."""
     comp, encoder, _ = setup
-    chain = make_chain(comp, plan.T, ["a photo of a cat"] * batch, make_reward("brightness"), guidance_scale=7.5,
-                       batching=batching, encoder=encoder, compile=compile).for_plan(plan, ho_eta=0.1, zo_sigma=1e-3)
+    chain = make_chain(comp, plan.T, ["a photo of a cat"] * batch, make_reward("brightness"), guidance_scale=GUIDANCE,
+                       batching=batching, encoder=encoder, compile=compile, view=image_view(comp, LATENT)
+                       ).for_plan(plan, ho_eta=0.1 if comp.family == "sd" else 0.7, zo_sigma=1e-3)
     checkpoint_blocks(comp.vae, lean)
     return Checkpointed(chain) if lean else chain
 
@@ -177,7 +206,11 @@ def agreement(size, device, T, batch):
 def main(argv=None):
     """Measure and write the markdown table (see the module docstring)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--size", choices=("tiny", *SIZES), default="sd14")
+    ap.add_argument("--size", choices=("tiny", *SIZES, "sd35m"), default="sd14")
+    ap.add_argument("--latent", type=int, default=None, help="latent size (default: the model's own)")
+    ap.add_argument("--guidance", type=float, default=7.5, help="CFG weight (1: no guidance)")
+    ap.add_argument("--scaling", type=int, nargs="*", default=[], help="latent sizes at which to measure one step "
+                    "graph (bytes per image token)")
     ap.add_argument("--tiny", action="store_true", help="smoke run: --size tiny --device cpu --T 6 --repeats 0")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", choices=("fp32", "bf16"), default="bf16", help="the frozen model's dtype")
@@ -197,12 +230,26 @@ def main(argv=None):
         ap.error("--T must be at least 4 (RLR h=3 needs a block of 3 steps after j = T/2)")
     out = args.out or os.path.join("runs", "sd_scale", f"{args.size}_{args.device}.md")
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    global LATENT, GUIDANCE
+    LATENT, GUIDANCE = args.latent, args.guidance
     setup = build(args.size, dtype, args.device)
     lines = [f"# Every plan at `{args.size}` size on {device_name(args.device)}", "",
              f"Written by `python benchmarks/sd_scale.py {' '.join(sys.argv[1:] if argv is None else argv)}`: {args.dtype} frozen "
-             f"model, float32 LoRA (rank 4, attention), T = {args.T} DDIM steps, CFG 7.5, brightness reward on the "
+             f"model, float32 LoRA (rank 4, attention), T = {args.T} {sampler_name(setup[0])} steps, "
+             f"latent {latent_text(setup[0])}, CFG {args.guidance:g}, brightness reward on the "
              "decoded image. Saved = peak bytes autograd keeps (deterministic); reference = one step graph + "
              "T + 1 states; lean = every step with gradients and the VAE decoder's blocks checkpointed.", ""]
+    if args.scaling:
+        lines += ["## One step graph by latent size", "", "| latent | image tokens | one step graph | per image token |",
+                  "|---|---:|---:|---:|"]
+        for size in args.scaling:
+            LATENT = size
+            step, _ = step_graph_bytes(setup, args.T, args.batch[0])
+            tokens = (size // getattr(setup[0].unet.config, "patch_size", 1)) ** 2
+            lines.append(f"| {size}x{size} | {tokens} | {gib(step)} | {step / tokens / 2**20:.3f} MiB |")
+            print(lines[-1], flush=True)
+        LATENT = args.latent
+        lines.append("")
     for batch in args.batch:
         step, state = step_graph_bytes(setup, args.T, batch)
         ref = step + (args.T + 1) * state
@@ -237,6 +284,16 @@ def main(argv=None):
             lines.append(f"| {name} | " + " | ".join(f"{parts[r]:.2e}" for r in ("FO", "HO", "ZO")) + " |")
     write_text(out, "\n".join(lines) + "\n")
     print(f"wrote {out}")
+
+
+def sampler_name(comp) -> str:
+    """The sampler's name for the table's caption."""
+    return "flow-matching Euler (SDE eta 0.7 where HO blocks end)" if comp.family != "sd" else "DDIM"
+
+
+def latent_text(comp) -> str:
+    """The latent shape the chains use, for the caption."""
+    return "x".join(map(str, image_view(comp, LATENT).latent_shape))
 
 
 def device_name(device: str) -> str:

@@ -43,6 +43,15 @@ HOW = {
      "--h 2 --j-sampling uniform --zo-sigma 1e-3 --T 50 --steps 2000 --lr 5e-4 --batch-size 4 --grad-accum 2 "
      "--mixed-precision bf16 --output-dir runs/sd14-aesthetic"): "not run: needs a GPU and the model's download",
     "halforder train --help": RUN,
+    "halforder train --preset tiny-sd3 --output-dir runs/tiny-sd3": RUN,
+    "halforder train --preset tiny-flux --output-dir runs/tiny-flux": RUN,
+    "halforder train --preset tiny-wan --output-dir runs/tiny-wan": RUN,
+    ("halforder train --preset sd35m --prompts prompts.txt --reward aesthetic --mixed-precision bf16 "
+     "--output-dir runs/sd35m"): "not run: needs a GPU and the model's download",
+    ("halforder train --preset flux-dev --prompts prompts.txt --reward aesthetic --mixed-precision bf16 "
+     "--output-dir runs/flux-dev"): "not run: needs a GPU and the model's download",
+    ("halforder train --preset wan21 --prompts prompts.txt --reward aesthetic --frames random --mixed-precision bf16 "
+     "--output-dir runs/wan21"): "not run: needs a GPU and the model's download",
     "halforder train": "not run: the layout list naming the command, not a command line",
     "halforder plan": "not run: the prose naming the command, not a command line",
     "torchrun --standalone --nproc_per_node 2 -m halforder train ...": "not run: elided (tests/diffusion/test_multiprocess.py)",

@@ -70,7 +70,7 @@ def test_rollouts_at_eta_zero_are_the_pipelines(saved, T, guidance):
 
 
 def decoded(chain, z):
-    from halforder.diffusion.sd_chain import decode_latents
+    from halforder.diffusion.views import decode_latents
     with torch.no_grad():
         rf = chain.reward_fn
         return decode_latents(rf.vae, z if rf.unpack is None else rf.unpack(z))
@@ -165,3 +165,26 @@ def test_per_sample_estimates_agree_under_vmap_and_the_loop(name):
             a, b = out["vmap"].parts[role][k], out["loop"].parts[role][k]
             assert a.shape[0] == 2
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6 * max(1.0, float(b.abs().max())))
+
+
+@pytest.mark.parametrize("name", ["tiny-sd3", "tiny-flux"])
+def test_a_runs_lora_loads_into_the_pipeline(tmp_path, name):
+    """`halforder train --preset tiny-sd3` (or tiny-flux) trains through the CLI and its lora/ is what
+    the pipeline's load_lora_weights reads: the loaded transformer's adapter equals the trained one."""
+    from safetensors.torch import load_file
+
+    from halforder.diffusion.cli import main
+
+    out = tmp_path / "run"
+    assert main(["--preset", name, "--steps", "2", "--eval-every", "0", "--checkpoint-every", "0",
+                 "--output-dir", str(out), "--no-progress"]) == 0
+    trained = load_file(out / "lora" / "pytorch_lora_weights.safetensors")
+    assert trained and all(k.startswith("transformer.") for k in trained)
+    assert any(float(v.abs().max()) > 0 for k, v in trained.items() if ".lora_B." in k)   # B starts at 0
+    pipe = pipeline(tiny_model(name))
+    pipe.load_lora_weights(out / "lora")
+    loaded = {n: p for n, p in pipe.transformer.named_parameters() if ".lora_" in n}
+    assert len(loaded) == len(trained)
+    for k, v in trained.items():
+        name_in_model = k.removeprefix("transformer.").replace(".weight", ".default_0.weight")
+        torch.testing.assert_close(loaded[name_in_model], v, rtol=0, atol=0)

@@ -3,7 +3,7 @@
 Needs the ``diffusion`` extra (diffusers, peft, transformers, accelerate). One idea a module:
 :mod:`.solvers` (DDIM, DPM-Solver, flow-matching Euler), :mod:`.denoiser` (functional call,
 CFG, per-sample parameters), :mod:`.chain` (the chain and its noise schedules), :mod:`.text` (prompt
-embeddings), :mod:`.sd_chain` (the chain builder), :mod:`.components` (the parts of a model, SD 1/2
+embeddings), :mod:`.sd_chain` (the chain builder), :mod:`.views` (what the reward sees), :mod:`.components` (the parts of a model, SD 1/2
 loading and tiny models), :mod:`.families` (SD 1/2, SD3, FLUX: loading by model_index.json), :mod:`.hub` (offline
 behaviour), :mod:`.lora`, :mod:`.rewards` and :mod:`.clip_preprocess`, :mod:`.task` (the
 training task), :mod:`.dcot`, :mod:`.config`, :mod:`.run` and :mod:`.cli` (a run from a
@@ -16,7 +16,8 @@ from .families import family_of, load_components, tiny_model
 from .lora import add_lora, lora_params, save_lora, set_lora
 from .rewards import REWARDS, make_reward, register
 from .solvers import DDIMSolver, DPMSolver, FlowMatchSolver, LatentScale, make_solver
-from .sd_chain import DecodedReward, ImageView, decode_latents, image_view, make_chain, model_solver
+from .sd_chain import image_view, make_chain, model_solver
+from .views import DecodedReward, ImageView, decode_latents
 from .task import DiffusionTask
 from .text import PromptEncoder, encode_prompts, text_conditioning
 

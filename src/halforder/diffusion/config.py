@@ -55,6 +55,14 @@ PRESETS: dict[str, dict[str, Any]] = {
                   latent_size=[128, 128], eta_plan=0.7, output_dir=os.path.join("runs", "sd35m")),
     "flux-dev": dict(model="black-forest-labs/FLUX.1-dev", T=50, guidance_scale=3.5, latent_size=[128, 128],
                      eta_plan=0.7, output_dir=os.path.join("runs", "flux-dev")),
+    # Offline, CPU, a tiny random Wan 2.1 (video transformer, causal video VAE, UMT5): 5 frames of 32x32.
+    "tiny-wan": dict(task="t2v", model="tiny-wan", reward="brightness+0.5*temporal", T=4, guidance_scale=5.0,
+                     steps=4, batch_size=4, grad_accum=1, lr=1e-2, lora_rank=2, lora_alpha=2.0, eta_plan=0.7,
+                     eval_every=2, checkpoint_every=2, eval_num=2, num_frames=5, frames="ends", latent_size=[4, 4],
+                     gif_fps=4.0, output_dir=os.path.join("runs", "tiny-wan")),
+    # Wan 2.1 T2V 1.3B's published sampling (model card): 480x832, 81 frames, 50 steps, guidance 5, flow shift 3.
+    "wan21": dict(task="t2v", model="Wan-AI/Wan2.1-T2V-1.3B-Diffusers", T=50, guidance_scale=5.0, shift=3.0,
+                  num_frames=81, latent_size=[60, 104], eta_plan=0.7, output_dir=os.path.join("runs", "wan21")),
     # VideoCrafter2's official text-to-video sampling (its inference script): DDIM with its latent scale,
     # 50 steps, eta 1, guidance 12, fps 28, 16 frames at 320x512. Downloads the model only when run.
     "videocrafter2": dict(task="t2v", model=VIDEOCRAFTER2_UNET, video_model="videocrafter2", scheduler="ddim", T=50,
@@ -84,17 +92,18 @@ class TrainConfig(LoopConfig):
 
     # ------------------------------------------------------------------ model
     task: str = knob("t2i", "t2i: text-to-image (SD 1/2, SD3/3.5 or FLUX, by the model's model_index.json); t2v: "
-                            "text-to-video (a UNet3D)", choices=("t2i", "t2v"))
+                            "text-to-video (Wan 2.1, or a UNet3D model)", choices=("t2i", "t2v"))
     model: str = knob("CompVis/stable-diffusion-v1-4",
-                      "hub id or local directory (diffusers layout) of the model; tiny, tiny-sd3, tiny-flux: tiny "
-                      "random parts, offline; with video_model videocrafter2, the converted UNet")
+                      "hub id or local directory (diffusers layout) of the model; tiny, tiny-sd3, tiny-flux, "
+                      "tiny-wan: tiny random parts, offline; with video_model videocrafter2, the converted UNet")
     revision: str | None = knob(None, "hub revision of the model (None: the default branch)")
     scheduler: str = knob("ddim", "sampler of a UNet model's chain: ddim, or dpm (DPM-Solver++ SDE, order 2); "
-                                  "flow-matching models (SD3, FLUX) keep their flow-matching Euler scheduler",
+                                  "flow-matching models (SD3, FLUX, Wan) keep their flow-matching Euler scheduler",
                           choices=("ddim", "dpm"))
     noise: str = knob("sde", "flow-matching models: the noise where eta > 0: sde (Flow-GRPO's reverse SDE) or cps "
                              "(coefficient-preserving sampling, eta in [0, 1])", choices=FLOW_NOISE)
-    shift: float | None = knob(None, "flow-matching models: the scheduler's shift (None: the model's own)")
+    shift: float | None = knob(None, "flow-matching models: the scheduler's shift (None: the model's own; Wan: its "
+                                     "flow_shift)")
     t5: bool = knob(True, "SD3: load the T5 text encoder (--no-t5: zeros in its place, as the pipeline allows; "
                           "saves SD3.5's T5-XXL, about 9.5 GB in bf16)")
     T: int = knob(50, "sampler steps of the chain (the paper: 50 DDIM steps for images, 25 for video)")
@@ -159,12 +168,13 @@ class TrainConfig(LoopConfig):
     lora_targets: list[str] = knob(list(DEFAULT_TARGETS), "UNet module names that get LoRA", factory=True)
 
     # ------------------------------------------------------------------ video (task t2v)
-    num_frames: int = knob(16, "video: frames per video (VideoCrafter2: 16)")
+    num_frames: int = knob(16, "video: frames per video (VideoCrafter2: 16; Wan: 4 k + 1, 81 published)")
     frames: str = knob("random", f"video: frames the reward decodes: {', '.join(FRAME_MODES)}, or indices like 0,8,15")
     latent_size: list[int] | None = knob(None, "latent height and width (None: the model's own size; 320x512 "
                                                "video: 40 64; 1024 px SD3.5 or FLUX: 128 128)")
-    video_model: str = knob("t2v", "video: t2v (TextToVideoSDPipeline layout) or videocrafter2 (model is the "
-                                   "converted UNet, video_base the VAE and text encoder)",
+    video_model: str = knob("t2v", "video: t2v (a diffusers folder: WanPipeline or TextToVideoSDPipeline, read from "
+                                   "model_index.json) or videocrafter2 (model is the converted UNet, video_base the "
+                                   "VAE and text encoder)",
                             choices=("t2v", "videocrafter2"))
     video_base: str = knob(VIDEOCRAFTER2_BASE, "video, videocrafter2: source of the VAE, text encoder, tokenizer and "
                                                "scheduler config")
@@ -173,8 +183,8 @@ class TrainConfig(LoopConfig):
     gif_fps: float = knob(8.0, "video: frame rate of the written GIFs")
 
     preset: str | None = knob(None, "start from a preset: tiny, tiny-sd3, tiny-flux (offline CPU smoke runs), "
-                                    "tiny-video (the same for text-to-video), sd35m, flux-dev, videocrafter2 (the "
-                                    "models' published sampling settings)",
+                                    "tiny-video, tiny-wan (the same for text-to-video), sd35m, flux-dev, wan21, "
+                                    "videocrafter2 (the models' published sampling settings)",
                               choices=tuple(PRESETS))
 
     def check(self) -> None:

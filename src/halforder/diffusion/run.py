@@ -31,11 +31,11 @@ from .lora import add_lora
 from .planning import choose, report, resume_choice, save_choice
 from .previews import save_grid, write_video
 from .rewards import REWARDS, make_reward
-from .families import TINY_MODELS, load_components, tiny_model
+from .families import TINY_MODELS, family_of, load_components, tiny_model
 from .sd_chain import image_view
 from .task import DiffusionTask, StepPrompts
-from .video.components import load_video_components, load_videocrafter2, tiny_video_components
-from .video.frames import VideoView, frame_indices, parse_frames, video_view
+from .video.components import load_videocrafter2, tiny_video_components
+from .video.frames import VideoView, frame_indices, parse_frames
 from .video.rewards import VIDEO_REWARDS, make_video_reward, min_frames
 
 EVAL_SEED_OFFSET = 7919   # sample grids use seed + this, so that they are comparable across a run
@@ -76,11 +76,9 @@ def model_dtype(cfg: TrainConfig, device="cpu") -> torch.dtype:
 
 
 def build_components(cfg: TrainConfig, device="cpu") -> Components:
-    """The frozen parts ``cfg.model`` names (``"tiny"``, ``"tiny-sd3"``, ``"tiny-flux"``: random
-    tiny parts, no download), in the dtype of ``cfg.mixed_precision``, with ``cfg.shift``."""
+    """The frozen parts ``cfg.model`` names (``"tiny"``, ``"tiny-sd3"``, ``"tiny-flux"``, ``"tiny-wan"``:
+    random tiny parts, no download), in the dtype of ``cfg.mixed_precision``, with ``cfg.shift``."""
     video, dtype = cfg.task == "t2v", model_dtype(cfg, device)
-    if video and cfg.model in TINY_MODELS and cfg.model != "tiny":
-        raise ValueError(f"model {cfg.model!r} is a text-to-image model; the tiny video model is 'tiny'")
     if video and cfg.model == "tiny":
         comp = tiny_video_components(cfg.seed, scheduler=cfg.scheduler).to(dtype=dtype)
     elif cfg.model in TINY_MODELS:
@@ -88,10 +86,9 @@ def build_components(cfg: TrainConfig, device="cpu") -> Components:
     elif video and cfg.video_model == "videocrafter2":
         comp = load_videocrafter2(cfg.model, cfg.video_base, fps=cfg.fps, revision=cfg.revision,
                                   scheduler=cfg.scheduler, dtype=dtype)
-    elif video:
-        comp = load_video_components(cfg.model, revision=cfg.revision, scheduler=cfg.scheduler, dtype=dtype)
     else:
-        comp = load_components(cfg.model, revision=cfg.revision, scheduler=cfg.scheduler, dtype=dtype, t5=cfg.t5)
+        comp = load_components(cfg.model, revision=cfg.revision, scheduler=cfg.scheduler, dtype=dtype, t5=cfg.t5,
+                               video=video)
     if not cfg.t5:
         if comp.family != "sd3":
             raise ValueError(f"no_t5 applies to SD3 models; {cfg.model!r} is not one")
@@ -126,7 +123,10 @@ def build_task(cfg: TrainConfig, components: Components, reward, device="cpu",
     for p in params.values():
         p.data = p.data.to(device)
     if cfg.task == "t2v":
-        view = video_view(components, cfg.num_frames, parse_frames(cfg.frames), cfg.latent_size)
+        make_view = family_of(components).video_view
+        if make_view is None:
+            raise ValueError(f"model {cfg.model!r} is a text-to-image model: use task t2i")
+        view = make_view(components, cfg.num_frames, parse_frames(cfg.frames), cfg.latent_size)
         k = frame_indices(view.frames, cfg.num_frames, 1, torch.Generator()).shape[1]
         if k < min_frames(reward):
             raise ValueError(f"the reward {cfg.reward!r} needs at least {min_frames(reward)} decoded frames per "

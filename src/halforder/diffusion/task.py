@@ -21,7 +21,8 @@ from .chain import DiffusionChain, Schedule, rollout
 from .components import Components
 from .families import family_of, prompt_encoder
 from .lora import save_lora
-from .sd_chain import Reward, View, make_chain, model_solver
+from .sd_chain import make_chain, model_solver
+from .views import Reward, View
 from .text import PromptEncoder
 
 StepPrompts = Callable[[Sequence[str]], Callable[[int], Sequence[str]]]

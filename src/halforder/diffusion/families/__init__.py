@@ -1,4 +1,5 @@
-"""Model families: SD 1/2 (:mod:`.sd`), SD3 and 3.5 (:mod:`.sd3`), FLUX.1 (:mod:`.flux`).
+"""Model families: SD 1/2 (:mod:`.sd`), SD3 and 3.5 (:mod:`.sd3`), FLUX.1 (:mod:`.flux`), Wan 2.1
+text-to-video (:mod:`.wan`).
 
 :func:`load_components` reads a folder's or hub id's ``model_index.json`` and loads the
 family its pipeline class names; :func:`tiny_model` builds a family's tiny random parts;
@@ -17,10 +18,11 @@ import torch
 from ..components import Components
 from ..hub import load_error, local_dir, looks_local, offline
 from ..text import PromptEncoder
-from . import flux, sd, sd3
+from ..video.components import load_video_components
+from . import flux, sd, sd3, wan
 from .protocol import ModelFamily
 
-FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (sd.FAMILY, sd3.FAMILY, flux.FAMILY)}
+FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (sd.FAMILY, sd3.FAMILY, flux.FAMILY, wan.FAMILY)}
 TINY_MODELS: dict[str, ModelFamily] = {f.tiny_model: f for f in FAMILIES.values()}
 
 
@@ -49,9 +51,9 @@ def pipeline_class(model: str, kw: dict) -> str | None:
 
 def load_components(model: str, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                     local_files_only: bool = False, revision: str | None = None, scheduler: str = "ddim",
-                    t5: bool = True) -> Components:
-    """Load a text-to-image model's parts with ``from_pretrained``, its family read from
-    ``model_index.json`` (a local folder without one is taken for SD 1/2).
+                    t5: bool = True, video: bool = False) -> Components:
+    """Load a model's parts with ``from_pretrained``, its family read from ``model_index.json``
+    (a local folder without one is taken for SD 1/2, or with ``video`` for a UNet3D model).
 
     Args:
       model: a hub id (``"stabilityai/stable-diffusion-3.5-medium"``) or a local directory in
@@ -63,6 +65,8 @@ def load_components(model: str, *, dtype: torch.dtype = torch.float32, device: s
         scheduler and refuse ``"dpm"``.
       t5: SD3: load the T5 encoder (False: the pipeline's zeros in its place, about 9.5 GB less
         in bf16 for SD3.5's T5-XXL).
+      video: a text-to-video model is expected: Wan 2.1 (``WanPipeline``) or a UNet3D model
+        (``TextToVideoSDPipeline``, loaded by :func:`~halforder.diffusion.video.load_video_components`).
 
     Raises:
       FileNotFoundError: ``model`` looks like a path but does not exist or lacks a part.
@@ -74,6 +78,11 @@ def load_components(model: str, *, dtype: torch.dtype = torch.float32, device: s
         model = local_dir(model, "model")
     kw = dict(local_files_only=local_files_only or offline(), revision=revision)
     name = pipeline_class(model, kw)
+    if video and name in (None, "TextToVideoSDPipeline"):
+        return load_video_components(model, dtype=dtype, device=device, scheduler=scheduler, **kw)
+    if video != (name in wan.FAMILY.pipelines):
+        raise ValueError(f"{model!r} is a {name}, a {'text-to-image' if video else 'text-to-video'} model: use task "
+                         f"{'t2i' if video else 't2v'}")
     family = next((f for f in FAMILIES.values() if name in f.pipelines), sd.FAMILY if name is None else None)
     if family is None:
         known = ", ".join(p for f in FAMILIES.values() for p in f.pipelines)

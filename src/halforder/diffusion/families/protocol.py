@@ -35,6 +35,8 @@ class ModelFamily:
       unpack: ``(components, latent_shape) -> f or None``: the chain's latents ``[N, ...]`` as the
         VAE's ``[N, C, h, w]`` (None: already so).
       solver: ``(components, T, latent_shape, noise) -> solver`` with the pipeline's schedule.
+      video_view: ``(components, num_frames, frames, latent_size) -> view`` of a text-to-video
+        model (:class:`~halforder.diffusion.video.frames.VideoView`); None for an image model.
     """
 
     name: str
@@ -48,6 +50,7 @@ class ModelFamily:
     latent_shape: Callable[[Components, Any], tuple[int, ...]]
     unpack: Callable[[Components, tuple], Callable | None]
     solver: Callable[..., Any]
+    video_view: Callable[..., Any] | None = None
 
 
 def latent_hw(size, default: int) -> tuple[int, int]:

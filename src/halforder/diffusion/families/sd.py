@@ -1,11 +1,13 @@
-"""Stable Diffusion 1/2 (and the UNet3D video models): a UNet on CLIP embeddings, DDIM or
-DPM-Solver, classifier-free guidance (``StableDiffusionPipeline``)."""
+"""Stable Diffusion 1/2 (and the UNet3D video models, ``TextToVideoSDPipeline`` and
+VideoCrafter2): a UNet on CLIP embeddings, DDIM or DPM-Solver, classifier-free guidance
+(``StableDiffusionPipeline``)."""
 from __future__ import annotations
 
 from ..components import load_sd_components, tiny_components, unet_latent_shape
 from ..denoiser import unet_call
 from ..solvers import make_solver
 from ..text import encode_prompts
+from ..video.frames import video_view
 from .protocol import ModelFamily
 
 
@@ -22,4 +24,4 @@ FAMILY = ModelFamily(
     load=_load, tiny=lambda seed, scheduler="ddim": tiny_components(seed, scheduler=scheduler),
     encode=encode_prompts, network=lambda components, shape, w: (unet_call, w),
     latent_shape=lambda components, size: unet_latent_shape(components.unet, size),
-    unpack=lambda components, shape: None, solver=_solver)
+    unpack=lambda components, shape: None, solver=_solver, video_view=video_view)

@@ -10,14 +10,17 @@ objective E_f E[R(frame f)] (the expectation now also over f).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence, Union
+from typing import Callable, Sequence, Union
 
 import torch
 
 from ..components import unet_latent_shape
-from ..sd_chain import Reward, decode_latents
+from ..views import Reward, decode_latents
 
 FrameSpec = Union[str, int, Sequence[int]]
+#: ``decode(vae, z, idx) -> frames [N, k, 3, H, W]`` in [0, 1] of video latents ``z`` at frame indices ``idx``
+#: ``[N, k]`` (all frames if None): :func:`decode_frames` (frame by frame), or a video VAE's (Wan)
+FrameDecoder = Callable[[torch.nn.Module, torch.Tensor, Union[torch.Tensor, None]], torch.Tensor]
 FRAME_MODES = ("all", "random", "ends", "first", "middle", "last")
 
 
@@ -78,6 +81,8 @@ class DecodedVideoReward:
 
     ``frame_generator`` draws the ``"random"`` frames (the global RNG if None); it is
     separate from the chain's noise, so the frame does not depend on the sample's noise.
+    ``decode`` and ``num_frames``: the model's :data:`FrameDecoder` and its decoded frames per
+    video (None: one per latent frame).
     """
 
     reward: Reward
@@ -85,6 +90,8 @@ class DecodedVideoReward:
     vae: torch.nn.Module
     frames: FrameSpec = "all"
     frame_generator: torch.Generator | None = None
+    decode: FrameDecoder = decode_frames
+    num_frames: int | None = None
 
     def __post_init__(self):
         frame_indices(self.frames, 3, 1, torch.Generator())  # validates the spec early
@@ -94,41 +101,46 @@ class DecodedVideoReward:
         if k not in (1, n):
             raise ValueError(f"{k} reward prompts for {n} samples; give 1 or {n}")
         gen = self.frame_generator
-        idx = frame_indices(self.frames, z.shape[2], n, gen, device=gen.device if gen is not None else None)
-        return self.reward(decode_frames(self.vae, z, idx), list(self.prompts) * (n // k))
+        idx = frame_indices(self.frames, self.num_frames or z.shape[2], n, gen,
+                            device=gen.device if gen is not None else None)
+        return self.reward(self.decode(self.vae, z, idx), list(self.prompts) * (n // k))
 
 
 @dataclass(frozen=True, eq=False)
 class VideoView:
     """Video: latents ``[C, F, h, w]``; the reward sees the frames of ``frames`` decoded,
-    previews show every frame side by side (a film strip per sample)."""
+    previews show every frame side by side (a film strip per sample). ``decode`` and
+    ``num_frames``: a video VAE's decoder and its frames per video (Wan: 4(F - 1) + 1)."""
 
     vae: torch.nn.Module
     latent_shape: tuple[int, ...]
     frames: FrameSpec = "random"
+    decode: FrameDecoder = decode_frames
+    num_frames: int | None = None
 
     def __post_init__(self):
-        frame_indices(self.frames, self.latent_shape[1], 1, torch.Generator())  # validates the spec
+        frame_indices(self.frames, self.num_frames or self.latent_shape[1], 1, torch.Generator())  # validates the spec
 
     def reward_fn(self, reward: Reward, prompts: Sequence[str], generator: torch.Generator | None = None
                   ) -> DecodedVideoReward:
         """The frames' generator is seeded from ``generator``: random frames are reproducible
         (and checkpointed with it) but drawn apart from the samples' noise."""
         if generator is None:   # evaluation (DiffusionTask.evaluate): frames from a fixed seed
-            return DecodedVideoReward(reward, tuple(prompts), self.vae, self.frames, torch.Generator().manual_seed(0))
-        frames_gen = torch.Generator(device=generator.device)
-        frames_gen.manual_seed(int(torch.randint(0, 2 ** 62, (), generator=generator, device=generator.device)))
-        return DecodedVideoReward(reward, tuple(prompts), self.vae, self.frames, frames_gen)
+            frames_gen = torch.Generator().manual_seed(0)
+        else:
+            frames_gen = torch.Generator(device=generator.device)
+            frames_gen.manual_seed(int(torch.randint(0, 2 ** 62, (), generator=generator, device=generator.device)))
+        return DecodedVideoReward(reward, tuple(prompts), self.vae, self.frames, frames_gen, self.decode,
+                                  self.num_frames)
 
     def preview(self, z: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            v = decode_frames(self.vae, z)                      # [N, F, 3, H, W]
+        v = self.videos(z)                                      # [N, F, 3, H, W]
         return v.permute(0, 2, 3, 1, 4).reshape(v.shape[0], v.shape[2], v.shape[3], -1)
 
     def videos(self, z: torch.Tensor) -> torch.Tensor:
         """Every frame of final latents, ``[N, F, 3, H, W]`` in [0, 1]."""
         with torch.no_grad():
-            return decode_frames(self.vae, z)
+            return self.decode(self.vae, z, None)
 
 
 def video_view(components, num_frames: int, frames: FrameSpec = "all", latent_size=None) -> VideoView:
