@@ -30,7 +30,6 @@ latent sizes, to extrapolate from a size a CPU can run.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
 import time

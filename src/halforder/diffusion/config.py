@@ -22,7 +22,6 @@ from ..estimators.samplers import FAMILIES, J_SAMPLING, PlanSampler, make_sample
 from ..estimators.search import parse_bytes, parse_seconds
 from ..training.config import ConfigError, LoopConfig, field_default, from_mapping, knob, need, read_mapping_file
 from .denoiser import BATCHING
-from .families import TINY_MODELS
 from .lora import DEFAULT_TARGETS
 from .rewards import REWARDS
 from .solvers import FLOW_NOISE

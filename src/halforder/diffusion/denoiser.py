@@ -5,7 +5,7 @@ and per-sample parameters.
 names: epsilon, v or sample; a flow-matching model's velocity). Any network drives a chain
 this way: ``UNet2DConditionModel`` (latents [N,C,H,W], text conditioning), ``UNet2DModel``
 (pixels, unconditional), ``UNet3DConditionModel`` (latents [N,C,F,H,W]) through
-:func:`unet_call`, and the transformers of SD3 and FLUX through their model family's call
+:func:`unet_call`, and the transformers of SD3, FLUX and Wan through their model family's call
 (:mod:`halforder.diffusion.families`), whose conditioning is a dict of tensors. ``params`` are the
 trainable tensors (the LoRA weights) by name, given to ``torch.func.functional_call``; a
 value with a leading sample axis (parameter noise, per-sample gradients) gives every

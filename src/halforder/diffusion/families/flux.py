@@ -17,8 +17,7 @@ from torch.func import functional_call
 from ..components import Components, load_modules, tiny_clip_config, tiny_t5, tiny_tokenizer
 from ..hub import local_dir, looks_local
 from ..solvers import make_solver
-from .protocol import ModelFamily, dynamic_shift, latent_hw
-from .sd3 import flow_scheduler_only, t5_embeddings, tiny_vae
+from .protocol import ModelFamily, dynamic_shift, flow_scheduler_only, latent_hw, t5_embeddings, tiny_vae
 
 T5_LENGTH = 512      # the pipeline's max_sequence_length
 SUBFOLDERS = ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler")

@@ -5,11 +5,13 @@ estimators, the task, the training loop and the CLI are shared; a family says ho
 load, how prompts become conditioning, how its network is called, what its latents look like
 and which sampler schedule its pipeline uses. A new family is one module defining a
 :class:`ModelFamily` and one entry in the registry (:mod:`halforder.diffusion.families`).
+Below it, the pieces the flow-matching families share.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
+
 
 from ..components import Components
 from ..denoiser import Conditioning, NetworkCall
@@ -66,3 +68,27 @@ def dynamic_shift(config, seq_len: int, max_shift: float) -> float:
     b0, b1 = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
     s0, s1 = config.get("base_shift", 0.5), config.get("max_shift", max_shift)
     return s0 + (s1 - s0) * (seq_len - b0) / (b1 - b0)
+
+
+def t5_embeddings(tokenizer, encoder, prompts, length):
+    """T5's last hidden states ``[N, length, D]`` (max-length padding, as the pipelines)."""
+    ids = tokenizer(list(prompts), padding="max_length", max_length=length, truncation=True,
+                    add_special_tokens=True, return_tensors="pt").input_ids
+    return encoder(ids.to(encoder.device))[0]
+
+
+def flow_scheduler_only(scheduler: str) -> None:
+    """Refuse a UNet sampler (dpm) for a flow-matching model, which samples with its own scheduler."""
+    if scheduler != "ddim":
+        raise ValueError(f"scheduler {scheduler!r} applies to UNet models; a flow-matching model samples with its "
+                         "FlowMatchEulerDiscreteScheduler (leave scheduler at its default)")
+
+
+def tiny_vae(shift: float, scale: float):
+    """A tiny ``AutoencoderKL`` without quant convs (as SD3's and FLUX's): 4 latent channels, 2x."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
+                         layers_per_block=1, norm_num_groups=4, sample_size=16, use_quant_conv=False,
+                         use_post_quant_conv=False, shift_factor=shift, scaling_factor=scale,
+                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)

@@ -15,7 +15,7 @@ from torch.func import functional_call
 from ..components import Components, load_modules, tiny_clip_config, tiny_t5, tiny_tokenizer
 from ..hub import local_dir, looks_local
 from ..solvers import make_solver
-from .protocol import ModelFamily, dynamic_shift, latent_hw
+from .protocol import ModelFamily, dynamic_shift, flow_scheduler_only, latent_hw, t5_embeddings, tiny_vae
 
 T5_LENGTH = 256      # the pipeline's max_sequence_length
 SUBFOLDERS = ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler")
@@ -27,13 +27,6 @@ def clip_embeddings(tokenizer, encoder, prompts, length):
                     return_tensors="pt").input_ids
     out = encoder(ids.to(encoder.device), output_hidden_states=True)
     return out.hidden_states[-2], out[0]
-
-
-def t5_embeddings(tokenizer, encoder, prompts, length):
-    """T5's last hidden states ``[N, length, D]`` (max-length padding, as the pipelines)."""
-    ids = tokenizer(list(prompts), padding="max_length", max_length=length, truncation=True,
-                    add_special_tokens=True, return_tensors="pt").input_ids
-    return encoder(ids.to(encoder.device))[0]
 
 
 def encode(c: Components, prompts):
@@ -90,23 +83,6 @@ def load(model, *, dtype, kw, scheduler="ddim", t5=True):
     return Components(m["transformer"], m["vae"], m["text_encoder"], m["tokenizer"], m["scheduler"],
                       text_encoder_2=m["text_encoder_2"], tokenizer_2=m["tokenizer_2"],
                       text_encoder_3=m.get("text_encoder_3"), tokenizer_3=m.get("tokenizer_3"), family="sd3")
-
-
-def flow_scheduler_only(scheduler: str) -> None:
-    """Refuse a UNet sampler (dpm) for a flow-matching model, which samples with its own scheduler."""
-    if scheduler != "ddim":
-        raise ValueError(f"scheduler {scheduler!r} applies to UNet models; a flow-matching model samples with its "
-                         "FlowMatchEulerDiscreteScheduler (leave scheduler at its default)")
-
-
-def tiny_vae(shift: float, scale: float):
-    """A tiny ``AutoencoderKL`` without quant convs (as SD3's and FLUX's): 4 latent channels, 2x."""
-    from diffusers import AutoencoderKL
-
-    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
-                         layers_per_block=1, norm_num_groups=4, sample_size=16, use_quant_conv=False,
-                         use_post_quant_conv=False, shift_factor=shift, scaling_factor=scale,
-                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
 
 
 def tiny(seed: int = 0, scheduler: str = "ddim") -> Components:

@@ -18,8 +18,7 @@ from ..components import Components, load_modules, tiny_t5
 from ..hub import local_dir, looks_local
 from ..solvers import make_solver
 from ..video.frames import VideoView
-from .protocol import ModelFamily, latent_hw
-from .sd3 import flow_scheduler_only
+from .protocol import ModelFamily, flow_scheduler_only, latent_hw
 
 T5_LENGTH = 226      # the pipeline's max_sequence_length
 LATENT_SIZE = (60, 104)   # 480 x 832 px, Wan 2.1's published resolution
