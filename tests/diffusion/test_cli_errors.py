@@ -94,3 +94,21 @@ def test_a_prompt_file_that_does_not_decode_is_named(tmp_path, capsys, flag):
     bad = tmp_path / ("latin1.yaml" if flag == "--dcot" else "latin1.txt")
     bad.write_bytes("caf\xe9 au lait\n".encode("latin-1"))
     _fails(tmp_path, capsys, [flag, str(bad)], repr(str(bad)))
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--preset", "tiny-flux", "--negative-prompt", "blurry"], "negative_prompt has no effect"),
+    (["--guidance-scale", "1", "--negative-prompt", "blurry"], "negative_prompt has no effect"),
+    (["--preset", "tiny-wan", "--checkpoint-decode"], "cannot checkpoint its blocks"),
+    (["--preset", "tiny-sd3", "--task", "t2v", "--num-frames", "5"], "text-to-image model: use task t2i"),
+    (["--preset", "tiny-wan", "--task", "t2i", "--num-frames", "16", "--frames", "random", "--gif-fps", "8",
+      "--reward", "brightness"], "Wan is a text-to-video model"),
+    (["--preset", "tiny-flux", "--no-t5"], "no_t5 applies to SD3"),
+    (["--noise", "cps"], "apply to flow-matching models only"),
+    (["--shift", "2"], "shift applies to flow-matching models"),
+    (["--preset", "tiny-flux", "--scheduler", "dpm"], "FlowMatchEulerDiscreteScheduler"),
+    (["--preset", "tiny-sd3", "--noise", "cps", "--eta", "1.5", "--eta-plan", "0.1"], "CPS etas must lie in [0, 1]"),
+    (["--preset", "tiny-wan", "--num-frames", "4"], "4 k + 1 frames"),
+])
+def test_flow_model_settings_that_cannot_work_are_refused(tmp_path, capsys, args, match):
+    _fails(tmp_path, capsys, args, match)

@@ -99,6 +99,9 @@ def build_components(cfg: TrainConfig, device="cpu") -> Components:
         comp = dataclasses.replace(comp, scheduler=type(comp.scheduler).from_config(comp.scheduler.config,
                                                                                     shift=cfg.shift))
     if cfg.checkpoint_decode and comp.vae is not None:
+        if not getattr(comp.vae, "_supports_gradient_checkpointing", False):
+            raise ValueError(f"checkpoint_decode: the model's VAE ({type(comp.vae).__name__}) cannot checkpoint its "
+                             "blocks in diffusers; leave checkpoint_decode off")
         checkpoint_blocks(comp.vae)
     return comp.to(device)
 
@@ -133,6 +136,9 @@ def build_task(cfg: TrainConfig, components: Components, reward, device="cpu",
                              f"video, but frames={cfg.frames!r} decodes {k}")
     else:
         view = image_view(components, cfg.latent_size)
+    if cfg.negative_prompt and family_of(components).network(components, view.latent_shape, cfg.guidance_scale)[1] <= 1:
+        raise ValueError("negative_prompt has no effect: this run has no classifier-free guidance (guidance_scale <= 1, "
+                         "or FLUX, whose guidance is an embedding)")
     return DiffusionTask(components, params, reward, view, cfg.T, cfg.guidance_scale, cfg.negative_prompt,
                          cfg.eta_value(), cfg.eta_plan, cfg.zo_sigma, cfg.gradient_checkpointing, step_prompts,
                          cfg.batching, None if cfg.compile == "no" else cfg.compile, cfg.noise)
