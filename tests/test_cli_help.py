@@ -65,3 +65,17 @@ def test_version(capsys, argv):
     with pytest.raises(SystemExit) as e:
         main(argv)
     assert e.value.code == 0 and capsys.readouterr().out.strip() == f"halforder {__version__}"
+
+
+@pytest.mark.parametrize("command", ["train", "plan"])
+def test_a_missing_diffusion_extra_is_one_line_and_exit_2(monkeypatch, capsys, command):
+    """Without the diffusion extra, `halforder train` and `halforder plan` say how to install it
+    (exit 2, one line), before anything imports the missing packages."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "transformers" else real(name, *a))
+    assert main([command, "--preset", "tiny"]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"halforder {command}: error: needs the diffusion extra (missing: transformers); install it with: "
+                   'pip install -e ".[diffusion]"\n')

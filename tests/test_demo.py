@@ -16,7 +16,7 @@ def test_too_few_samples_are_said_as_such(capsys):
     rows = _rows(out)
     assert len(rows) == 7
     assert all("| too few samples to test |" in r for r in rows)
-    assert "| biased |" not in out
+    assert "| biased" not in out
     assert "more samples than the 12 gradient coordinates" in out
 
 
@@ -25,7 +25,19 @@ def test_enough_samples_give_verdicts(capsys):
     assert main(["demo", "--samples", "13"]) == 0
     rows = _rows(capsys.readouterr().out)
     assert len(rows) == 7
-    assert all(("| consistent |" in r) or ("| biased |" in r) for r in rows)
+    verdicts = ("| consistent |", "| biased, as expected |", "| biased: unexpected |", "| bias not detected at this n |")
+    assert all(any(v in r for v in verdicts) for r in rows)
+
+
+def test_the_biased_plan_is_labelled_the_expected_negative_control(capsys):
+    """The default demo's truncated row is biased by design; it says so, and no unbiased plan is
+    called biased."""
+    assert main(["demo", "--samples", "5000"]) == 0
+    out = capsys.readouterr().out
+    truncated = [r for r in _rows(out) if r.startswith("| truncated")]
+    assert len(truncated) == 1 and "| False |" in truncated[0] and "| biased, as expected |" in truncated[0]
+    assert "| biased: unexpected |" not in out
+    assert "negative control" in out
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -30,6 +30,7 @@ HOW = {
     "pip install torch==2.13.0 -e .": "not run: needs the network; writes git-ignored paths only",
     'pip install torch==2.13.0 -e ".[test,diffusion,plots]"': "not run: needs the network; writes git-ignored paths only",
     "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu": "not run: needs the network",
+    'pip install -e ".[diffusion]"': "not run: needs the network; writes git-ignored paths only",
     "python -m pytest -q": "not run: the test suite, this test included",
     "halforder demo": RUN,
     "python -m experiments.run_all": "not run: about an hour; it rewrites docs/results/, e1-e7 byte for byte (e8 measures CPU times)",
@@ -163,3 +164,13 @@ def test_run_all_time_is_one_figure_everywhere(quick):
 
 def test_readme_says_how_to_get_the_cpu_build_of_torch():
     assert "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu" in README.read_text()
+
+
+def test_the_python_version_is_one_claim():
+    """The README's Python version is pyproject's floor, and the one these tests run on."""
+    import tomllib
+
+    floor = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["requires-python"]
+    stated = re.search(r"^Python (3\.\d+)", README.read_text(), re.M).group(1)
+    assert floor == f">={stated}"
+    assert sys.version_info[:2] >= tuple(map(int, stated.split(".")))

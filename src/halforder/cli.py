@@ -4,6 +4,7 @@ estimator for a run under memory and time budgets; needs the diffusion extra).""
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 
 from . import __version__
@@ -31,19 +32,27 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+#: the packages of the ``diffusion`` extra that ``halforder train`` and ``halforder plan`` import
+DIFFUSION_EXTRA = ("diffusers", "transformers", "peft", "accelerate", "safetensors", "yaml")
+
+
+def missing_diffusion_extra() -> list[str]:
+    """The packages of the ``diffusion`` extra that are not installed."""
+    return [m for m in DIFFUSION_EXTRA if importlib.util.find_spec(m) is None]
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "plan":
-        try:
+    if argv and argv[0] in ("train", "plan"):
+        missing = missing_diffusion_extra()
+        if missing:
+            print(f"halforder {argv[0]}: error: needs the diffusion extra (missing: {', '.join(missing)}); install "
+                  f"it with: pip install -e \".[diffusion]\"", file=sys.stderr)
+            return 2
+        if argv[0] == "plan":
             from .diffusion.plan_cli import main as plan_main
-        except ImportError as err:
-            raise SystemExit(f"halforder plan needs the diffusion extra: pip install 'halforder[diffusion]' ({err})")
-        return plan_main(argv[1:])
-    if argv and argv[0] == "train":
-        try:
-            from .diffusion.cli import main as train_main
-        except ImportError as err:
-            raise SystemExit(f"halforder train needs the diffusion extra: pip install 'halforder[diffusion]' ({err})")
+            return plan_main(argv[1:])
+        from .diffusion.cli import main as train_main
         return train_main(argv[1:])
     p = parser()
     args = p.parse_args(argv)

@@ -26,6 +26,7 @@ def test_sizes_and_durations_parse():
     (["plan", "--preset", "tiny", "--memory", "2GiB", "--time", "fast"], "not a duration: 'fast'"),
     (["train", "--preset", "tiny", "--estimator", "auto"], "estimator auto needs a memory budget"),
     (["train", "--preset", "tiny", "--estimator", "auto", "--memory-budget", "lots"], "not a size: 'lots'"),
+    (["plan", "--preset", "tiny", "--memory", "1KiB"], "no plan fits in 1 KiB: the least memory any plan needs is "),
 ])
 def test_bad_budgets_exit_2_with_one_line(tmp_path, capsys, argv, message):
     os.chdir(tmp_path)

@@ -295,6 +295,11 @@ def measure(chain, params, *, generator: torch.Generator, n: int = 4, space: Spa
              if _valid(c.plan, chain_for) and n % Pairing.parse(c.pairing).size == 0]
     memory = measure_memory(chain, params, n, generator=generator, chain_for=chain_for)
     limit = float("inf") if probe_memory is None else probe_memory
+    least = min(cands, key=lambda c: predicted_memory(memory, c.plan, c.checkpoint_steps), default=None)
+    if least is not None and predicted_memory(memory, least.plan, least.checkpoint_steps) > limit:
+        raise ValueError(f"no plan fits in {format_bytes(limit)}: the least memory any plan needs is "
+                         f"{format_bytes(predicted_memory(memory, least.plan, least.checkpoint_steps))} "
+                         f"({least.name})")
     timing = fit_time_model(chain, params, n, generator=generator, chain_for=chain_for, repeats=repeats,
                             admit=lambda plan, ck: predicted_memory(memory, plan, ck) <= limit)
 

@@ -47,11 +47,16 @@ def comparison_table(T: int = 8, d: int = 3, n: int = 50_000, seed: int = 0, alp
         s = draw_estimates(chain, plan, params, n, generator=g)
         test = mean_test(s.grad, truth) if testable else None
         cost = plan.cost()
-        verdict = ("too few samples to test" if test is None else "biased" if test.rejects(alpha) else "consistent")
+        verdict = ("too few samples to test" if test is None
+                   else ("biased, as expected" if not plan.is_unbiased else "biased: unexpected") if test.rejects(alpha)
+                   else "consistent" if plan.is_unbiased else "bias not detected at this n")
         pvalue = "n/a" if test is None else f"{test.pvalue:.3g}"
         rows.append(f"| {plan} | {plan.is_unbiased} | {(s.grad.mean(0) - truth).norm():.4f} | {pvalue} "
                     f"| {verdict} | {s.grad.var(0).sum():.4g} | {cost['graph_steps']} | {cost['forward']} "
                     f"| {cost['backward']} |")
+    if any(not plan.is_unbiased for plan in demo_plans(T)):
+        rows += ["", "Plans whose 'unbiased plan' is False drop steps (truncated backprop: Prop. 6.1), so the test "
+                     "should call them biased: they are the negative control that shows the test can see a bias."]
     if not testable:
         rows += ["", f"Too few samples to test: Hotelling's test needs more samples than the {truth.numel()} "
                      f"gradient coordinates (d^2 + d); pass more than {truth.numel()}."]
