@@ -119,6 +119,7 @@ def test_an_accelerator_without_the_named_trackers_is_refused_before_writing(tmp
     import accelerate.utils
 
     monkeypatch.setattr(accelerate.utils, "is_wandb_available", lambda: True)
+    monkeypatch.setenv("WANDB_MODE", "offline")
     cfg = _cfg(tmp_path, report_to=["jsonl", "wandb"])
     with pytest.raises(ValueError, match="report_to names wandb, but the accelerator was built without it"):
         train(Task(), FixedPlan(Plan.rlr(4, 2, 2)), ["p"], cfg, accelerator=make_accelerator(cpu=True))
@@ -137,3 +138,53 @@ def test_tensorboard_when_asked_for(tmp_path):
     assert [e.step for e in events.Scalars("reward_mean")] == [1, 2]
     assert [(e.step, e.value) for e in events.Scalars("eval/reward_mean")] == [(0, 0.25), (2, 2.25)]
     assert [e.step for e in events.Images("eval/samples")] == [0, 2]
+
+
+@pytest.fixture
+def no_wandb_key(monkeypatch, tmp_path):
+    """wandb 'installed', with no API key anywhere: no environment variable, an empty home."""
+    import accelerate.utils
+
+    monkeypatch.setattr(accelerate.utils, "is_wandb_available", lambda: True)
+    for name in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_BASE_URL", "NETRC"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+
+
+def test_wandb_without_a_key_is_refused_before_anything_is_built(tmp_path, monkeypatch, capsys, no_wandb_key):
+    from halforder.diffusion import run
+    from halforder.diffusion.cli import main
+
+    monkeypatch.setattr(run, "build_components", lambda *a, **k: pytest.fail("a model was built"))
+    out = tmp_path / "run"
+    assert main(["--preset", "tiny", "--report-to", "jsonl", "wandb", "--output-dir", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err == ("halforder train: error: report_to wandb needs a W&B API key: run `wandb login` or set "
+                   "WANDB_API_KEY, or set WANDB_MODE=offline to log locally\n")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("how", ["env", "offline", "netrc"])
+def test_wandb_starts_with_a_key_or_offline(tmp_path, monkeypatch, no_wandb_key, how):
+    from halforder.training.trackers import log_with
+
+    if how == "env":
+        monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    elif how == "offline":
+        monkeypatch.setenv("WANDB_MODE", "offline")
+    else:
+        home = tmp_path / "home"
+        home.mkdir()
+        (home / ".netrc").write_text("machine api.wandb.ai\n  login user\n  password " + "x" * 40 + "\n")
+        (home / ".netrc").chmod(0o600)
+    assert log_with(["jsonl", "wandb"]) == ["wandb"]
+
+
+def test_wandb_files_go_under_the_output_directory(tmp_path):
+    from halforder.training.trackers import start
+
+    seen = {}
+    acc = types.SimpleNamespace(log_with=["wandb"], init_trackers=lambda project, config, init_kwargs: seen.update(
+        project=project, init_kwargs=init_kwargs))
+    start(acc, ["jsonl"], {"lr": 0.1}, str(tmp_path / "run"))
+    assert seen == {"project": "halforder", "init_kwargs": {"wandb": {"dir": str(tmp_path / "run")}}}

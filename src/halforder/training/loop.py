@@ -176,7 +176,7 @@ def train(task: Task, sampler: PlanSampler, batches: Sequence, cfg: LoopConfig, 
         spent = dict(ck.evaluations)
 
     metrics_path = os.path.join(out, "metrics.jsonl") if out and trackers.JSONL in cfg.report_to else None
-    trackers.start(acc, cfg.report_to, cfg.to_dict())
+    trackers.start(acc, cfg.report_to, cfg.to_dict(), cfg.output_dir)
     if main and out:
         os.makedirs(out, exist_ok=True)
         record_config(out, cfg, ck)

@@ -4,7 +4,9 @@ The setting ``report_to`` (:class:`~halforder.training.config.LoopConfig`) names
 
     jsonl        metrics.jsonl in the output directory (the default, and the run's record)
     tensorboard  TensorBoard event files in output_dir/tensorboard/ (the ``tensorboard`` extra)
-    wandb        a Weights & Biases run (``pip install wandb``; not a dependency)
+    wandb        a Weights & Biases run (``pip install wandb``; not a dependency), its files in
+                 output_dir/wandb/; it needs an API key (``wandb login`` or ``WANDB_API_KEY``) or
+                 ``WANDB_MODE=offline``, checked before anything is loaded
 
 The JSONL file is written by the loop itself; the others go through accelerate's tracker
 API: the accelerator is built with ``log_with`` (:func:`log_with`), the loop calls
@@ -18,7 +20,10 @@ trackers get the images and a table of the prompts and rewards, the JSONL record
 from __future__ import annotations
 
 import json
+import netrc
+import os
 from dataclasses import dataclass
+from urllib.parse import urlparse
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -59,20 +64,42 @@ def log_with(report_to: Sequence[str]) -> list[str]:
             raise ValueError(f"unknown tracker {n!r} in report_to; known: {', '.join(TRACKERS)}")
         if not available[n]():
             raise ValueError(f"report_to {n} needs the {n} package, which is not installed: {_INSTALL[n]}")
+    if "wandb" in names and not wandb_can_start():
+        raise ValueError("report_to wandb needs a W&B API key: run `wandb login` or set WANDB_API_KEY, or set "
+                         "WANDB_MODE=offline to log locally")
     return names
 
 
-def start(acc, report_to: Sequence[str], config: Mapping[str, Any]) -> None:
-    """Start the accelerator's trackers with the run's settings as hyperparameters; ``ValueError``
-    if ``report_to`` names a tracker the accelerator was built without."""
+def wandb_can_start() -> bool:
+    """Whether a wandb run can start without asking for a key: offline or disabled mode, an API key
+    in the environment, or one that ``wandb login`` stored in ~/.netrc for the W&B host."""
+    if os.environ.get("WANDB_MODE", "").strip().lower() in ("offline", "disabled", "dryrun"):
+        return True
+    if os.environ.get("WANDB_API_KEY", "").strip():
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    try:
+        return netrc.netrc().authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def start(acc, report_to: Sequence[str], config: Mapping[str, Any], output_dir: str | None = None) -> None:
+    """Start the accelerator's trackers with the run's settings as hyperparameters (wandb's files
+    under ``output_dir/wandb``); ``ValueError`` if ``report_to`` names a tracker the accelerator
+    was built without."""
     have = {str(t) for t in acc.log_with}
     missing = [n for n in log_with(report_to) if n not in have]
     if missing:
         raise ValueError(f"report_to names {', '.join(missing)}, but the accelerator was built without it: "
                          f"make it with make_accelerator(..., report_to=cfg.report_to, output_dir=cfg.output_dir)")
     if acc.log_with:
+        kwargs = {}
+        if output_dir and "wandb" in have:
+            os.makedirs(output_dir, exist_ok=True)
+            kwargs = {"wandb": {"dir": output_dir}}    # wandb makes its own wandb/ in the directory it is given
         acc.init_trackers(PROJECT, config={k: v if isinstance(v, (int, float, str, bool)) else json.dumps(v)
-                                           for k, v in config.items()})
+                                           for k, v in config.items()}, init_kwargs=kwargs)
 
 
 def plain(metrics: Mapping[str, Any]) -> dict[str, Any]:
