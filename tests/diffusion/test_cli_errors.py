@@ -112,3 +112,18 @@ def test_a_prompt_file_that_does_not_decode_is_named(tmp_path, capsys, flag):
 ])
 def test_flow_model_settings_that_cannot_work_are_refused(tmp_path, capsys, args, match):
     _fails(tmp_path, capsys, args, match)
+
+
+def test_a_launchers_mixed_precision_is_honoured_or_refused(tmp_path, capsys, monkeypatch):
+    """`accelerate launch --mixed_precision bf16` (which sets ACCELERATE_MIXED_PRECISION) on a run
+    whose mixed_precision is no: exit 2 and how to set it; with --mixed-precision bf16 the run
+    trains in bf16 (the frozen model's dtype)."""
+    import json
+
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    err = _fails(tmp_path, capsys, [], "accelerate is set to mixed precision bf16")
+    assert "pass --mixed-precision bf16" in err
+    out = tmp_path / "bf16"
+    assert main(["--preset", "tiny", "--steps", "1", "--mixed-precision", "bf16", "--output-dir", str(out),
+                 "--no-progress"]) == 0
+    assert json.load(open(out / "config.json"))["mixed_precision"] == "bf16"

@@ -67,6 +67,16 @@ def _show(v: Any) -> str:
     return json.dumps(v) if isinstance(v, dict) else str(v)
 
 
+def check_launcher_precision(launcher: str, run: str) -> None:
+    """Refuse a mixed precision that accelerate was launched with (``accelerate launch
+    --mixed_precision``, ``ACCELERATE_MIXED_PRECISION`` or its config file) but the run does not
+    use: the run's precision is its own ``mixed_precision`` (the frozen model's dtype, no autocast)."""
+    if str(launcher) not in ("no", str(run)):
+        raise ValueError(f"accelerate is set to mixed precision {launcher} (its launch flag, ACCELERATE_MIXED_PRECISION "
+                         f"or its config file), but this run's mixed_precision is {run}: pass --mixed-precision "
+                         f"{launcher} to train the frozen model in {launcher}, or launch with --mixed_precision no")
+
+
 def _resume_hint(cfg: TrainConfig | None) -> str:
     """How to continue an interrupted run, in one line."""
     out = cfg.output_dir if cfg is not None else None
@@ -90,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
             from .run import prepare, run
 
             acc = make_accelerator(report_to=cfg.report_to, output_dir=cfg.output_dir)   # no autocast: see mixed_precision
+            check_launcher_precision(acc.mixed_precision, cfg.mixed_precision)
             prepared = prepare(cfg, acc.device)
         except (ValueError, OSError) as e:
             print(f"halforder train: error: {e}", file=sys.stderr)
