@@ -187,12 +187,18 @@ def test_the_value_table_covers_every_field_with_a_non_default_value():
 
 @pytest.mark.parametrize("name", FIELDS)
 def test_every_field_is_a_flag(name):
-    options = {o for a in parser()._actions for o in a.option_strings}
-    spellings = {f"--{name}", f"--{name.replace('_', '-')}"}
-    assert spellings <= options, f"TrainConfig.{name} has no flag {sorted(spellings - options)}"
+    """Each field is one flag in the help (hyphens, as the README spells it); the underscore
+    spelling parses too; a boolean is --name / --no-name."""
+    p = parser()
+    hyphen = f"--{name.replace('_', '-')}"
+    shown = [a.option_strings for a in p._actions if a.dest == name]
     value = SETTINGS[name]
-    for flag in sorted(spellings):
-        args = [flag, *_cli_values(value)]
+    assert shown == [[hyphen, f"--no-{hyphen[2:]}"] if isinstance(value, bool) else [hyphen]], shown
+    for flag in sorted({f"--{name}", hyphen}):
+        if isinstance(value, bool):
+            args = [flag if value else f"--no{'_' if '_' in flag else '-'}{flag[2:]}"]
+        else:
+            args = [flag, *_cli_values(value)]
         for other, v in NEEDS.get(name, {}).items():
             args += [f"--{other}", *_cli_values(v)]
         cfg = _parse(args)
@@ -225,13 +231,35 @@ def test_help_shows_every_default_and_the_reward_names(monkeypatch):
     assert "(default: " in text
     default = TrainConfig()
     for name in FIELDS:
-        assert f"--{name}" in blocks, f"the help does not list --{name}"
+        flag = f"--{name.replace('_', '-')}"
+        assert flag in blocks, f"the help does not list {flag}"
         v = getattr(default, name)
-        shown = (" ".join(map(str, v)) if isinstance(v, (list, tuple))
-                 else json.dumps(v) if isinstance(v, dict) else str(v))
-        assert f"(default: {shown})" in blocks[f"--{name}"], blocks[f"--{name}"]
+        shown = (" ".join(map(str, v)) if isinstance(v, (list, tuple)) else json.dumps(v) if isinstance(v, dict)
+                 else f"--{'' if v else 'no-'}{flag[2:]}" if isinstance(v, bool) else str(v))
+        assert f"(default: {shown})" in blocks[flag], blocks[flag]
+    options = text.split("\noptions:\n", 1)[1]     # (the description quotes torchrun's own --nproc_per_node)
+    assert not re.search(r"--[a-z0-9]+_[a-z_0-9]", options), "an underscore spelling in the help"
     for reward in REWARDS:
         assert re.search(rf"\b{re.escape(reward)}\b", blocks["--reward"]), (reward, blocks["--reward"])
+
+
+@pytest.mark.parametrize("theirs, ours", [("--learning_rate", "--lr"), ("--train_batch_size", "--batch-size"),
+                                          ("--gradient_accumulation_steps", "--grad-accum"),
+                                          ("--resume_from_checkpoint", "--resume"),
+                                          ("--checkpointing_steps", "--checkpoint-every"),
+                                          ("--checkpoints_total_limit", "--keep-checkpoints"),
+                                          ("--mixed-precision=bf16", None)])
+def test_diffusers_names_get_a_did_you_mean(capsys, theirs, ours):
+    """Flags that diffusers' and trl's scripts spell otherwise: exit 2 and the flag meant here
+    (--mixed_precision is the same setting in both: it parses)."""
+    if ours is None:
+        assert _parse([theirs.replace("-", "_", 2).replace("__", "--")]).mixed_precision == "bf16"
+        return
+    with pytest.raises(SystemExit) as e:
+        parser().parse_args([theirs, "1"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.strip().endswith(f"did you mean {ours}?"), err
 
 
 def test_config_json_reproduces_the_run(tmp_path):

@@ -38,22 +38,75 @@ def _json_mapping(text: str) -> dict:
     return value
 
 
+#: the names diffusers' training scripts and trl give settings that halforder spells otherwise
+OTHER_NAMES = {"learning_rate": "lr", "train_batch_size": "batch-size", "gradient_accumulation_steps": "grad-accum",
+               "resume_from_checkpoint": "resume", "checkpointing_steps": "checkpoint-every",
+               "checkpoints_total_limit": "keep-checkpoints", "num_inference_steps": "T",
+               "pretrained_model_name_or_path": "model", "max_train_steps": "steps", "output-dir": "output-dir"}
+
+
+class Switch(argparse.Action):
+    """A boolean flag as ``--name`` / ``--no-name`` (the underscore spellings parse too)."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, not option_string.startswith(("--no-", "--no_")))
+
+    def format_usage(self) -> str:
+        return " | ".join(self.option_strings)
+
+
+class TrainParser(argparse.ArgumentParser):
+    """Answers an unknown flag that diffusers' or trl's scripts use with the flag meant here."""
+
+    def error(self, message: str):
+        for flag in message.split(": ", 1)[-1].split():
+            name = flag.split("=", 1)[0].lstrip("-").replace("-", "_")
+            if flag.startswith("--") and name in OTHER_NAMES:
+                message += f"; did you mean --{OTHER_NAMES[name]}?"
+                break
+        super().error(message)
+
+
 def parser() -> argparse.ArgumentParser:
     """The parser of ``halforder train``, generated from :class:`TrainConfig`'s fields
-    (``transformers.HfArgumentParser``). Flags that are not given are absent from the
-    parsed namespace, so they do not override a config file; the help shows each default."""
+    (``transformers.HfArgumentParser``). The help shows one spelling of each flag, with
+    hyphens (the underscore spelling parses too), booleans as ``--name / --no-name``, and each
+    default. Flags that are not given are absent from the parsed namespace, so they do not
+    override a config file."""
     from transformers import HfArgumentParser
 
     p = HfArgumentParser(TrainConfig, prog="halforder train", description=__doc__,
+                         usage="halforder train [--config FILE] [--preset NAME] [--FLAG VALUE ...]",
                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.__class__ = type("HfTrainParser", (TrainParser, type(p)), {})
     defaults = TrainConfig().to_dict()
-    for action in p._actions:
-        if action.dest in defaults:
-            if action.dest == "reward_kwargs":
-                action.type, action.metavar = _json_mapping, "JSON"
-            if not action.option_strings[0].startswith(("--no-", "--no_")):
-                action.help = f"{action.help} (default: {_show(defaults[action.dest])})"
-            action.default = argparse.SUPPRESS
+    switches = {}
+    for action in list(p._actions):
+        if action.dest not in defaults:
+            continue
+        if isinstance(defaults[action.dest], bool):      # replaced below by one switch
+            switches.setdefault(action.dest, action.help)
+            p._remove_action(action)
+            for group in p._action_groups:
+                if action in group._group_actions:
+                    group._group_actions.remove(action)
+            for flag in action.option_strings:
+                p._option_string_actions.pop(flag, None)
+            continue
+        if action.dest == "reward_kwargs":
+            action.type, action.metavar = _json_mapping, "JSON"
+        action.help = f"{action.help} (default: {_show(defaults[action.dest])})"
+        action.default = argparse.SUPPRESS
+        action.option_strings = [f for f in action.option_strings if "_" not in f] or action.option_strings
+    for name, help in switches.items():
+        flag = name.replace("_", "-")
+        switch = p.add_argument(f"--{flag}", f"--no-{flag}", action=Switch, dest=name, default=argparse.SUPPRESS,
+                                help=f"{help} (default: {'--' if defaults[name] else '--no-'}{flag})")
+        for alias in (f"--{name}", f"--no_{name}"):
+            p._option_string_actions[alias] = switch
     p.add_argument("--config", default=argparse.SUPPRESS,
                    help="YAML, TOML or JSON file of TrainConfig fields (flags override it; a run's own "
                         "config.json reproduces it)")
@@ -69,8 +122,9 @@ def _show(v: Any) -> str:
 
 def check_launcher_precision(launcher: str, run: str) -> None:
     """Refuse a mixed precision that accelerate was launched with (``accelerate launch
-    --mixed_precision``, ``ACCELERATE_MIXED_PRECISION`` or its config file) but the run does not
-    use: the run's precision is its own ``mixed_precision`` (the frozen model's dtype, no autocast)."""
+    --mixed_precision`` or its config file, which the launcher passes on as
+    ``ACCELERATE_MIXED_PRECISION``) but the run does not use: the run's precision is its own
+    ``mixed_precision`` (the frozen model's dtype, no autocast)."""
     if str(launcher) not in ("no", str(run)):
         raise ValueError(f"accelerate is set to mixed precision {launcher} (its launch flag, ACCELERATE_MIXED_PRECISION "
                          f"or its config file), but this run's mixed_precision is {run}: pass --mixed-precision "
@@ -100,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
             from .run import prepare, run
 
             acc = make_accelerator(report_to=cfg.report_to, output_dir=cfg.output_dir)   # no autocast: see mixed_precision
-            check_launcher_precision(acc.mixed_precision, cfg.mixed_precision)
+            check_launcher_precision(os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower(), cfg.mixed_precision)
             prepared = prepare(cfg, acc.device)
         except (ValueError, OSError) as e:
             print(f"halforder train: error: {e}", file=sys.stderr)
