@@ -55,6 +55,7 @@ HOW = {
      "--output-dir runs/wan21"): "not run: needs a GPU and the model's download",
     "halforder train": "not run: the layout list naming the command, not a command line",
     "halforder plan": "not run: the prose naming the command, not a command line",
+    "halforder export CHECKPOINT OUT": "not run: placeholders (tests/diffusion/test_export.py)",
     "torchrun --standalone --nproc_per_node 2 -m halforder train ...": "not run: elided (tests/diffusion/test_multiprocess.py)",
     "accelerate launch --num_processes 8 -m halforder train ...": "not run: needs 8 GPUs",
     "python benchmarks/toy_throughput.py": "--n 256 --repeats 1",

@@ -1,6 +1,7 @@
 """Command line: halforder demo (toy estimator comparison), halforder train (reward
-fine-tuning of diffusion models; needs the diffusion extra) and halforder plan (the
-estimator for a run under memory and time budgets; needs the diffusion extra)."""
+fine-tuning of diffusion models), halforder plan (the estimator for a run under memory and
+time budgets) and halforder export (a checkpoint as a LoRA file or a fused model folder);
+train, plan and export need the diffusion extra."""
 from __future__ import annotations
 
 import argparse
@@ -29,6 +30,8 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser("train", help="fine-tune a diffusion model (see: halforder train --help)")
     sub.add_parser("plan", help="rank the estimators for a fine-tuning run under memory and time budgets "
                                 "(see: halforder plan --help)")
+    sub.add_parser("export", help="write a checkpoint's LoRA file, or fuse it into a model folder "
+                                  "(see: halforder export --help)")
     return p
 
 
@@ -43,7 +46,7 @@ def missing_diffusion_extra() -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ("train", "plan"):
+    if argv and argv[0] in ("train", "plan", "export"):
         missing = missing_diffusion_extra()
         if missing:
             print(f"halforder {argv[0]}: error: needs the diffusion extra (missing: {', '.join(missing)}); install "
@@ -52,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
         if argv[0] == "plan":
             from .diffusion.plan_cli import main as plan_main
             return plan_main(argv[1:])
+        if argv[0] == "export":
+            from .diffusion.export_cli import main as export_main
+            return export_main(argv[1:])
         from .diffusion.cli import main as train_main
         return train_main(argv[1:])
     p = parser()

@@ -197,6 +197,9 @@ def run(cfg: TrainConfig, prepared: Prepared, accelerator=None) -> TrainResult:
         save_grid(images, os.path.join(cfg.output_dir, "samples", f"step_{step:08d}.png"))
         return {"reward_mean": float(rewards.mean()), "samples": SampleImages(images, eval_prompts, rewards.tolist())}
 
+    def weights(directory: str) -> None:   # into every checkpoint, as at the end: the LoRA file a pipeline loads
+        task.save_adapter(os.path.join(directory, "lora"))
+
     def export(out: str) -> None:
         with atomic_dir(os.path.join(out, "lora")) as tmp:
             task.save_adapter(tmp)
@@ -207,5 +210,5 @@ def run(cfg: TrainConfig, prepared: Prepared, accelerator=None) -> TrainResult:
     if prepared.search is not None and cfg.output_dir and acc.is_main_process:
         write_text(os.path.join(cfg.output_dir, "plan_search.txt"), report(prepared.search) + "\n")
         save_choice(cfg.output_dir, task, prepared.sampler)
-    hooks = Hooks(evaluate=evaluate if cfg.output_dir else None, export=export)
+    hooks = Hooks(evaluate=evaluate if cfg.output_dir else None, export=export, weights=weights)
     return train(task, prepared.sampler, prepared.prompts, cfg, accelerator=acc, hooks=hooks)

@@ -10,6 +10,9 @@ A checkpoint is a directory ``step_XXXXXXXX`` holding
                           the run's settings (``config``, as in its ``config.json``) and the
                           model evaluations spent up to this step (``evaluations``: forward, backward)
 
+and whatever the caller's ``weights`` writes beside them (a diffusion run: ``lora/``, the LoRA
+file diffusers' pipelines load, so any checkpoint can be tried as it is).
+
 It is written through :func:`~halforder.training.files.atomic_dir`, so a crash leaves
 either the previous checkpoints or the complete new one. :func:`load_checkpoint`
 checks every file against ``meta.json`` and raises :class:`CheckpointError` (a ``ValueError``)
@@ -24,7 +27,7 @@ import os
 import re
 import shutil
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -60,11 +63,13 @@ def checkpoint_name(step: int) -> str:
 
 def save_checkpoint(root: str, step: int, params: Mapping[str, torch.Tensor], sampler_state: Mapping[str, torch.Tensor],
                     optimizer: Mapping[str, Any], rng: list[Mapping[str, torch.Tensor]], keep: int = 0,
-                    config: Mapping[str, Any] | None = None, evaluations: Mapping[str, int] | None = None) -> str:
+                    config: Mapping[str, Any] | None = None, evaluations: Mapping[str, int] | None = None,
+                    weights: Callable[[str], None] | None = None) -> str:
     """Write the checkpoint of ``step`` under ``root`` atomically, with the run's settings
     ``config`` (what a resume is checked against) and the evaluations spent so far
-    (``{"forward": f, "backward": b}``, all processes); keep only the newest ``keep`` checkpoints
-    (0: keep all). Returns its path."""
+    (``{"forward": f, "backward": b}``, all processes); ``weights(directory)`` adds the trained
+    weights in a format of the caller's; keep only the newest ``keep`` checkpoints (0: keep all).
+    Returns its path."""
     from safetensors.torch import save_file
 
     with atomic_dir(os.path.join(root, checkpoint_name(step))) as tmp:
@@ -78,6 +83,8 @@ def save_checkpoint(root: str, step: int, params: Mapping[str, torch.Tensor], sa
                 "evaluations": {k: int((evaluations or {}).get(k, 0)) for k in ("forward", "backward")}}
         with open(os.path.join(tmp, "meta.json"), "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=1)
+        if weights is not None:
+            weights(tmp)
     if keep > 0:
         for path in list_checkpoints(root)[:-keep]:
             shutil.rmtree(path, ignore_errors=True)

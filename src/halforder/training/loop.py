@@ -73,7 +73,9 @@ class Hooks:
         micro-batches and processes; ``grad`` is the ascent direction before clipping).
       stop: ``record -> bool``; True ends training after that update (e.g. a compute budget).
       export: ``output_dir -> None``, main process only, once at the end: write the
-        trained weights (e.g. a LoRA adapter).
+        trained weights (e.g. a LoRA adapter) and anything else a run leaves.
+      weights: ``directory -> None``, main process only, into every checkpoint directory:
+        the trained weights in the user's format (e.g. the LoRA file a pipeline loads).
       around_estimate: a context manager entered around every ``estimate`` call (e.g. a
         :class:`~halforder.estimators.memory.SavedTensorMeter`).
     """
@@ -82,6 +84,7 @@ class Hooks:
     on_step: Callable[[dict[str, Any], Estimate], None] | None = None
     stop: Callable[[dict[str, Any]], bool] | None = None
     export: Callable[[str], None] | None = None
+    weights: Callable[[str], None] | None = None
     around_estimate: Callable[[], ContextManager] | None = None
 
 
@@ -245,7 +248,8 @@ def train(task: Task, sampler: PlanSampler, batches: Sequence, cfg: LoopConfig, 
         if cfg.eval_every and (step % cfg.eval_every == 0 or last):
             evaluate(step)
         if out and ((cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or last):
-            _checkpoint(os.path.join(out, "checkpoints"), step, params, sstate, opt, gens, cfg, acc, spent)
+            _checkpoint(os.path.join(out, "checkpoints"), step, params, sstate, opt, gens, cfg, acc, spent,
+                        hooks.weights)
         if last:
             break
     bar.close()
@@ -316,7 +320,7 @@ def _memory(device) -> int:
 
 
 # ----------------------------------------------------------------------------- checkpoints
-def _checkpoint(root, step, params, sstate, opt, gens, cfg, acc, spent) -> None:
+def _checkpoint(root, step, params, sstate, opt, gens, cfg, acc, spent, weights=None) -> None:
     if acc.num_processes > 1:
         from accelerate.utils import gather_object
         rng = gather_object([{k: v.cpu() for k, v in gens.state().items()}])
@@ -324,7 +328,7 @@ def _checkpoint(root, step, params, sstate, opt, gens, cfg, acc, spent) -> None:
         rng = [gens.state()]
     if acc.is_main_process:
         save_checkpoint(root, step, {k: p.detach() for k, p in params.items()}, sstate, opt.state_dict(), rng,
-                        keep=cfg.keep_checkpoints, config=cfg.to_dict(), evaluations=spent)
+                        keep=cfg.keep_checkpoints, config=cfg.to_dict(), evaluations=spent, weights=weights)
     acc.wait_for_everyone()
 
 

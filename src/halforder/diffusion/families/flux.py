@@ -17,7 +17,8 @@ from torch.func import functional_call
 from ..components import Components, load_modules, tiny_clip_config, tiny_t5, tiny_tokenizer
 from ..hub import local_dir, looks_local
 from ..solvers import make_solver
-from .protocol import ModelFamily, dynamic_shift, flow_scheduler_only, latent_hw, t5_embeddings, tiny_vae
+from .protocol import (ModelFamily, dynamic_shift, flow_pipeline, flow_scheduler_only, latent_hw, t5_embeddings,
+                       tiny_vae)
 
 T5_LENGTH = 512      # the pipeline's max_sequence_length
 SUBFOLDERS = ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler")
@@ -142,4 +143,4 @@ def tiny(seed: int = 0, scheduler: str = "ddim") -> Components:
 
 FAMILY = ModelFamily(name="flux", pipelines=("FluxPipeline",), tiny_model="tiny-flux", lora_prefix="transformer",
                      load=load, tiny=tiny, encode=encode, network=network, latent_shape=latent_shape, unpack=unpack,
-                     solver=solver)
+                     solver=solver, pipeline=lambda c: flow_pipeline("FluxPipeline", c, "text_encoder_2", "tokenizer_2"))

@@ -39,6 +39,8 @@ class ModelFamily:
       solver: ``(components, T, latent_shape, noise) -> solver`` with the pipeline's schedule.
       video_view: ``(components, num_frames, frames, latent_size) -> view`` of a text-to-video
         model (:class:`~halforder.diffusion.video.frames.VideoView`); None for an image model.
+      pipeline: ``components -> diffusers pipeline`` over the parts (e.g. to save a model
+        folder with ``save_pretrained``).
     """
 
     name: str
@@ -53,6 +55,7 @@ class ModelFamily:
     unpack: Callable[[Components, tuple], Callable | None]
     solver: Callable[..., Any]
     video_view: Callable[..., Any] | None = None
+    pipeline: Callable[[Components], Any] | None = None
 
 
 def latent_hw(size, default: int) -> tuple[int, int]:
@@ -92,3 +95,11 @@ def tiny_vae(shift: float, scale: float):
                          layers_per_block=1, norm_num_groups=4, sample_size=16, use_quant_conv=False,
                          use_post_quant_conv=False, shift_factor=shift, scaling_factor=scale,
                          down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+
+
+def flow_pipeline(name: str, c: Components, *parts: str):
+    """The diffusers pipeline ``name`` over a flow model's parts (the network as its ``transformer``)."""
+    import diffusers
+
+    kwargs = {p: getattr(c, p) for p in ("vae", "text_encoder", "tokenizer", "scheduler", *parts)}
+    return getattr(diffusers, name)(transformer=c.unet, **kwargs)

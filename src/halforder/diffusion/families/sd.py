@@ -15,6 +15,17 @@ def _load(model, *, dtype, kw, scheduler="ddim", t5=True):
     return load_sd_components(model, dtype=dtype, scheduler=scheduler, **kw)
 
 
+def _pipeline(c):
+    """``StableDiffusionPipeline`` over an image UNet's parts (no safety checker)."""
+    import diffusers
+
+    if not isinstance(c.unet, diffusers.UNet2DConditionModel):
+        raise ValueError(f"a {type(c.unet).__name__} has no diffusers pipeline that loads LoRA; export its LoRA file")
+    return diffusers.StableDiffusionPipeline(vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer, unet=c.unet,
+                                             scheduler=c.scheduler, safety_checker=None, feature_extractor=None,
+                                             requires_safety_checker=False)
+
+
 def _solver(components, T, latent_shape, noise="sde"):
     return make_solver(components.scheduler, T, latent_scale=components.latent_scale, noise=noise)
 
@@ -24,4 +35,4 @@ FAMILY = ModelFamily(
     load=_load, tiny=lambda seed, scheduler="ddim": tiny_components(seed, scheduler=scheduler),
     encode=encode_prompts, network=lambda components, shape, w: (unet_call, w),
     latent_shape=lambda components, size: unet_latent_shape(components.unet, size),
-    unpack=lambda components, shape: None, solver=_solver, video_view=video_view)
+    unpack=lambda components, shape: None, solver=_solver, video_view=video_view, pipeline=_pipeline)

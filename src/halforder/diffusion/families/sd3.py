@@ -15,7 +15,8 @@ from torch.func import functional_call
 from ..components import Components, load_modules, tiny_clip_config, tiny_t5, tiny_tokenizer
 from ..hub import local_dir, looks_local
 from ..solvers import make_solver
-from .protocol import ModelFamily, dynamic_shift, flow_scheduler_only, latent_hw, t5_embeddings, tiny_vae
+from .protocol import (ModelFamily, dynamic_shift, flow_pipeline, flow_scheduler_only, latent_hw, t5_embeddings,
+                       tiny_vae)
 
 T5_LENGTH = 256      # the pipeline's max_sequence_length
 SUBFOLDERS = ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler")
@@ -111,4 +112,6 @@ def tiny(seed: int = 0, scheduler: str = "ddim") -> Components:
 FAMILY = ModelFamily(name="sd3", pipelines=("StableDiffusion3Pipeline",), tiny_model="tiny-sd3",
                      lora_prefix="transformer", load=load, tiny=tiny, encode=encode,
                      network=lambda c, shape, w: (call, w), latent_shape=latent_shape,
-                     unpack=lambda c, shape: None, solver=solver)
+                     unpack=lambda c, shape: None, solver=solver,
+                     pipeline=lambda c: flow_pipeline("StableDiffusion3Pipeline", c, "text_encoder_2", "tokenizer_2",
+                                                      "text_encoder_3", "tokenizer_3"))

@@ -18,7 +18,7 @@ from ..components import Components, load_modules, tiny_t5
 from ..hub import local_dir, looks_local
 from ..solvers import make_solver
 from ..video.frames import VideoView
-from .protocol import ModelFamily, flow_scheduler_only, latent_hw
+from .protocol import ModelFamily, flow_pipeline, flow_scheduler_only, latent_hw
 
 T5_LENGTH = 226      # the pipeline's max_sequence_length
 LATENT_SIZE = (60, 104)   # 480 x 832 px, Wan 2.1's published resolution
@@ -135,4 +135,5 @@ def tiny(seed: int = 0, scheduler: str = "ddim") -> Components:
 
 FAMILY = ModelFamily(name="wan", pipelines=("WanPipeline",), tiny_model="tiny-wan", lora_prefix="transformer",
                      load=load, tiny=tiny, encode=encode, network=lambda c, shape, w: (call, w),
-                     latent_shape=image_only, unpack=lambda c, shape: None, solver=solver, video_view=video_view)
+                     latent_shape=image_only, unpack=lambda c, shape: None, solver=solver, video_view=video_view,
+                     pipeline=lambda c: flow_pipeline("WanPipeline", c))
