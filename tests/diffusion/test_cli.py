@@ -141,7 +141,8 @@ SETTINGS = dict(
     eta_plan=0.2, lora_rank=8, lora_alpha=8.0, lora_targets=["to_q", "to_v"],
     num_frames=8, frames="0,3,7", latent_size=[40, 64], video_model="videocrafter2", video_base="some-org/some-base",
     fps=28.0, gif_fps=4.0, preset="tiny", memory_budget="2GiB", time_budget="1s", plan_pilots=16,
-    noise="cps", shift=2.5, t5=False, reinforce_window=[3, 6],
+    noise="cps", shift=2.5, t5=False, reinforce_window=[3, 6], lr_scheduler="cosine", lr_warmup_steps=10, ema=True,
+    ema_decay=0.9,
 )
 # Settings that are only valid together with another one.
 VIDEO, VC2 = dict(task="t2v"), dict(task="t2v", video_model="videocrafter2")
@@ -150,7 +151,8 @@ NEEDS = dict(j=dict(j_sampling="fixed"), j_window=dict(j_sampling="window"), j_t
              num_frames=VIDEO, frames=VIDEO, video_model=VIDEO, gif_fps=VIDEO, video_base=VC2, fps=VC2,
              k=dict(estimator="truncated"), memory_budget=dict(estimator="auto"),
              time_budget=dict(estimator="auto", memory_budget="2GiB"),
-             plan_pilots=dict(estimator="auto", memory_budget="2GiB"), reinforce_window=dict(estimator="reinforce"))
+             plan_pilots=dict(estimator="auto", memory_budget="2GiB"), reinforce_window=dict(estimator="reinforce"),
+             ema_decay=dict(ema=True))
 FIELDS = [f.name for f in dataclasses.fields(TrainConfig)]
 
 
@@ -200,7 +202,7 @@ def test_every_field_is_a_flag(name):
         else:
             args = [flag, *_cli_values(value)]
         for other, v in NEEDS.get(name, {}).items():
-            args += [f"--{other}", *_cli_values(v)]
+            args += [f"--{'' if v else 'no-'}{other}"] if isinstance(v, bool) else [f"--{other}", *_cli_values(v)]
         cfg = _parse(args)
         assert _same(getattr(cfg, name), value), (args, getattr(cfg, name))
 

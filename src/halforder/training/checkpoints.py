@@ -6,6 +6,7 @@ A checkpoint is a directory ``step_XXXXXXXX`` holding
     sampler.safetensors   the plan sampler's state (e.g. running gradient norms)
     optimizer.pt          the optimiser's state_dict (read back with weights_only=True)
     rng.pt                every random generator's state, one dict per process
+    ema.pt                with ``ema`` on: the moving average's state (diffusers' EMAModel.state_dict)
     meta.json             step, number of processes, format version, the SHA-256 of each file,
                           the run's settings (``config``, as in its ``config.json``) and the
                           model evaluations spent up to this step (``evaluations``: forward, backward)
@@ -35,6 +36,7 @@ from .files import atomic_dir
 
 FORMAT = 2   # 2: meta.json records the evaluations spent
 _FILES = ("params.safetensors", "sampler.safetensors", "optimizer.pt", "rng.pt")
+_EMA = "ema.pt"
 _NAME = re.compile(r"^step_(\d{8})$")
 
 
@@ -55,6 +57,7 @@ class Checkpoint:
     path: str
     config: dict[str, Any] | None = None
     evaluations: dict[str, int] = dataclasses.field(default_factory=lambda: {"forward": 0, "backward": 0})
+    ema: dict[str, Any] | None = None
 
 
 def checkpoint_name(step: int) -> str:
@@ -64,11 +67,11 @@ def checkpoint_name(step: int) -> str:
 def save_checkpoint(root: str, step: int, params: Mapping[str, torch.Tensor], sampler_state: Mapping[str, torch.Tensor],
                     optimizer: Mapping[str, Any], rng: list[Mapping[str, torch.Tensor]], keep: int = 0,
                     config: Mapping[str, Any] | None = None, evaluations: Mapping[str, int] | None = None,
-                    weights: Callable[[str], None] | None = None) -> str:
+                    weights: Callable[[str], None] | None = None, ema: Mapping[str, Any] | None = None) -> str:
     """Write the checkpoint of ``step`` under ``root`` atomically, with the run's settings
     ``config`` (what a resume is checked against) and the evaluations spent so far
-    (``{"forward": f, "backward": b}``, all processes); ``weights(directory)`` adds the trained
-    weights in a format of the caller's; keep only the newest ``keep`` checkpoints (0: keep all).
+    (``{"forward": f, "backward": b}``, all processes) and the EMA's state ``ema``;
+    ``weights(directory)`` adds the trained weights in a format of the caller's; keep only the newest ``keep`` checkpoints (0: keep all).
     Returns its path."""
     from safetensors.torch import save_file
 
@@ -77,8 +80,12 @@ def save_checkpoint(root: str, step: int, params: Mapping[str, torch.Tensor], sa
         save_file({k: v.detach().cpu().contiguous() for k, v in sampler_state.items()}, os.path.join(tmp, _FILES[1]))
         torch.save(dict(optimizer), os.path.join(tmp, _FILES[2]))
         torch.save([dict(r) for r in rng], os.path.join(tmp, _FILES[3]))
+        files = _FILES
+        if ema is not None:
+            torch.save(dict(ema), os.path.join(tmp, _EMA))
+            files = (*_FILES, _EMA)
         meta = {"format": FORMAT, "step": int(step), "num_processes": len(rng),
-                "sha256": {f: _sha256(os.path.join(tmp, f)) for f in _FILES},
+                "sha256": {f: _sha256(os.path.join(tmp, f)) for f in files},
                 "config": None if config is None else dict(config),
                 "evaluations": {k: int((evaluations or {}).get(k, 0)) for k in ("forward", "backward")}}
         with open(os.path.join(tmp, "meta.json"), "w", encoding="utf-8") as f:
@@ -128,7 +135,7 @@ def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> Chec
         evaluations = {k: int(meta["evaluations"][k]) for k in ("forward", "backward")}
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"checkpoint {path!r} is corrupted: meta.json has no evaluation count ({e})") from e
-    for name in _FILES:
+    for name in (*_FILES, *([_EMA] if _EMA in digests else [])):
         file = os.path.join(path, name)
         if not os.path.isfile(file):
             raise CheckpointError(f"checkpoint {path!r} is incomplete: {name} is missing")
@@ -139,11 +146,13 @@ def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> Chec
         sampler_state = load_file(os.path.join(path, _FILES[1]))
         optimizer = torch.load(os.path.join(path, _FILES[2]), map_location=map_location, weights_only=True)
         rng = torch.load(os.path.join(path, _FILES[3]), weights_only=True)
+        ema = torch.load(os.path.join(path, _EMA), map_location=map_location, weights_only=True) \
+            if _EMA in digests else None
     except (OSError, RuntimeError, SafetensorError, ValueError) as e:
         raise CheckpointError(f"checkpoint {path!r} is corrupted: {e}") from e
     if len(rng) != nproc:
         raise CheckpointError(f"checkpoint {path!r} is corrupted: {len(rng)} RNG states for {nproc} processes")
-    return Checkpoint(step, params, sampler_state, optimizer, rng, nproc, path, config, evaluations)
+    return Checkpoint(step, params, sampler_state, optimizer, rng, nproc, path, config, evaluations, ema)
 
 
 def _sha256(file: str) -> str:

@@ -16,6 +16,7 @@ import typing
 from typing import Any, ClassVar, Mapping, Sequence
 
 from ..estimators.pairing import AUTO, PAIRINGS, Pairing
+from .schedules import LR_SCHEDULES
 from .trackers import JSONL, TRACKERS
 
 
@@ -57,6 +58,12 @@ class LoopConfig:
     weight_decay: float = knob(0.0, "decoupled weight decay (AdamW)")
     batch_size: int = knob(4, "samples per micro-batch and process (the paper: 4)")
     grad_accum: int = knob(2, "micro-batches averaged into one update (the paper: 2)")
+    lr_scheduler: str = knob("constant", "learning-rate schedule over the steps (diffusers' get_scheduler): constant, "
+                                         "linear (decay to 0) or cosine", choices=LR_SCHEDULES)
+    lr_warmup_steps: int = knob(0, "updates of linear learning-rate warmup from 0")
+    ema: bool = knob(False, "keep an exponential moving average of the trained weights; evaluations and exported "
+                            "LoRA files use it")
+    ema_decay: float = knob(0.99, "ema: the average's decay per update (diffusers' EMAModel, with its warmup)")
     clip_norm: float = knob(1.0, "clip the gradient's global norm to this value (0: no clipping)")
     baseline: str = knob("loo", "control variate of the likelihood-ratio terms: loo (leave-one-out batch mean, "
                                 "needs batch_size >= 2), none, or grpo (GRPO's normalised advantage (R - mean) / std "
@@ -94,7 +101,10 @@ class LoopConfig:
         for name in ("steps", "batch_size", "grad_accum"):
             v = getattr(self, name)
             need(isinstance(v, int) and v >= 1, f"{name} must be a positive integer, got {v!r}")
-        for name in ("eval_every", "checkpoint_every", "keep_checkpoints", "seed"):
+        need(0 < self.ema_decay < 1, f"ema_decay must lie in (0, 1), got {self.ema_decay}")
+        need(self.ema or self.ema_decay == field_default(LoopConfig.__dataclass_fields__["ema_decay"]),
+             f"ema_decay={self.ema_decay} has no effect without ema (leave it at its default)")
+        for name in ("eval_every", "checkpoint_every", "keep_checkpoints", "seed", "lr_warmup_steps"):
             v = getattr(self, name)
             need(isinstance(v, int) and v >= 0, f"{name} must be an integer >= 0, got {v!r}")
         for name in ("lr", "adam_eps", "weight_decay", "clip_norm"):

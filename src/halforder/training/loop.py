@@ -40,6 +40,7 @@ from ..estimators import ComputeMeter, Estimate, Plan, estimate, grouped, pairin
 from ..estimators.protocol import Chain
 from ..estimators.samplers import PlanSampler
 from .checkpoints import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
+from .schedules import averaged, lr_schedule, make_ema
 from .config import LoopConfig
 from . import trackers
 from .files import append_jsonl, write_text
@@ -166,6 +167,7 @@ def train(task: Task, sampler: PlanSampler, batches: Sequence, cfg: LoopConfig, 
     names = list(params)
     opt = torch.optim.AdamW(params.values(), lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps,
                             weight_decay=cfg.weight_decay)
+    ema = make_ema(params.values(), cfg.ema_decay) if cfg.ema else None
     gens = TrainRNG.seeded(cfg.seed, acc.process_index, acc.device)
     sstate = sampler.init()
     start, ck = 0, None
@@ -174,9 +176,10 @@ def train(task: Task, sampler: PlanSampler, batches: Sequence, cfg: LoopConfig, 
     if resume:
         ck = load_checkpoint(resume, map_location=acc.device)
         check_resume(cfg, ck)
-        sstate = _restore(ck, params, opt, gens, sstate, acc)
+        sstate = _restore(ck, params, opt, gens, sstate, acc, ema)
         start = ck.step
         spent = dict(ck.evaluations)
+    schedule = lr_schedule(cfg.lr_scheduler, opt, cfg.lr_warmup_steps, cfg.steps, start)
 
     metrics_path = os.path.join(out, "metrics.jsonl") if out and trackers.JSONL in cfg.report_to else None
     trackers.start(acc, cfg.report_to, cfg.to_dict(), cfg.output_dir)
@@ -193,10 +196,16 @@ def train(task: Task, sampler: PlanSampler, batches: Sequence, cfg: LoopConfig, 
 
     def evaluate(step):
         if main and hooks.evaluate is not None:
-            metrics = hooks.evaluate(step)
+            with averaged(ema, params.values()):
+                metrics = hooks.evaluate(step)
             if metrics:
                 log({"step": step, "eval": trackers.plain(metrics)})
                 trackers.track(acc, step, metrics, prefix="eval/")
+
+    def weights(directory):   # into every checkpoint: the weights a user tries (the average, with ema)
+        if hooks.weights is not None:
+            with averaged(ema, params.values()):
+                hooks.weights(directory)
 
     if cfg.eval_every and start == 0:
         evaluate(0)
@@ -233,8 +242,12 @@ def train(task: Task, sampler: PlanSampler, batches: Sequence, cfg: LoopConfig, 
                 torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.clip_norm)
             opt.step()
             opt.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.step(params.values())
             sstate = sampler.update(sstate, plan, est)
-        rec.update(skipped=reason is not None, reason=reason, lr=cfg.lr, time_s=time.perf_counter() - t0,
+        lr = opt.param_groups[0]["lr"]
+        schedule.step()                       # the learning rate is a function of the update index
+        rec.update(skipped=reason is not None, reason=reason, lr=lr, time_s=time.perf_counter() - t0,
                    elapsed_s=time.perf_counter() - t_begin, memory_bytes=_memory(acc.device))
         result.step = step
         log(rec)
@@ -249,14 +262,15 @@ def train(task: Task, sampler: PlanSampler, batches: Sequence, cfg: LoopConfig, 
             evaluate(step)
         if out and ((cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or last):
             _checkpoint(os.path.join(out, "checkpoints"), step, params, sstate, opt, gens, cfg, acc, spent,
-                        hooks.weights)
+                        weights, ema)
         if last:
             break
     bar.close()
     if main:
         trackers.finish(acc)
     if main and out and hooks.export is not None:
-        hooks.export(out)
+        with averaged(ema, params.values()):
+            hooks.export(out)
     acc.wait_for_everyone()
     return result
 
@@ -320,7 +334,7 @@ def _memory(device) -> int:
 
 
 # ----------------------------------------------------------------------------- checkpoints
-def _checkpoint(root, step, params, sstate, opt, gens, cfg, acc, spent, weights=None) -> None:
+def _checkpoint(root, step, params, sstate, opt, gens, cfg, acc, spent, weights=None, ema=None) -> None:
     if acc.num_processes > 1:
         from accelerate.utils import gather_object
         rng = gather_object([{k: v.cpu() for k, v in gens.state().items()}])
@@ -328,11 +342,12 @@ def _checkpoint(root, step, params, sstate, opt, gens, cfg, acc, spent, weights=
         rng = [gens.state()]
     if acc.is_main_process:
         save_checkpoint(root, step, {k: p.detach() for k, p in params.items()}, sstate, opt.state_dict(), rng,
-                        keep=cfg.keep_checkpoints, config=cfg.to_dict(), evaluations=spent, weights=weights)
+                        keep=cfg.keep_checkpoints, config=cfg.to_dict(), evaluations=spent, weights=weights,
+                        ema=None if ema is None else ema.state_dict())
     acc.wait_for_everyone()
 
 
-def _restore(ck: Checkpoint, params, opt, gens, sstate, acc):
+def _restore(ck: Checkpoint, params, opt, gens, sstate, acc, ema=None):
     if ck.num_processes != acc.num_processes:
         raise CheckpointError(f"checkpoint {ck.path!r} was written by {ck.num_processes} process(es); "
                               f"resume it with the same number (now {acc.num_processes})")
@@ -344,6 +359,12 @@ def _restore(ck: Checkpoint, params, opt, gens, sstate, acc):
         opt.load_state_dict(ck.optimizer)
     except (ValueError, KeyError) as e:
         raise CheckpointError(f"checkpoint {ck.path!r}: optimizer state does not fit ({e})") from e
+    for group in opt.param_groups:           # a checkpoint from before learning-rate schedules
+        group.setdefault("initial_lr", group["lr"])
+    if ema is not None:
+        if ck.ema is None:
+            raise CheckpointError(f"checkpoint {ck.path!r} holds no moving average (ema): was it written without it?")
+        ema.load_state_dict(ck.ema)
     gens.restore(ck.rng[acc.process_index])
     return dict(ck.sampler_state)
 

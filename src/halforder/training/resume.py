@@ -54,6 +54,10 @@ def check_resume(cfg: LoopConfig, ck: Checkpoint) -> None:
                               + "; ".join(f"{k} was {a!r}, now {b!r}" for k, (a, b) in differ.items())
                               + f". A resume may change only {', '.join(sorted(type(cfg).RESUMABLE))}; "
                                 "start a new run (another --output-dir) to change the others")
+        old_steps = ck.config.get("steps", cfg.steps)
+        if getattr(cfg, "lr_scheduler", "constant") != "constant" and old_steps != cfg.steps:
+            raise ConfigError(f"cannot resume {ck.path!r} with steps={cfg.steps}: its {cfg.lr_scheduler} learning-rate "
+                              f"schedule runs over steps={old_steps}; resume with that, or start a new run")
     if ck.step >= cfg.steps:
         where = f"past steps={cfg.steps}" if ck.step > cfg.steps else f"so the run of steps={cfg.steps} is complete"
         raise ConfigError(f"nothing to resume: checkpoint {ck.path!r} is at update {ck.step}, {where}; pass "
