@@ -142,7 +142,7 @@ SETTINGS = dict(
     num_frames=8, frames="0,3,7", latent_size=[40, 64], video_model="videocrafter2", video_base="some-org/some-base",
     fps=28.0, gif_fps=4.0, preset="tiny", memory_budget="2GiB", time_budget="1s", plan_pilots=16,
     noise="cps", shift=2.5, t5=False, reinforce_window=[3, 6], lr_scheduler="cosine", lr_warmup_steps=10, ema=True,
-    ema_decay=0.9,
+    ema_decay=0.9, eval_rewards={"color": {"target": [0.0, 1.0, 0.0]}},
 )
 # Settings that are only valid together with another one.
 VIDEO, VC2 = dict(task="t2v"), dict(task="t2v", video_model="videocrafter2")

@@ -34,10 +34,22 @@ def test_the_evaluation_reward_is_the_reward_of_the_previewed_images():
     cfg = load_config(None, dict(steps=1, output_dir=None, progress=False), preset="tiny")
     prepared = prepare(cfg)
     prompts = prepared.eval_prompts
-    images, rewards = prepared.task.evaluate(prompts, torch.Generator().manual_seed(0))
+    color = make_reward("color", target=[0.0, 1.0, 0.0])
+    images, rewards, others = prepared.task.evaluate(prompts, torch.Generator().manual_seed(0), {"color": color})
     assert images.shape[0] == rewards.shape[0] == len(prompts)
     assert torch.allclose(rewards, make_reward("brightness")(images, prompts).float())
+    assert torch.allclose(others["color"], color(images, prompts).float())
     assert torch.equal(images, prepared.task.previews(prompts, torch.Generator().manual_seed(0)))
+
+
+def test_other_rewards_are_logged_beside_the_trained_one(tmp_path):
+    """--eval-rewards: e.g. a CLIP score beside an aesthetic reward; here a colour reward beside
+    brightness, on the same evaluation samples."""
+    out = tmp_path / "run"
+    assert main(["--preset", "tiny", "--steps", "1", "--eval-every", "1", "--output-dir", str(out), "--no-progress",
+                 "--eval-rewards", '{"color": {"target": [0, 1, 0]}}']) == 0
+    evals = [json.loads(line)["eval"] for line in open(out / "metrics.jsonl") if '"eval"' in line]
+    assert len(evals) == 2 and all(-3 < e["color_mean"] < 0 and 0 < e["reward_mean"] < 1 for e in evals)
 
 
 def test_a_tracker_that_is_not_installed_exits_2_and_writes_nothing(tmp_path, capsys, monkeypatch):

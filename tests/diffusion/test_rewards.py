@@ -18,7 +18,8 @@ def _images(n=2, h=16, w=16, seed=0):
 
 
 def test_registry():
-    assert {"brightness", "color", "random_cnn", "aesthetic", "pickscore", "hpsv2", "imagereward"} <= set(REWARDS)
+    assert {"brightness", "color", "random_cnn", "aesthetic", "pickscore", "clipscore", "hpsv2",
+            "imagereward"} <= set(REWARDS)
     with pytest.raises(ValueError, match="unknown reward 'nope'.*brightness.*random_cnn"):
         make_reward("nope")
 
@@ -86,8 +87,9 @@ def test_preprocess_is_differentiable():
 
 
 # ----------------------------------------------------------------------------- loaders
-def _tiny_clip_dir(tmp_path):
-    """A tiny random CLIP model + tokenizer + image processor saved as a local directory."""
+def _tiny_clip_dir(tmp_path, split=False):
+    """A tiny random CLIP model + tokenizer + image processor saved as a local directory (with
+    ``split``: the model in ``clip/``, the tokenizer and image processor alone in ``processor/``)."""
     tok = tiny_tokenizer(16)
     torch.manual_seed(0)
     config = transformers.CLIPConfig(
@@ -100,9 +102,10 @@ def _tiny_clip_dir(tmp_path):
     model = transformers.CLIPModel(config).eval()
     d = tmp_path / "clip"
     model.save_pretrained(d)
-    tok.save_pretrained(d)
-    _processor(32).save_pretrained(d)
-    return d, model, tok
+    p = tmp_path / "processor" if split else d
+    tok.save_pretrained(p)
+    _processor(32).save_pretrained(p)
+    return (d, p, model, tok) if split else (d, model, tok)
 
 
 def test_aesthetic_loads_local_copy(tmp_path):
@@ -119,15 +122,26 @@ def test_aesthetic_loads_local_copy(tmp_path):
     torch.testing.assert_close(reward(u8.float() / 255, ["", ""]), ref, rtol=1e-5, atol=1e-5)
 
 
-def test_pickscore_loads_local_copy(tmp_path):
-    d, model, tok = _tiny_clip_dir(tmp_path)
-    reward = load_pickscore(str(d), str(d), local_files_only=True)
+@pytest.mark.parametrize("name", ["pickscore", "clipscore"])
+def test_clip_score_rewards_load_local_copies(tmp_path, name):
+    """PickScore with its model and its processor in different directories (the processor's holds
+    no model: nothing but its files is read), and the CLIP score (scale 100), against CLIPModel's
+    own logits on the CLIP image processor's pixels."""
+    d, p, model, tok = _tiny_clip_dir(tmp_path, split=True)
+    assert not any(f.name.endswith((".safetensors", ".bin")) for f in p.iterdir())
+    if name == "pickscore":
+        reward, scale = load_pickscore(str(d), str(p), local_files_only=True), 1.0
+    else:
+        import shutil
+        for f in p.iterdir():
+            shutil.copy(f, d)
+        reward, scale = make_reward("clipscore", model=str(d), local_files_only=True), 100 / model.logit_scale.exp()
     u8 = (_images(2, 32, 32) * 255).round().to(torch.uint8)
     prompts = ["a cat", "a red dog"]
     ids = tok(prompts, padding="max_length", max_length=16, return_tensors="pt")
     with torch.no_grad():
         ref = model(input_ids=ids.input_ids, attention_mask=ids.attention_mask,
-                    pixel_values=_reference(_processor(32), u8)).logits_per_image.diagonal()
+                    pixel_values=_reference(_processor(32), u8)).logits_per_image.diagonal() * scale
     images = (u8.float() / 255).requires_grad_()
     r = reward(images, prompts)
     torch.testing.assert_close(r, ref, rtol=1e-5, atol=1e-5)
@@ -148,7 +162,12 @@ def test_missing_local_path(tmp_path):
         make_reward("aesthetic", clip=str(tmp_path / "missing"), local_files_only=True)
 
 
-@pytest.mark.parametrize("name,module", [("hpsv2", "open_clip"), ("imagereward", "ImageReward")])
+def test_imagereward_says_why_it_is_not_available():
+    with pytest.raises(ValueError, match="needs transformers <= 4.55 and halforder needs >= 4.56"):
+        make_reward("imagereward")
+
+
+@pytest.mark.parametrize("name,module", [("hpsv2", "open_clip")])
 def test_optional_packages(name, module):
     try:
         __import__(module)

@@ -96,7 +96,7 @@ def parser() -> argparse.ArgumentParser:
             for flag in action.option_strings:
                 p._option_string_actions.pop(flag, None)
             continue
-        if action.dest == "reward_kwargs":
+        if action.dest in ("reward_kwargs", "eval_rewards"):
             action.type, action.metavar = _json_mapping, "JSON"
         action.help = f"{action.help} (default: {_show(defaults[action.dest])})"
         action.default = argparse.SUPPRESS

@@ -137,6 +137,8 @@ class TrainConfig(LoopConfig):
                                     "'aesthetic+0.5*temporal'")
     reward_kwargs: dict = knob({}, "keyword arguments of the reward factory, as JSON (e.g. a local model path)",
                                factory=True)
+    eval_rewards: dict = knob({}, "rewards measured beside the trained one on the evaluation samples, as JSON name -> "
+                                  "keyword arguments (e.g. '{\"clipscore\": {}}': text-image alignment)", factory=True)
 
     # ------------------------------------------------------------------ estimator
     estimator: str = knob("rlr", "estimator family (truncated_random and rlr_no_zo are biased, for comparisons); "

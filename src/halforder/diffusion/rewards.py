@@ -13,17 +13,24 @@ missing model raises ``OSError`` saying how to point at a local copy):
   of christophschuhmann/improved-aesthetic-predictor, mirrored on the hub by TRL as
   ``trl-lib/ddpo-aesthetic-predictor/aesthetic-model.pth``; keys ``layers.{0,2,4,6,7}.*``).
 * ``pickscore`` — PickScore v1: CLIP ViT-H/14 fine-tuned on Pick-a-Pic; score =
-  exp(logit_scale) * cos(image embedding, prompt embedding).
+  exp(logit_scale) * cos(image embedding, prompt embedding). Its preprocessing and tokenizer
+  come from the processor's files alone (no second model is loaded).
+* ``clipscore`` — text-image alignment: 100 * cos(CLIP image embedding, prompt embedding) with
+  OpenAI's CLIP ViT-L/14 (the CLIPScore of Hessel et al. without its clipping at 0), the usual
+  check against reward hacking beside an aesthetic reward.
 * ``hpsv2`` — HPS v2 / v2.1: an open_clip ViT-H/14 checkpoint; score = cos(image, prompt).
   Needs the ``open_clip_torch`` package.
-* ``imagereward`` — ImageReward v1.0 (BLIP + MLP). Needs the ``image-reward`` package.
+* ``imagereward`` — not available: the ``image-reward`` package (1.5, its latest) imports helpers
+  that transformers removed after 4.55 (``apply_chunking_to_forward``, ``prune_linear_layer``, ...)
+  while halforder needs transformers >= 4.56 (``from_pretrained(dtype=...)``), and its BLIP
+  model has no transformers port; asking for it is an error that says so.
 
 The default hub ids and file names below were taken from public code that uses them
 (TRL's DDPO config, the PickScore model card, HPSv2's version map, ImageReward's README)
 but could not be opened here (no internet): the real weights were never loaded. The
-hpsv2 and imagereward code paths are untested (their packages are not installed in the
-test environment); the aesthetic and PickScore code paths are tested end to end on tiny
-random CLIP models saved to a local directory.
+hpsv2 code path is untested (open_clip is not installed in the test environment); the
+aesthetic, PickScore and CLIP-score code paths are tested end to end on tiny random CLIP models
+saved to local directories.
 """
 from __future__ import annotations
 
@@ -43,6 +50,7 @@ AESTHETIC_CLIP = "openai/clip-vit-large-patch14"
 AESTHETIC_HEAD = "trl-lib/ddpo-aesthetic-predictor:aesthetic-model.pth"  # TRL DDPO's copy of the head
 PICKSCORE_MODEL = "yuvalkirstain/PickScore_v1"
 PICKSCORE_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+CLIPSCORE_MODEL = "openai/clip-vit-large-patch14"
 HPSV2_CHECKPOINT = "xswu/HPSv2:HPS_v2.1_compressed.pt"
 IMAGEREWARD_MODEL = "ImageReward-v1.0"
 
@@ -129,13 +137,23 @@ def _resolve_file(spec: str, local_files_only: bool) -> str:
     return hf_hub_download(repo, filename, local_files_only=local_files_only or offline())
 
 
-def _clip_parts(source: str, local_files_only: bool, dtype):
-    from transformers import CLIPImageProcessor, CLIPModel
+def _clip_model(source: str, local_files_only: bool, dtype):
+    """A CLIPModel from a hub id or a local directory, frozen."""
+    from transformers import CLIPModel
     if looks_local(source):
         source = local_dir(source, "CLIP model")
     model = CLIPModel.from_pretrained(source, local_files_only=local_files_only or offline(), dtype=dtype)
-    proc = CLIPImageProcessor.from_pretrained(source, local_files_only=local_files_only or offline())
-    return model.eval().requires_grad_(False), ClipPreprocess.from_processor(proc)
+    return model.eval().requires_grad_(False)
+
+
+def _clip_processor(source: str, local_files_only: bool, tokenizer: bool = True):
+    """(:class:`ClipPreprocess`, tokenizer or None) from a CLIP processor's files (no model weights read)."""
+    from transformers import AutoTokenizer, CLIPImageProcessor
+    if looks_local(source):
+        source = local_dir(source, "CLIP processor")
+    kw = dict(local_files_only=local_files_only or offline())
+    return (ClipPreprocess.from_processor(CLIPImageProcessor.from_pretrained(source, **kw)),
+            AutoTokenizer.from_pretrained(source, **kw) if tokenizer else None)
 
 
 def _image_embed(model, pixels):
@@ -178,7 +196,8 @@ def load_aesthetic(clip: str = AESTHETIC_CLIP, head: str = AESTHETIC_HEAD, *, lo
     """The LAION aesthetic predictor: ``clip`` a hub id or local CLIP directory, ``head``
     a local ``.pth`` state dict or ``"hub_repo_id:filename"``."""
     try:
-        model, pre = _clip_parts(clip, local_files_only, dtype)
+        model = _clip_model(clip, local_files_only, dtype)
+        pre, _ = _clip_processor(clip, local_files_only, tokenizer=False)
         state = torch.load(_resolve_file(head, local_files_only), map_location="cpu", weights_only=True)
     except (OSError, ValueError) as e:
         raise load_error("the aesthetic predictor", f"{clip} + {head}", e) from e
@@ -209,16 +228,27 @@ class ClipScoreReward(nn.Module):
 @register("pickscore")
 def load_pickscore(model: str = PICKSCORE_MODEL, processor: str = PICKSCORE_PROCESSOR, *,
                    local_files_only: bool = False, dtype: torch.dtype = torch.float32, device="cpu") -> Reward:
-    """PickScore: ``model`` (CLIPModel) and ``processor`` (tokenizer + image processor),
-    each a hub id or a local directory."""
-    from transformers import AutoTokenizer
+    """PickScore: ``model`` (CLIPModel) and ``processor`` (tokenizer and image-processor files,
+    no model needed), each a hub id or a local directory."""
     try:
-        clip, _ = _clip_parts(model, local_files_only, dtype)
-        _, pre = _clip_parts(processor, local_files_only, dtype) if processor != model else (None, _)
-        tok = AutoTokenizer.from_pretrained(processor, local_files_only=local_files_only or offline())
+        clip = _clip_model(model, local_files_only, dtype)
+        pre, tok = _clip_processor(processor, local_files_only)
     except (OSError, ValueError) as e:
         raise load_error("PickScore", f"{model} + {processor}", e) from e
     return ClipScoreReward(clip, tok, pre).to(device)
+
+
+@register("clipscore")
+def load_clipscore(model: str = CLIPSCORE_MODEL, *, local_files_only: bool = False, dtype: torch.dtype = torch.float32,
+                   device="cpu") -> Reward:
+    """Text-image alignment: 100 * cos(image, prompt) of the CLIP model ``model`` (a hub id or a
+    local directory holding the model, its tokenizer and its image processor)."""
+    try:
+        clip = _clip_model(model, local_files_only, dtype)
+        pre, tok = _clip_processor(model, local_files_only)
+    except (OSError, ValueError) as e:
+        raise load_error("the CLIP score", model, e) from e
+    return ClipScoreReward(clip, tok, pre, scale=100.0).to(device)
 
 
 @register("hpsv2")
@@ -250,22 +280,8 @@ def load_hpsv2(checkpoint: str = HPSV2_CHECKPOINT, *, local_files_only: bool = F
 
 
 @register("imagereward")
-def load_imagereward(model: str = IMAGEREWARD_MODEL, *, device="cpu") -> Reward:
-    """ImageReward (BLIP + MLP), through the ``image-reward`` package's differentiable
-    ``score_gard``; ``model`` is its name or a local checkpoint path."""
-    try:
-        import ImageReward as RM
-    except ImportError as e:
-        raise ImportError("the imagereward reward needs the image-reward package: pip install image-reward") from e
-    try:
-        rm = RM.load(model, device=device)
-    except (OSError, ValueError, RuntimeError) as e:
-        raise load_error("ImageReward", model, e) from e
-    rm = rm.eval().requires_grad_(False)
-
-    def reward(images, prompts):
-        _check(images)
-        tok = rm.blip.tokenizer(list(prompts), padding="max_length", truncation=True, max_length=35,
-                                return_tensors="pt").to(images.device)
-        return rm.score_gard(tok.input_ids, tok.attention_mask, clip_preprocess(images)).reshape(-1)
-    return reward
+def load_imagereward(**kwargs) -> Reward:
+    """Not available (see the module docstring): raises ``ValueError`` saying why."""
+    raise ValueError("the imagereward reward is not available: the image-reward package (1.5) needs transformers "
+                     "<= 4.55 and halforder needs >= 4.56, and its BLIP model has no transformers port; use "
+                     "pickscore, hpsv2, aesthetic or clipscore")

@@ -51,6 +51,7 @@ class Prepared:
     prompts: list[str]
     eval_prompts: list[str]
     search: SearchResult | None = None
+    eval_rewards: dict = dataclasses.field(default_factory=dict)
 
 
 def read_prompts(path: str) -> list[str]:
@@ -106,14 +107,15 @@ def build_components(cfg: TrainConfig, device="cpu") -> Components:
     return comp.to(device)
 
 
-def build_reward(cfg: TrainConfig, device="cpu"):
-    """The reward of ``cfg`` on ``device``: an image reward, or for video a spec of
-    :func:`~halforder.diffusion.video.rewards.make_video_reward`."""
-    kwargs = dict(cfg.reward_kwargs)
-    factory = REWARDS.get(cfg.reward) or VIDEO_REWARDS.get(cfg.reward)
+def build_reward(cfg: TrainConfig, device="cpu", name: str | None = None, kwargs=None):
+    """The reward of ``cfg`` (or the reward ``name`` with ``kwargs``) on ``device``: an image
+    reward, or for video a spec of :func:`~halforder.diffusion.video.rewards.make_video_reward`."""
+    name = cfg.reward if name is None else name
+    kwargs = dict(cfg.reward_kwargs if kwargs is None else kwargs)
+    factory = REWARDS.get(name) or VIDEO_REWARDS.get(name)
     if factory is not None and "device" in inspect.signature(factory).parameters:
         kwargs.setdefault("device", str(device))
-    reward = (make_video_reward if cfg.task == "t2v" else make_reward)(cfg.reward, **kwargs)
+    reward = (make_video_reward if cfg.task == "t2v" else make_reward)(name, **kwargs)
     return reward.to(device) if isinstance(reward, torch.nn.Module) else reward
 
 
@@ -169,6 +171,7 @@ def prepare(cfg: TrainConfig, device="cpu") -> Prepared:
     if checkpoint is not None:
         check_resume(cfg, checkpoint)
     reward = build_reward(cfg, device)
+    eval_rewards = {name: build_reward(cfg, device, name, kw) for name, kw in cfg.eval_rewards.items()}
     task = build_task(cfg, build_components(cfg, device), reward, device, step_prompts)
     search = None
     if sampler is None and checkpoint is not None:   # the plan the run chose, not a new search
@@ -179,7 +182,7 @@ def prepare(cfg: TrainConfig, device="cpu") -> Prepared:
         check_fits(checkpoint, task.trainable(), sampler.init())
     plan = sampler.sample(sampler.init(), torch.Generator().manual_seed(cfg.seed))
     plan.validate(task.chain(plan, prompts[:1]))   # e.g. an HO block needs eta > 0 where it ends
-    return Prepared(task, sampler, prompts, list(eval_prompts or prompts)[:cfg.eval_num], search)
+    return Prepared(task, sampler, prompts, list(eval_prompts or prompts)[:cfg.eval_num], search, eval_rewards)
 
 
 def run(cfg: TrainConfig, prepared: Prepared, accelerator=None) -> TrainResult:
@@ -193,9 +196,10 @@ def run(cfg: TrainConfig, prepared: Prepared, accelerator=None) -> TrainResult:
         return torch.Generator(device=acc.device).manual_seed(cfg.seed + EVAL_SEED_OFFSET)
 
     def evaluate(step: int) -> dict:
-        images, rewards = task.evaluate(eval_prompts, generator())
+        images, rewards, others = task.evaluate(eval_prompts, generator(), prepared.eval_rewards)
         save_grid(images, os.path.join(cfg.output_dir, "samples", f"step_{step:08d}.png"))
-        return {"reward_mean": float(rewards.mean()), "samples": SampleImages(images, eval_prompts, rewards.tolist())}
+        return {"reward_mean": float(rewards.mean()), **{f"{k}_mean": float(v.mean()) for k, v in others.items()},
+                "samples": SampleImages(images, eval_prompts, rewards.tolist())}
 
     def weights(directory: str) -> None:   # into every checkpoint, as at the end: the LoRA file a pipeline loads
         task.save_adapter(os.path.join(directory, "lora"))

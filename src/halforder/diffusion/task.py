@@ -11,7 +11,7 @@ reward sees the original one; gradient checkpointing wraps every chain.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 
@@ -98,12 +98,15 @@ class DiffusionTask:
         """Images ``[N, 3, H, W]`` in [0, 1] of :meth:`sample`, for sample grids."""
         return self.view.preview(self.sample(prompts, generator))
 
-    def evaluate(self, prompts: Sequence[str], generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """The previews of :meth:`sample` (the same images as :meth:`previews`) and each
-        sample's reward ``[N]`` (for video with random frames, frames drawn from a fixed seed)."""
+    def evaluate(self, prompts: Sequence[str], generator: torch.Generator, others: Mapping[str, Reward] = {}):
+        """The previews of :meth:`sample` (the same images as :meth:`previews`), each sample's
+        reward ``[N]`` (for video with random frames, frames drawn from a fixed seed) and, by
+        name, each of the rewards ``others`` on the same samples (e.g. a CLIP score beside the
+        trained reward)."""
         z = self.sample(prompts, generator)
         with torch.no_grad():
-            return self.view.preview(z), self.base_chain(prompts).reward(z).float()
+            values = {k: self.view.reward_fn(r, list(prompts), None)(z).float() for k, r in others.items()}
+            return self.view.preview(z), self.base_chain(prompts).reward(z).float(), values
 
     def save_adapter(self, directory: str) -> None:
         """The LoRA adapter in the layout ``load_lora_weights`` reads."""
