@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from halforder.diffusion.components import tiny_tokenizer
-from halforder.diffusion.clip_preprocess import CLIP_STD, ClipPreprocess, clip_preprocess
+from halforder.diffusion.clip_preprocess import CLIP_MEAN, CLIP_STD, ClipPreprocess, clip_preprocess
 from halforder.diffusion.rewards import REWARDS, aesthetic_head, load_aesthetic, load_pickscore, make_reward
 
 transformers = pytest.importorskip("transformers")
@@ -169,13 +169,15 @@ def test_imagereward_says_why_it_is_not_available():
 
 @pytest.mark.parametrize("name,module", [("hpsv2", "open_clip")])
 def test_optional_packages(name, module):
+    """Without the package: an ImportError saying what to install. With it: it imports with the
+    torch and transformers installed here (a torchvision built for another torch fails here)."""
     try:
         __import__(module)
     except ImportError:
         with pytest.raises(ImportError, match="pip install"):
             make_reward(name)
-    else:
-        pytest.skip(f"{module} is installed; this checks the message shown without it")
+    except Exception as e:      # e.g. RuntimeError: operator torchvision::nms does not exist
+        pytest.fail(f"{module} is installed but does not import with this torch: {e!r} (README, Rewards)")
 
 
 def test_aesthetic_head_missing_offline(tmp_path, monkeypatch):
@@ -183,3 +185,30 @@ def test_aesthetic_head_missing_offline(tmp_path, monkeypatch):
     d, _, _ = _tiny_clip_dir(tmp_path)
     with pytest.raises(OSError, match="--local-dir"):
         load_aesthetic(str(d), "no-such-org/no-such-head:head.pth", local_files_only=True)
+
+
+@pytest.mark.parametrize("h,w", [(32, 48), (48, 20), (31, 31), (64, 40)])
+def test_hpsv2_preprocessing_pads_as_hpsv2_does(h, w):
+    """HPSv2's ResizeMaxSize on PIL images (longest edge to the size, bicubic, then black borders:
+    left/top get half the padding, rounded down), written out with PIL, against
+    clip_preprocess(fit="pad") on the float images: the same to 1.5 uint8 steps (PIL rounds to
+    uint8 after each resampling pass), and the whole image is kept where crop would cut it."""
+    from PIL import Image
+
+    size = 24
+    g = torch.Generator().manual_seed(h * w)
+    u8 = (F.interpolate(torch.rand(1, 3, 4, 4, generator=g), size=(h, w), mode="bilinear") * 255).round().to(
+        torch.uint8)
+    scale = size / max(h, w)
+    nh, nw = round(h * scale), round(w * scale)
+    img = Image.fromarray(u8[0].permute(1, 2, 0).numpy()).resize((nw, nh), Image.BICUBIC)
+    canvas = Image.new("RGB", (size, size))
+    canvas.paste(img, ((size - nw) // 2, (size - nh) // 2))
+    ref = torch.as_tensor(np.array(canvas), dtype=torch.float32).permute(2, 0, 1)[None] / 255
+    mean, std = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    cfg = ClipPreprocess(size=size, crop_size=size, fit="pad")
+    torch.testing.assert_close(clip_preprocess(u8.float() / 255, cfg), (ref - mean) / std, rtol=0, atol=1.5 * LEVEL)
+    if h != w:   # the padding is black (0 before normalisation) where crop would have cut the image
+        padded = clip_preprocess(u8.float() / 255, cfg) * std + mean
+        border = padded[..., 0, :] if h < w else padded[..., :, 0]
+        assert float(border.abs().max()) < 1e-6

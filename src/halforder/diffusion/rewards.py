@@ -18,8 +18,10 @@ missing model raises ``OSError`` saying how to point at a local copy):
 * ``clipscore`` — text-image alignment: 100 * cos(CLIP image embedding, prompt embedding) with
   OpenAI's CLIP ViT-L/14 (the CLIPScore of Hessel et al. without its clipping at 0), the usual
   check against reward hacking beside an aesthetic reward.
-* ``hpsv2`` — HPS v2 / v2.1: an open_clip ViT-H/14 checkpoint; score = cos(image, prompt).
-  Needs the ``open_clip_torch`` package.
+* ``hpsv2`` — HPS v2 / v2.1: an open_clip ViT-H/14 checkpoint; score = cos(image, prompt), on
+  images preprocessed as HPSv2 does (longest edge to 224, padded to a square: a non-square video
+  frame is scored whole, not cropped). Needs the ``open_clip_torch`` package, which needs
+  torchvision (README, "Rewards").
 * ``imagereward`` — not available: the ``image-reward`` package (1.5, its latest) imports helpers
   that transformers removed after 4.55 (``apply_chunking_to_forward``, ``prune_linear_layer``, ...)
   while halforder needs transformers >= 4.56 (``from_pretrained(dtype=...)``), and its BLIP
@@ -252,26 +254,29 @@ def load_clipscore(model: str = CLIPSCORE_MODEL, *, local_files_only: bool = Fal
 
 
 @register("hpsv2")
-def load_hpsv2(checkpoint: str = HPSV2_CHECKPOINT, *, local_files_only: bool = False, device="cpu") -> Reward:
-    """HPS v2(.1): an open_clip ViT-H-14 with the HPS checkpoint (a local ``.pt`` or
-    ``"hub_repo_id:filename"``); score = cos(image, prompt). Needs ``open_clip_torch``."""
+def load_hpsv2(checkpoint: str = HPSV2_CHECKPOINT, *, arch: str = "ViT-H-14", local_files_only: bool = False,
+               device="cpu") -> Reward:
+    """HPS v2(.1): an open_clip model ``arch`` (HPSv2's: ViT-H-14) with the HPS checkpoint (a
+    local ``.pt`` or ``"hub_repo_id:filename"``); score = cos(image, prompt) on HPSv2's padded
+    224-pixel preprocessing. Needs ``open_clip_torch``."""
     try:
         import open_clip
     except ImportError as e:
         raise ImportError("the hpsv2 reward needs open_clip: pip install open_clip_torch") from e
     try:
         path = _resolve_file(checkpoint, local_files_only)
-        model = open_clip.create_model("ViT-H-14", pretrained=None)
+        model = open_clip.create_model(arch, pretrained=None)
         state = torch.load(path, map_location="cpu", weights_only=False)
         model.load_state_dict(state.get("state_dict", state))
     except (OSError, ValueError) as e:
         raise load_error("HPSv2", checkpoint, e) from e
     model = model.eval().requires_grad_(False).to(device)
-    tokenizer = open_clip.get_tokenizer("ViT-H-14")
+    tokenizer = open_clip.get_tokenizer(arch)
+    preprocess = ClipPreprocess(fit="pad")
 
     def reward(images, prompts):
         _check(images)
-        img = model.encode_image(clip_preprocess(images))
+        img = model.encode_image(clip_preprocess(images, preprocess))
         with torch.no_grad():
             txt = model.encode_text(tokenizer(list(prompts)).to(images.device))
         img, txt = img / img.norm(dim=-1, keepdim=True), txt / txt.norm(dim=-1, keepdim=True)
