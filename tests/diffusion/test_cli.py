@@ -237,12 +237,22 @@ def test_help_shows_every_default_and_the_reward_names(monkeypatch):
         assert flag in blocks, f"the help does not list {flag}"
         v = getattr(default, name)
         shown = (" ".join(map(str, v)) if isinstance(v, (list, tuple)) else json.dumps(v) if isinstance(v, dict)
-                 else f"--{'' if v else 'no-'}{flag[2:]}" if isinstance(v, bool) else str(v))
+                 else ("on" if v else "off") if isinstance(v, bool) else str(v))
         assert f"(default: {shown})" in blocks[flag], blocks[flag]
     options = text.split("\noptions:\n", 1)[1]     # (the description quotes torchrun's own --nproc_per_node)
     assert not re.search(r"--[a-z0-9]+_[a-z_0-9]", options), "an underscore spelling in the help"
     for reward in REWARDS:
         assert re.search(rf"\b{re.escape(reward)}\b", blocks["--reward"]), (reward, blocks["--reward"])
+
+
+def test_help_fits_150_lines_with_each_option_once(monkeypatch):
+    """`halforder train --help` on an 80-column terminal: at most 150 lines, every flag once."""
+    monkeypatch.setenv("COLUMNS", "80")
+    text = parser().format_help()
+    assert len(text.splitlines()) <= 150, len(text.splitlines())
+    options = text.split("\noptions:\n", 1)[1]
+    flags = re.findall(r"^  (--[a-zA-Z0-9-]+)", options, re.M)
+    assert len(flags) == len(set(flags)) >= len(FIELDS)
 
 
 @pytest.mark.parametrize("theirs, ours", [("--learning_rate", "--lr"), ("--train_batch_size", "--batch-size"),

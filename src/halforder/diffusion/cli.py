@@ -1,18 +1,10 @@
 """halforder train: reward fine-tuning of a diffusion model's LoRA with any estimator.
 
-    halforder train --preset tiny                                   # offline CPU smoke run
-    halforder train --preset tiny-video                             # the same, text-to-video
-    halforder train --preset tiny --dcot data/dcot_hands.yaml       # Diffusive Chain-of-Thought prompts
-    halforder train --config run.yaml --steps 200 --lr 1e-4         # a file, then flags
-    halforder train --config runs/tiny/config.json --output-dir runs/again   # reproduce a run
-    halforder train --config runs/tiny/config.json --resume latest --steps 12   # train it further
-    torchrun --nproc_per_node 2 -m halforder train --preset tiny    # data parallel
+    halforder train --preset tiny --output-dir runs/tiny        # offline CPU smoke run
+    halforder train --config runs/tiny/config.json --resume latest --steps 12
 
-Every flag is a field of TrainConfig (halforder.diffusion.config), and a config file
-(YAML, TOML or JSON) may set any of them. Every input is checked before anything is
-written, so a bad input ends with a clear message (exit status 2) and no half-written run.
-A setting that the chosen estimator, j law or task does not use must keep its default.
-Ctrl-C stops a run with exit status 130 and says how to resume it from its last checkpoint.
+Every flag is a field of TrainConfig; a config file (YAML, TOML, JSON) sets the same, and a
+run's config.json reproduces it. More: docs/training.md.
 """
 from __future__ import annotations
 
@@ -80,7 +72,7 @@ def parser() -> argparse.ArgumentParser:
 
     p = HfArgumentParser(TrainConfig, prog="halforder train", description=__doc__,
                          usage="halforder train [--config FILE] [--preset NAME] [--FLAG VALUE ...]",
-                         formatter_class=argparse.RawDescriptionHelpFormatter)
+                         formatter_class=lambda prog: argparse.RawDescriptionHelpFormatter(prog, max_help_position=32))
     p.__class__ = type("HfTrainParser", (TrainParser, type(p)), {})
     defaults = TrainConfig().to_dict()
     switches = {}
@@ -100,18 +92,28 @@ def parser() -> argparse.ArgumentParser:
             action.type, action.metavar = _json_mapping, "JSON"
         action.help = f"{action.help} (default: {_show(defaults[action.dest])})"
         action.default = argparse.SUPPRESS
+        action.metavar = _metavar(action, defaults[action.dest])
         action.option_strings = [f for f in action.option_strings if "_" not in f] or action.option_strings
     for name, help in switches.items():
         flag = name.replace("_", "-")
         switch = p.add_argument(f"--{flag}", f"--no-{flag}", action=Switch, dest=name, default=argparse.SUPPRESS,
-                                help=f"{help} (default: {'--' if defaults[name] else '--no-'}{flag})")
+                                help=f"{help} (default: {'on' if defaults[name] else 'off'})")
         for alias in (f"--{name}", f"--no_{name}"):
             p._option_string_actions[alias] = switch
-    p.add_argument("--config", default=argparse.SUPPRESS,
-                   help="YAML, TOML or JSON file of TrainConfig fields (flags override it; a run's own "
-                        "config.json reproduces it)")
+    p.add_argument("--config", default=argparse.SUPPRESS, metavar="FILE", help="a config file; flags override it")
     p.add_argument("--version", action="version", version=f"halforder {__version__}")
     return p
+
+
+def _metavar(action: argparse.Action, default: Any) -> str:
+    """A short placeholder: the choices if they are few, else the kind of value."""
+    if action.choices is not None:
+        shown = "{" + ",".join(map(str, action.choices)) + "}"
+        return shown if len(shown) <= 16 else "NAME"
+    if action.metavar == "JSON":
+        return "JSON"
+    kind = action.type if action.type in (int, float) else type(default) if default is not None else str
+    return {int: "N", float: "X"}.get(kind, "S")
 
 
 def _show(v: Any) -> str:

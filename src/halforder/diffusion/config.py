@@ -90,102 +90,71 @@ class TrainConfig(LoopConfig):
                                                                   "compile", "batching"}
 
     # ------------------------------------------------------------------ model
-    task: str = knob("t2i", "t2i: text-to-image (SD 1/2, SD3/3.5 or FLUX, by the model's model_index.json); t2v: "
-                            "text-to-video (Wan 2.1, or a UNet3D model)", choices=("t2i", "t2v"))
+    task: str = knob("t2i", "t2i (image) or t2v (video: Wan 2.1, UNet3D)", choices=("t2i", "t2v"))
     model: str = knob("CompVis/stable-diffusion-v1-4",
-                      "hub id or local directory (diffusers layout) of the model; tiny, tiny-sd3, tiny-flux, "
-                      "tiny-wan: tiny random parts, offline; with video_model videocrafter2, the converted UNet")
-    revision: str | None = knob(None, "hub revision of the model (None: the default branch)")
-    scheduler: str = knob("ddim", "sampler of a UNet model's chain: ddim, or dpm (DPM-Solver++ SDE, order 2); "
-                                  "flow-matching models (SD3, FLUX, Wan) keep their flow-matching Euler scheduler",
+                      "hub id or local folder; tiny, tiny-sd3, tiny-flux, tiny-wan")
+    revision: str | None = knob(None, "hub revision of the model")
+    scheduler: str = knob("ddim", "a UNet model's sampler (flow models keep theirs)",
                           choices=("ddim", "dpm"))
-    noise: str = knob("sde", "flow-matching models: the noise where eta > 0: sde (Flow-GRPO's reverse SDE) or cps "
-                             "(coefficient-preserving sampling, eta in [0, 1])", choices=FLOW_NOISE)
-    shift: float | None = knob(None, "flow-matching models: the scheduler's shift (None: the model's own; Wan: its "
-                                     "flow_shift)")
-    t5: bool = knob(True, "SD3: load the T5 text encoder (--no-t5: zeros in its place, as the pipeline allows; "
-                          "saves SD3.5's T5-XXL, about 9.5 GB in bf16)")
-    T: int = knob(50, "sampler steps of the chain (the paper: 50 DDIM steps for images, 25 for video)")
-    guidance_scale: float = knob(7.5, "classifier-free guidance weight (1: no guidance)")
-    negative_prompt: str = knob("", "the prompt of the unconditional branch of classifier-free guidance")
-    mixed_precision: str = knob("no", "precision of the frozen model (UNet, VAE, text encoder): no (float32), bf16 or "
-                                      "fp16 (half the weights' memory; fp16 needs a GPU). The LoRA weights and every "
-                                      "estimator sum stay float32; no autocast", choices=tuple(PRECISIONS))
-    gradient_checkpointing: bool = knob(False, "recompute each step's graph in backward: memory of the first-order "
-                                               "steps stops growing with their number; time roughly doubles")
-    checkpoint_decode: bool = knob(False, "recompute the VAE decoder's blocks in backward: the reward's decode graph, "
-                                          "the largest one at SD scale, is kept one block at a time")
-    compile: str = knob("no", "torch.compile the UNet: no, default, reduce-overhead or max-autotune (mode of "
-                              "torch.compile; the first steps are slow while it compiles)", choices=COMPILE_MODES)
-    batching: str = knob("vmap", "how per-sample parameters are applied to the UNet: vmap, or loop (slower; for "
-                                 "modules vmap cannot trace)", choices=BATCHING)
+    noise: str = knob("sde", "flow models, where eta > 0: sde or cps", choices=FLOW_NOISE)
+    shift: float | None = knob(None, "flow models: the scheduler's shift")
+    t5: bool = knob(True, "SD3: load T5 (off: saves 9.5 GB on SD3.5)")
+    T: int = knob(50, "sampler steps of the chain (the paper: 50)")
+    guidance_scale: float = knob(7.5, "guidance weight (FLUX: its embedding)")
+    negative_prompt: str = knob("", "the prompt of CFG's negative branch")
+    mixed_precision: str = knob("no", "the frozen model's dtype (fp16 needs a GPU)", choices=tuple(PRECISIONS))
+    gradient_checkpointing: bool = knob(False, "recompute each step's graph in backward")
+    checkpoint_decode: bool = knob(False, "recompute the VAE decoder's blocks")
+    compile: str = knob("no", "torch.compile mode for the denoiser", choices=COMPILE_MODES)
+    batching: str = knob("vmap", "per-sample parameters by vmap or loop", choices=BATCHING)
 
     # ------------------------------------------------------------------ data
-    prompts: str | None = knob(None, "text file, one training prompt per line (only the tiny model has built-in "
-                                     "prompts)")
-    eval_prompts: str | None = knob(None, "text file of held-out prompts for the sample grids (None: the first "
-                                          "eval_num training prompts)")
-    eval_num: int = knob(4, "held-out prompts (samples) in each sample grid")
-    dcot: str | None = knob(None, "Diffusive Chain-of-Thought prompt file (YAML/TOML/JSON): train on its prompts, "
-                                  "each step group conditioned on its coarse, mid or fine version (docs/dcot.md)")
-    dcot_split: list[float] | None = knob(None, "DCoT: steps of the coarse, mid and fine groups (3 counts summing "
-                                                "to T, or 3 fractions summing to 1; None: thirds)")
+    prompts: str | None = knob(None, "text file, one training prompt per line")
+    eval_prompts: str | None = knob(None, "text file of held-out prompts")
+    eval_num: int = knob(4, "held-out prompts in each sample grid")
+    dcot: str | None = knob(None, "DCoT prompt file (docs/dcot.md)")
+    dcot_split: list[float] | None = knob(None, "DCoT: sizes of the coarse, mid, fine groups")
 
     # ------------------------------------------------------------------ reward
-    reward: str = knob("aesthetic", f"reward name; images: {', '.join(sorted(REWARDS))}; video: any image reward "
-                                    f"(per frame), {', '.join(sorted(VIDEO_REWARDS))}, or a weighted sum like "
-                                    "'aesthetic+0.5*temporal'")
-    reward_kwargs: dict = knob({}, "keyword arguments of the reward factory, as JSON (e.g. a local model path)",
+    reward: str = knob("aesthetic", "aesthetic, brightness, clipscore, color, hpsv2, imagereward, pickscore, random_cnn; video: also temporal")
+    reward_kwargs: dict = knob({}, "the reward's options (e.g. a model path)",
                                factory=True)
-    eval_rewards: dict = knob({}, "rewards measured beside the trained one on the evaluation samples, as JSON name -> "
-                                  "keyword arguments (e.g. '{\"clipscore\": {}}': text-image alignment)", factory=True)
+    eval_rewards: dict = knob({}, "rewards logged beside it, JSON name -> options", factory=True)
 
     # ------------------------------------------------------------------ estimator
-    estimator: str = knob("rlr", "estimator family (truncated_random and rlr_no_zo are biased, for comparisons); "
-                                 "auto: the plan search chooses under memory_budget (docs/plan-search.md)",
+    estimator: str = knob("rlr", "estimator family; auto: the plan search",
                           choices=(*FAMILIES, "auto"))
-    memory_budget: str | None = knob(None, "estimator auto: activation memory budget, e.g. 2GiB or 512MiB")
-    time_budget: str | None = knob(None, "estimator auto: time budget per estimate (one micro-batch), e.g. 1s")
-    plan_pilots: int = knob(64, "estimator auto: pilot estimates per part of a plan (more: a surer choice)")
-    reinforce_window: list[int] | None = knob(None, "reinforce: a b, REINFORCE terms on steps a..b only, no gradient "
-                                                    "elsewhere (MixGRPO's window; with eta 'plan' the other steps are "
-                                                    "ODE steps)")
-    h: int = knob(2, "RLR: length of the half-order block (0 <= h <= T-1; the paper: 2)")
-    k: int = knob(1, "truncated backprop: first-order steps K (truncated_random: K uniform on 1..k)")
-    j_sampling: str = knob("uniform", "RLR: law of the block start j: uniform, softmax (of running gradient norms), "
-                                      "window (uniform on j_window) or fixed (j)", choices=J_SAMPLING)
-    j: int | None = knob(None, "RLR with j_sampling fixed: the block start (2 <= j <= T-h+1)")
-    j_window: list[int] | None = knob(None, "RLR with j_sampling window: a b, j uniform on a..b, b - a > h (DCoT)")
-    j_temperature: float = knob(1.0, "RLR with j_sampling softmax: temperature dividing the gradient norms")
-    j_decay: float = knob(0.9, "RLR with j_sampling softmax: decay of the running gradient norms")
-    zo_sigma: float = knob(1e-3, "standard deviation tau of the parameter noise on zeroth-order steps (the paper: 1e-3)")
-    eta: str = knob("plan", "sampler eta: 'plan' (eta_plan where an HO block ends, 0 elsewhere: the paper's recipe) "
-                            "or one number for every step")
-    eta_plan: float = knob(0.1, "the eta at HO block ends with eta 'plan' (the paper, App. G: 0.1 with DDIM)")
+    memory_budget: str | None = knob(None, "estimator auto: memory budget, e.g. 2GiB")
+    time_budget: str | None = knob(None, "estimator auto: seconds per estimate, e.g. 1s")
+    plan_pilots: int = knob(64, "estimator auto: pilots per part of a plan")
+    reinforce_window: list[int] | None = knob(None, "reinforce: a b, REINFORCE on steps a..b only")
+    h: int = knob(2, "RLR: half-order block length (the paper: 2)")
+    k: int = knob(1, "truncated backprop: first-order steps K")
+    j_sampling: str = knob("uniform", "RLR: law of the block start j", choices=J_SAMPLING)
+    j: int | None = knob(None, "RLR, j_sampling fixed: the block start")
+    j_window: list[int] | None = knob(None, "RLR, j_sampling window: a b")
+    j_temperature: float = knob(1.0, "RLR, j_sampling softmax: temperature")
+    j_decay: float = knob(0.9, "RLR, j_sampling softmax: norms' decay")
+    zo_sigma: float = knob(1e-3, "std tau of the parameter noise on ZO steps")
+    eta: str = knob("plan", "'plan' (eta_plan where HO blocks end) or a number")
+    eta_plan: float = knob(0.1, "eta where HO blocks end (DDIM: 0.1)")
 
     # ------------------------------------------------------------------ LoRA
     lora_rank: int = knob(4, "LoRA rank")
-    lora_alpha: float = knob(4.0, "LoRA alpha (the update is scaled by alpha / rank)")
-    lora_targets: list[str] = knob(list(DEFAULT_TARGETS), "UNet module names that get LoRA", factory=True)
+    lora_alpha: float = knob(4.0, "LoRA alpha (the update is alpha / rank x BA)")
+    lora_targets: list[str] = knob(list(DEFAULT_TARGETS), "module names that get LoRA", factory=True)
 
     # ------------------------------------------------------------------ video (task t2v)
-    num_frames: int = knob(16, "video: frames per video (VideoCrafter2: 16; Wan: 4 k + 1, 81 published)")
-    frames: str = knob("random", f"video: frames the reward decodes: {', '.join(FRAME_MODES)}, or indices like 0,8,15")
-    latent_size: list[int] | None = knob(None, "latent height and width (None: the model's own size; 320x512 "
-                                               "video: 40 64; 1024 px SD3.5 or FLUX: 128 128)")
-    video_model: str = knob("t2v", "video: t2v (a diffusers folder: WanPipeline or TextToVideoSDPipeline, read from "
-                                   "model_index.json) or videocrafter2 (model is the converted UNet, video_base the "
-                                   "VAE and text encoder)",
+    num_frames: int = knob(16, "video: frames per video (Wan: 4 k + 1)")
+    frames: str = knob("random", "video: a mode, or indices like 0,8,15")
+    latent_size: list[int] | None = knob(None, "latent height and width")
+    video_model: str = knob("t2v", "video: t2v (a diffusers folder) or videocrafter2",
                             choices=("t2v", "videocrafter2"))
-    video_base: str = knob(VIDEOCRAFTER2_BASE, "video, videocrafter2: source of the VAE, text encoder, tokenizer and "
-                                               "scheduler config")
-    fps: float = knob(24.0, "video, videocrafter2: frame-rate conditioning (the conversion's pipeline: 24; the "
-                            "official script: 28)")
-    gif_fps: float = knob(8.0, "video: frame rate of the written GIFs")
+    video_base: str = knob(VIDEOCRAFTER2_BASE, "videocrafter2: where its VAE and text encoder are")
+    fps: float = knob(24.0, "videocrafter2: frame-rate conditioning")
+    gif_fps: float = knob(8.0, "video: frame rate of the GIFs")
 
-    preset: str | None = knob(None, "start from a preset: tiny, tiny-sd3, tiny-flux (offline CPU smoke runs), "
-                                    "tiny-video, tiny-wan (the same for text-to-video), sd35m, flux-dev, wan21, "
-                                    "videocrafter2 (the models' published sampling settings)",
+    preset: str | None = knob(None, "a preset (docs/training.md)",
                               choices=tuple(PRESETS))
 
     def check(self) -> None:

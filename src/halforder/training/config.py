@@ -51,40 +51,29 @@ class LoopConfig:
     RESUMABLE: ClassVar[frozenset[str]] = frozenset({"steps", "eval_every", "checkpoint_every", "keep_checkpoints",
                                                      "resume", "output_dir", "progress", "report_to"})
 
-    steps: int = knob(100, "number of optimiser updates")
+    steps: int = knob(100, "optimiser updates")
     lr: float = knob(5e-4, "Adam learning rate (the paper: 5e-4)")
     adam_betas: list[float] = knob([0.9, 0.999], "Adam betas (two numbers)", factory=True)
     adam_eps: float = knob(1e-8, "Adam epsilon")
     weight_decay: float = knob(0.0, "decoupled weight decay (AdamW)")
-    batch_size: int = knob(4, "samples per micro-batch and process (the paper: 4)")
-    grad_accum: int = knob(2, "micro-batches averaged into one update (the paper: 2)")
-    lr_scheduler: str = knob("constant", "learning-rate schedule over the steps (diffusers' get_scheduler): constant, "
-                                         "linear (decay to 0) or cosine", choices=LR_SCHEDULES)
-    lr_warmup_steps: int = knob(0, "updates of linear learning-rate warmup from 0")
-    ema: bool = knob(False, "keep an exponential moving average of the trained weights; evaluations and exported "
-                            "LoRA files use it")
-    ema_decay: float = knob(0.99, "ema: the average's decay per update (diffusers' EMAModel, with its warmup)")
-    clip_norm: float = knob(1.0, "clip the gradient's global norm to this value (0: no clipping)")
-    baseline: str = knob("loo", "control variate of the likelihood-ratio terms: loo (leave-one-out batch mean, "
-                                "needs batch_size >= 2), none, or grpo (GRPO's normalised advantage (R - mean) / std "
-                                "over the batch in place of R - b; biased)", choices=("loo", "none", "grpo"))
-    pairing: str = knob(AUTO, "antithetic groups of samples sharing their noise: none; param (pairs with mirrored "
-                               "parameter noise); ho (pairs with mirrored noise where HO blocks end); param+ho (groups "
-                               "of 4); auto (param for plans with ZO steps, none otherwise). batch_size counts "
-                               "samples, so compute stays the same", choices=(AUTO, *PAIRINGS))
-    seed: int = knob(0, "seed of every random draw; process r draws its data and noise from seed + r")
+    batch_size: int = knob(4, "samples per micro-batch and process")
+    grad_accum: int = knob(2, "micro-batches per update")
+    lr_scheduler: str = knob("constant", "constant, linear or cosine (to 0 at steps)", choices=LR_SCHEDULES)
+    lr_warmup_steps: int = knob(0, "updates of learning-rate warmup")
+    ema: bool = knob(False, "evaluate and export a moving average of the weights")
+    ema_decay: float = knob(0.99, "ema: the average's decay")
+    clip_norm: float = knob(1.0, "gradient norm clip (0: none)")
+    baseline: str = knob("loo", "LR-term control variate: loo, none, grpo (biased)", choices=("loo", "none", "grpo"))
+    pairing: str = knob(AUTO, "antithetic groups: none, param, ho, param+ho, auto", choices=(AUTO, *PAIRINGS))
+    seed: int = knob(0, "seed of every draw (process r: seed + r)")
     output_dir: str | None = knob(os.path.join("runs", "halforder"),
-                                  "directory of metrics.jsonl, config.json, checkpoints and outputs "
-                                  "(None in Python: keep nothing on disk)")
-    eval_every: int = knob(50, "evaluate (e.g. write a sample grid) every this many updates (0: never)")
-    checkpoint_every: int = knob(50, "write a checkpoint every this many updates (0: only at the end)")
-    keep_checkpoints: int = knob(2, "keep the newest this many checkpoints (0: all)")
-    resume: str | None = knob(None, "checkpoint directory to resume from, or 'latest' (the newest in output_dir); "
-                                    "only steps and what is written may differ from the run's settings")
-    progress: bool = knob(True, "show a progress bar (main process only)")
-    report_to: list[str] = knob([JSONL], "where the records go, one or more of: jsonl (metrics.jsonl in output_dir), "
-                                         "tensorboard (event files in output_dir/tensorboard; pip install "
-                                         "'halforder[tensorboard]'), wandb (a Weights & Biases run; pip install wandb)",
+                                  "where metrics, checkpoints and outputs go")
+    eval_every: int = knob(50, "updates between evaluations (0: none)")
+    checkpoint_every: int = knob(50, "updates between checkpoints (0: at the end)")
+    keep_checkpoints: int = knob(2, "checkpoints kept (0: all)")
+    resume: str | None = knob(None, "a checkpoint directory, or 'latest'")
+    progress: bool = knob(True, "show a progress bar")
+    report_to: list[str] = knob([JSONL], "jsonl, tensorboard and/or wandb",
                                 choices=TRACKERS, factory=True)
 
     def __post_init__(self):
