@@ -34,7 +34,7 @@ def _json_mapping(text: str) -> dict:
 OTHER_NAMES = {"learning_rate": "lr", "train_batch_size": "batch-size", "gradient_accumulation_steps": "grad-accum",
                "resume_from_checkpoint": "resume", "checkpointing_steps": "checkpoint-every",
                "checkpoints_total_limit": "keep-checkpoints", "num_inference_steps": "T",
-               "pretrained_model_name_or_path": "model", "max_train_steps": "steps", "output-dir": "output-dir"}
+               "pretrained_model_name_or_path": "model", "max_train_steps": "steps"}
 
 
 class Switch(argparse.Action):

@@ -105,7 +105,7 @@ class TrainConfig(LoopConfig):
     mixed_precision: str = knob("no", "the frozen model's dtype (fp16 needs a GPU)", choices=tuple(PRECISIONS))
     gradient_checkpointing: bool = knob(False, "recompute each step's graph in backward")
     checkpoint_decode: bool = knob(False, "recompute the VAE decoder's blocks")
-    compile: str = knob("no", "torch.compile mode for the denoiser", choices=COMPILE_MODES)
+    compile: str = knob("no", "torch.compile mode: no, default, reduce-overhead, max-autotune", choices=COMPILE_MODES)
     batching: str = knob("vmap", "per-sample parameters by vmap or loop", choices=BATCHING)
 
     # ------------------------------------------------------------------ data
@@ -122,7 +122,7 @@ class TrainConfig(LoopConfig):
     eval_rewards: dict = knob({}, "rewards logged beside it, JSON name -> options", factory=True)
 
     # ------------------------------------------------------------------ estimator
-    estimator: str = knob("rlr", "estimator family; auto: the plan search",
+    estimator: str = knob("rlr", "full, truncated, reinforce, zeroth_order, rlr, auto (search), truncated_random, rlr_no_zo (biased)",
                           choices=(*FAMILIES, "auto"))
     memory_budget: str | None = knob(None, "estimator auto: memory budget, e.g. 2GiB")
     time_budget: str | None = knob(None, "estimator auto: seconds per estimate, e.g. 1s")
@@ -130,7 +130,7 @@ class TrainConfig(LoopConfig):
     reinforce_window: list[int] | None = knob(None, "reinforce: a b, REINFORCE on steps a..b only")
     h: int = knob(2, "RLR: half-order block length (the paper: 2)")
     k: int = knob(1, "truncated backprop: first-order steps K")
-    j_sampling: str = knob("uniform", "RLR: law of the block start j", choices=J_SAMPLING)
+    j_sampling: str = knob("uniform", "RLR, law of j: uniform, softmax, window, fixed", choices=J_SAMPLING)
     j: int | None = knob(None, "RLR, j_sampling fixed: the block start")
     j_window: list[int] | None = knob(None, "RLR, j_sampling window: a b")
     j_temperature: float = knob(1.0, "RLR, j_sampling softmax: temperature")
@@ -146,7 +146,7 @@ class TrainConfig(LoopConfig):
 
     # ------------------------------------------------------------------ video (task t2v)
     num_frames: int = knob(16, "video: frames per video (Wan: 4 k + 1)")
-    frames: str = knob("random", "video: a mode, or indices like 0,8,15")
+    frames: str = knob("random", "video: all, random, ends, first, middle, last or indices 0,8,15")
     latent_size: list[int] | None = knob(None, "latent height and width")
     video_model: str = knob("t2v", "video: t2v (a diffusers folder) or videocrafter2",
                             choices=("t2v", "videocrafter2"))
@@ -154,7 +154,7 @@ class TrainConfig(LoopConfig):
     fps: float = knob(24.0, "videocrafter2: frame-rate conditioning")
     gif_fps: float = knob(8.0, "video: frame rate of the GIFs")
 
-    preset: str | None = knob(None, "a preset (docs/training.md)",
+    preset: str | None = knob(None, "tiny, tiny-video, tiny-sd3, tiny-flux, tiny-wan, sd35m, flux-dev, wan21, videocrafter2",
                               choices=tuple(PRESETS))
 
     def check(self) -> None:
