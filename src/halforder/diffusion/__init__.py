@@ -2,12 +2,14 @@
 
 Needs the ``diffusion`` extra (diffusers, peft, transformers, accelerate). One idea a module:
 :mod:`.solvers` (DDIM, DPM-Solver, flow-matching Euler), :mod:`.denoiser` (functional call,
-CFG, per-sample parameters), :mod:`.chain` (the chain and its noise schedules), :mod:`.text` (prompt
-embeddings), :mod:`.sd_chain` (the chain builder), :mod:`.views` (what the reward sees), :mod:`.components` (the parts of a model, SD 1/2
-loading and tiny models), :mod:`.families` (SD 1/2, SD3, FLUX: loading by model_index.json), :mod:`.hub` (offline
-behaviour), :mod:`.lora`, :mod:`.rewards` and :mod:`.clip_preprocess`, :mod:`.task` (the
-training task), :mod:`.dcot`, :mod:`.config`, :mod:`.run` and :mod:`.cli` (a run from a
-config), :mod:`.previews` (sample grids and GIFs), and :mod:`.video`.
+CFG, per-sample parameters), :mod:`.chain` (the chain and its noise schedules), :mod:`.text`
+(prompt embeddings), :mod:`.sd_chain` (the chain builder), :mod:`.views` (what the reward sees),
+:mod:`.components` (the parts of a model, SD 1/2 loading and tiny models), :mod:`.families`
+(SD 1/2, SD3, FLUX, Wan: loading by model_index.json), :mod:`.hub` (offline behaviour),
+:mod:`.lora`, :mod:`.rewards` and :mod:`.clip_preprocess`, :mod:`.task` (the training task),
+:mod:`.dcot`, :mod:`.config`, :mod:`.run` and :mod:`.cli` (a run from a config),
+:mod:`.export_cli` (a checkpoint's LoRA file), :mod:`.previews` (sample grids and GIFs), and
+:mod:`.video`.
 """
 from .chain import DiffusionChain, eta_schedule, rollout, tau_schedule
 from .components import Components, make_scheduler, tiny_components, unet_latent_shape
@@ -22,7 +24,8 @@ from .task import DiffusionTask
 from .text import PromptEncoder, encode_prompts, text_conditioning
 
 __all__ = ["Components", "DDIMSolver", "DPMSolver", "DecodedReward", "DiffusionChain", "DiffusionTask",
-           "FlowMatchSolver", "ImageView", "LatentScale", "ModuleDenoiser", "PromptEncoder", "REWARDS", "add_lora",
-           "decode_latents", "encode_prompts", "eta_schedule", "family_of", "image_view", "load_components", "lora_params", "make_chain", "make_reward", "make_scheduler",
-           "make_solver", "model_solver", "register", "rollout", "save_lora", "set_lora", "tau_schedule",
+           "FlowMatchSolver", "ImageView", "LatentScale", "ModuleDenoiser", "PromptEncoder", "REWARDS",
+           "add_lora", "decode_latents", "encode_prompts", "eta_schedule", "family_of", "image_view",
+           "load_components", "lora_params", "make_chain", "make_reward", "make_scheduler", "make_solver",
+           "model_solver", "register", "rollout", "save_lora", "set_lora", "tau_schedule",
            "text_conditioning", "tiny_components", "tiny_model", "unet_latent_shape"]

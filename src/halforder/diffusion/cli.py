@@ -128,9 +128,10 @@ def check_launcher_precision(launcher: str, run: str) -> None:
     ``ACCELERATE_MIXED_PRECISION``) but the run does not use: the run's precision is its own
     ``mixed_precision`` (the frozen model's dtype, no autocast)."""
     if str(launcher) not in ("no", str(run)):
-        raise ValueError(f"accelerate is set to mixed precision {launcher} (its launch flag, ACCELERATE_MIXED_PRECISION "
-                         f"or its config file), but this run's mixed_precision is {run}: pass --mixed-precision "
-                         f"{launcher} to train the frozen model in {launcher}, or launch with --mixed_precision no")
+        raise ValueError(f"accelerate is set to mixed precision {launcher} (its launch flag, "
+                         f"ACCELERATE_MIXED_PRECISION or its config file), but this run's mixed_precision is "
+                         f"{run}: pass --mixed-precision {launcher} to train the frozen model in {launcher}, or "
+                         "launch with --mixed_precision no")
 
 
 def _resume_hint(cfg: TrainConfig | None) -> str:
@@ -155,8 +156,10 @@ def main(argv: list[str] | None = None) -> int:
             from ..training.loop import make_accelerator
             from .run import prepare, run
 
-            acc = make_accelerator(report_to=cfg.report_to, output_dir=cfg.output_dir)   # no autocast: see mixed_precision
-            check_launcher_precision(os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower(), cfg.mixed_precision)
+            # no autocast: the run's precision is its mixed_precision (the frozen model's dtype)
+            acc = make_accelerator(report_to=cfg.report_to, output_dir=cfg.output_dir)
+            launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+            check_launcher_precision(launcher, cfg.mixed_precision)
             prepared = prepare(cfg, acc.device)
         except (ValueError, OSError) as e:
             print(f"halforder train: error: {e}", file=sys.stderr)

@@ -116,13 +116,12 @@ class TrainConfig(LoopConfig):
     dcot_split: list[float] | None = knob(None, "DCoT: sizes of the coarse, mid, fine groups")
 
     # ------------------------------------------------------------------ reward
-    reward: str = knob("aesthetic", "aesthetic, brightness, clipscore, color, hpsv2, imagereward, pickscore, random_cnn; video: also temporal")
-    reward_kwargs: dict = knob({}, "the reward's options (e.g. a model path)",
-                               factory=True)
+    reward: str = knob("aesthetic", f"{', '.join(sorted(REWARDS))}; video: also {', '.join(sorted(VIDEO_REWARDS))}")
+    reward_kwargs: dict = knob({}, "the reward's options (e.g. a model path)", factory=True)
     eval_rewards: dict = knob({}, "rewards logged beside it, JSON name -> options", factory=True)
 
     # ------------------------------------------------------------------ estimator
-    estimator: str = knob("rlr", "full, truncated, reinforce, zeroth_order, rlr, auto (search), truncated_random, rlr_no_zo (biased)",
+    estimator: str = knob("rlr", f"{', '.join(FAMILIES)}, or auto (the plan search)",
                           choices=(*FAMILIES, "auto"))
     memory_budget: str | None = knob(None, "estimator auto: memory budget, e.g. 2GiB")
     time_budget: str | None = knob(None, "estimator auto: seconds per estimate, e.g. 1s")
@@ -154,7 +153,7 @@ class TrainConfig(LoopConfig):
     fps: float = knob(24.0, "videocrafter2: frame-rate conditioning")
     gif_fps: float = knob(8.0, "video: frame rate of the GIFs")
 
-    preset: str | None = knob(None, "tiny, tiny-video, tiny-sd3, tiny-flux, tiny-wan, sd35m, flux-dev, wan21, videocrafter2",
+    preset: str | None = knob(None, f"{', '.join(PRESETS)}",
                               choices=tuple(PRESETS))
 
     def check(self) -> None:

@@ -138,9 +138,10 @@ def build_task(cfg: TrainConfig, components: Components, reward, device="cpu",
                              f"video, but frames={cfg.frames!r} decodes {k}")
     else:
         view = image_view(components, cfg.latent_size)
-    if cfg.negative_prompt and family_of(components).network(components, view.latent_shape, cfg.guidance_scale)[1] <= 1:
-        raise ValueError("negative_prompt has no effect: this run has no classifier-free guidance (guidance_scale <= 1, "
-                         "or FLUX, whose guidance is an embedding)")
+    cfg_weight = family_of(components).network(components, view.latent_shape, cfg.guidance_scale)[1]
+    if cfg.negative_prompt and cfg_weight <= 1:
+        raise ValueError("negative_prompt has no effect: this run has no classifier-free guidance (guidance_scale "
+                         "<= 1, or FLUX, whose guidance is an embedding)")
     return DiffusionTask(components, params, reward, view, cfg.T, cfg.guidance_scale, cfg.negative_prompt,
                          cfg.eta_value(), cfg.eta_plan, cfg.zo_sigma, cfg.gradient_checkpointing, step_prompts,
                          cfg.batching, None if cfg.compile == "no" else cfg.compile, cfg.noise)

@@ -71,7 +71,8 @@ def save_checkpoint(root: str, step: int, params: Mapping[str, torch.Tensor], sa
     """Write the checkpoint of ``step`` under ``root`` atomically, with the run's settings
     ``config`` (what a resume is checked against) and the evaluations spent so far
     (``{"forward": f, "backward": b}``, all processes) and the EMA's state ``ema``;
-    ``weights(directory)`` adds the trained weights in a format of the caller's; keep only the newest ``keep`` checkpoints (0: keep all).
+    ``weights(directory)`` adds the trained weights in a format of the caller's; keep only the
+    newest ``keep`` checkpoints (0: keep all).
     Returns its path."""
     from safetensors.torch import save_file
 

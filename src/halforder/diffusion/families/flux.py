@@ -4,8 +4,9 @@ an embedding and no classifier-free guidance (``FluxPipeline`` with ``true_cfg_s
 
 The chain's latent is the pipeline's packed one with its rows unflattened, ``[h/2, w/2, 4C]``
 (``z.flatten(1, 2)`` is the pipeline's ``[(h/2)(w/2), 4C]``): Euler steps act elementwise,
-and start noise drawn packed has the law of noise drawn unpacked and then packed. The schedule is the pipeline's: sigmas linspace(1, 1/T, T), dynamically shifted by
-mu from the number of packed tokens.
+and start noise drawn packed has the law of noise drawn unpacked and then packed. The schedule
+is the pipeline's: sigmas linspace(1, 1/T, T), dynamically shifted by mu from the number of
+packed tokens.
 """
 from __future__ import annotations
 
@@ -143,4 +144,5 @@ def tiny(seed: int = 0, scheduler: str = "ddim") -> Components:
 
 FAMILY = ModelFamily(name="flux", pipelines=("FluxPipeline",), tiny_model="tiny-flux", lora_prefix="transformer",
                      load=load, tiny=tiny, encode=encode, network=network, latent_shape=latent_shape, unpack=unpack,
-                     solver=solver, pipeline=lambda c: flow_pipeline("FluxPipeline", c, "text_encoder_2", "tokenizer_2"))
+                     solver=solver,
+                     pipeline=lambda c: flow_pipeline("FluxPipeline", c, "text_encoder_2", "tokenizer_2"))
