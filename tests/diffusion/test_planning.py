@@ -48,6 +48,35 @@ def test_auto_trains_the_searched_plan_and_records_it(tmp_path, capsys):
     assert f"chosen: {chosen}: lowest variance x time" in table and "   1  " + chosen in table
     cfg = json.load(open(out / "config.json"))
     assert cfg["estimator"] == "auto" and cfg["memory_budget"] == "64MiB"
+    # what the search spent, counted by the compute meter, before the first update
+    first = json.loads(open(out / "metrics.jsonl").readline())
+    cost = first["plan_search"]
+    assert first["step"] == 0 and cost["evaluations"] == cost["evaluations_forward"] + cost["evaluations_backward"] > 0
+    assert cost["seconds"] > 0 and cost["share_of_run"] == pytest.approx(cost["evaluations"] / cost["run_evaluations"])
+    assert f"search cost: {cost['evaluations']:,} model evaluations ({cost['evaluations_forward']:,} forward" in table
+
+
+def test_the_search_cost_is_what_the_meter_counts(monkeypatch):
+    """The reported forward count is the sum of every denoiser call's samples during the search
+    (the meter's count, which a tally of the calls repeats), not a formula; the run it is
+    compared with is the chosen plan's exact cost over the configured updates."""
+    from halforder.diffusion.config import load_config
+    from halforder.diffusion.run import prepare
+    from halforder.estimators import compute, expected_evaluations
+
+    real, calls = compute.record, []
+
+    def tally(n, output):
+        calls.append(n)
+        real(n, output)
+    monkeypatch.setattr("halforder.diffusion.denoiser.record", tally)
+    cfg = load_config(None, dict(T=2, steps=3, grad_accum=2, estimator="auto", memory_budget="64MiB",
+                                 plan_pilots=4, output_dir=None, progress=False), preset="tiny")
+    prepared = prepare(cfg)
+    cost = prepared.search.cost
+    assert cost.forward == sum(calls) > 0 and cost.backward > 0
+    want = expected_evaluations(prepared.sampler.plan, cfg.batch_size, prepared.task.gradient_checkpointing)
+    assert cost.run_evaluations == cfg.steps * cfg.grad_accum * (want["forward"] + want["backward"])
 
 
 def _all_scored(T):

@@ -21,12 +21,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import time
 
 import torch
 
+from ..estimators.compute import ComputeMeter, expected_evaluations
 from ..estimators.plan import Plan, Role
 from ..estimators.samplers import FixedPlan
-from ..estimators.search import (Measured, SearchResult, Space, checkpointable, measure, parse_bytes,
+from ..estimators.search import (Measured, SearchCost, SearchResult, Space, checkpointable, measure, parse_bytes,
                                  parse_seconds)
 from ..training.files import write_json
 
@@ -65,11 +67,14 @@ def choose(cfg, task, prompts, *, progress: bool = False):
 
     params = {k: v.detach() for k, v in task.params.items()}
     budget = parse_bytes(cfg.memory_budget)
+    t0 = time.perf_counter()
     try:
-        measured = measure(base, params, generator=torch.Generator(device=base.device).manual_seed(cfg.seed),
-                           n=cfg.batch_size, space=space_for(cfg), chain_for=chain_for,
-                           pilot_samples=cfg.plan_pilots, baseline=None if cfg.baseline == "none" else cfg.baseline,
-                           probe_memory=budget, progress=progress)
+        with ComputeMeter() as meter:
+            measured = measure(base, params, generator=torch.Generator(device=base.device).manual_seed(cfg.seed),
+                               n=cfg.batch_size, space=space_for(cfg), chain_for=chain_for,
+                               pilot_samples=cfg.plan_pilots,
+                               baseline=None if cfg.baseline == "none" else cfg.baseline, probe_memory=budget,
+                               progress=progress)
     except (RuntimeError, MemoryError) as e:
         if not _out_of_memory(e):
             raise
@@ -81,7 +86,10 @@ def choose(cfg, task, prompts, *, progress: bool = False):
     best = result.best.candidate
     task, sampler = _apply(task, Plan(best.plan.roles, best.plan.blocks, f"auto: {best.name}"),
                            bool(best.checkpoint) or cfg.gradient_checkpointing)
-    return task, sampler, result
+    run = expected_evaluations(sampler.plan, cfg.batch_size, checkpointed=task.gradient_checkpointing)
+    cost = SearchCost(meter.forward, meter.backward, time.perf_counter() - t0,
+                      cfg.steps * cfg.grad_accum * (run["forward"] + run["backward"]))
+    return task, sampler, dataclasses.replace(result, cost=cost)
 
 
 def _out_of_memory(e: BaseException) -> bool:
@@ -119,5 +127,7 @@ def resume_choice(task, checkpoint_path: str, gradient_checkpointing: bool = Fal
 
 
 def report(result: SearchResult, top: int = 20) -> str:
-    """The ranked table and the reason for the choice, as ``halforder plan`` prints it."""
-    return f"{result.table(top)}\n\nchosen: {result.best.candidate.name}: {result.why()}"
+    """The ranked table, the reason for the choice and what the search cost, as ``halforder
+    plan`` prints it."""
+    text = f"{result.table(top)}\n\nchosen: {result.best.candidate.name}: {result.why()}"
+    return text + (f"\n{result.cost.line()}" if result.cost is not None else "")

@@ -20,10 +20,10 @@ from ..estimators.gradient_checkpointing import checkpoint_blocks
 from ..estimators.samplers import PlanSampler
 from ..estimators.search import SearchResult
 from ..training.checkpoints import load_checkpoint
-from ..training.files import atomic_dir, write_text
+from ..training.files import append_jsonl, atomic_dir, write_text
 from ..training.loop import Hooks, TrainResult, make_accelerator, train
 from ..training.resume import check_fits, check_output_dir, check_resume, resume_path
-from ..training.trackers import SampleImages
+from ..training.trackers import JSONL, SampleImages
 from .components import Components
 from .config import PRECISIONS, TINY_EVAL_PROMPTS, TINY_PROMPTS, TrainConfig
 from .dcot import DCoTConditioning, StepSplit, load_dcot_prompts
@@ -215,5 +215,8 @@ def run(cfg: TrainConfig, prepared: Prepared, accelerator=None) -> TrainResult:
     if prepared.search is not None and cfg.output_dir and acc.is_main_process:
         write_text(os.path.join(cfg.output_dir, "plan_search.txt"), report(prepared.search) + "\n")
         save_choice(cfg.output_dir, task, prepared.sampler)
+        if prepared.search.cost is not None and JSONL in cfg.report_to:   # what the search spent, before step 1
+            append_jsonl(os.path.join(cfg.output_dir, "metrics.jsonl"),
+                         {"step": 0, "plan_search": prepared.search.cost.record()})
     hooks = Hooks(evaluate=evaluate if cfg.output_dir else None, export=export, weights=weights)
     return train(task, prepared.sampler, prepared.prompts, cfg, accelerator=acc, hooks=hooks)
