@@ -25,10 +25,10 @@ import time
 
 import torch
 
-from ..estimators.compute import ComputeMeter, expected_evaluations
+from ..estimators.compute import ComputeMeter, SearchCost, expected_evaluations
 from ..estimators.plan import Plan, Role
 from ..estimators.samplers import FixedPlan
-from ..estimators.search import (Measured, SearchCost, SearchResult, Space, checkpointable, measure, parse_bytes,
+from ..estimators.search import (Measured, SearchResult, Space, checkpointable, measure, parse_bytes,
                                  parse_seconds)
 from ..training.files import write_json
 
