@@ -95,3 +95,24 @@ def test_estimators_run_on_the_video_chain(plan):
     assert sum(float(v.abs().sum()) for v in est.grad.values()) > 0
     want = expected_evaluations(plan, 4)
     assert (meter.forward, meter.backward) == (want["forward"], want["backward"])
+
+
+def test_a_unet3d_folder_loads_as_video_with_or_without_its_model_index(tmp_path):
+    """`--task t2v` with a TextToVideoSDPipeline folder (model_index.json names it) or a bare
+    folder of its parts loads the UNet3D model; the same folder as an image model is refused."""
+    import diffusers
+
+    from halforder.diffusion.video import tiny_video_components
+
+    c = tiny_video_components(0)
+    pipe = diffusers.TextToVideoSDPipeline(vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer, unet=c.unet,
+                                           scheduler=c.scheduler)
+    pipe.save_pretrained(tmp_path / "t2v")
+    loaded = load_components(str(tmp_path / "t2v"), local_files_only=True, video=True)
+    assert type(loaded.unet).__name__ == "UNet3DConditionModel" and loaded.family == "sd"
+    (tmp_path / "t2v" / "model_index.json").unlink()
+    assert type(load_components(str(tmp_path / "t2v"), local_files_only=True, video=True).unet).__name__ == \
+        "UNet3DConditionModel"
+    pipe.save_pretrained(tmp_path / "again")
+    with pytest.raises(ValueError, match="a text-to-video model: use task t2v"):
+        load_components(str(tmp_path / "again"), local_files_only=True)

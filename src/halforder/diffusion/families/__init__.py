@@ -18,7 +18,6 @@ import torch
 from ..components import Components
 from ..hub import load_error, local_dir, looks_local, offline
 from ..text import PromptEncoder
-from ..video.components import load_video_components
 from . import flux, sd, sd3, wan
 from .protocol import ModelFamily
 
@@ -78,23 +77,22 @@ def load_components(model: str, *, dtype: torch.dtype = torch.float32, device: s
         model = local_dir(model, "model")
     kw = dict(local_files_only=local_files_only or offline(), revision=revision)
     name = pipeline_class(model, kw)
-    if video and name in (None, "TextToVideoSDPipeline"):
-        return load_video_components(model, dtype=dtype, device=device, scheduler=scheduler, **kw)
-    if video != (name in wan.FAMILY.pipelines):
-        raise ValueError(f"{model!r} is a {name}, a {'text-to-image' if video else 'text-to-video'} model: use task "
-                         f"{'t2i' if video else 't2v'}")
     family = next((f for f in FAMILIES.values() if name in f.pipelines), sd.FAMILY if name is None else None)
     if family is None:
         known = ", ".join(p for f in FAMILIES.values() for p in f.pipelines)
         raise ValueError(f"{model!r} is a {name}; the model families here load {known}")
+    made = family.pipelines.get(name, "t2v" if video else "t2i")
+    if made != ("t2v" if video else "t2i"):
+        raise ValueError(f"{model!r} is a {name}, a {'text-to-video' if made == 't2v' else 'text-to-image'} model: "
+                         f"use task {made}")
     if family is not sd3.FAMILY and not t5:
         raise ValueError(f"no_t5 applies to SD3 models; {model!r} is a {name}")
-    return family.load(model, dtype=dtype, kw=kw, scheduler=scheduler, t5=t5).to(device).freeze()
+    return family.load(model, dtype=dtype, kw=kw, scheduler=scheduler, t5=t5, video=video).to(device).freeze()
 
 
 def tiny_model(name: str, seed: int = 0, scheduler: str = "ddim") -> Components:
     """The tiny random parts of the family whose tiny model is ``name`` (``"tiny"``,
-    ``"tiny-sd3"``, ``"tiny-flux"``), built offline."""
+    ``"tiny-sd3"``, ``"tiny-flux"``, ``"tiny-wan"``), built offline."""
     if name not in TINY_MODELS:
         raise ValueError(f"unknown tiny model {name!r}; known: {', '.join(TINY_MODELS)}")
     return TINY_MODELS[name].tiny(seed, scheduler=scheduler)

@@ -98,7 +98,7 @@ def solver(c: Components, T, shape, noise="sde"):
     return make_solver(c.scheduler, T, noise=noise, mu=mu, sigmas=np.linspace(1.0, 1 / T, T))
 
 
-def load(model, *, dtype, kw, scheduler="ddim", t5=True):
+def load(model, *, dtype, kw, scheduler="ddim", t5=True, video=False):
     """A FLUX.1 folder or hub id (T5 is FLUX's prompt encoder: it cannot be left out)."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
     from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
@@ -142,7 +142,8 @@ def tiny(seed: int = 0, scheduler: str = "ddim") -> Components:
                       family="flux", max_sequence_length=16).freeze()
 
 
-FAMILY = ModelFamily(name="flux", pipelines=("FluxPipeline",), tiny_model="tiny-flux", lora_prefix="transformer",
+FAMILY = ModelFamily(name="flux", pipelines={"FluxPipeline": "t2i"}, tiny_model="tiny-flux",
+                     lora_prefix="transformer",
                      load=load, tiny=tiny, encode=encode, network=network, latent_shape=latent_shape, unpack=unpack,
                      solver=solver,
                      pipeline=lambda c: flow_pipeline("FluxPipeline", c, "text_encoder_2", "tokenizer_2"))

@@ -10,7 +10,7 @@ Below it, the pieces the flow-matching families share.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 
 from ..components import Components
@@ -23,11 +23,13 @@ class ModelFamily:
 
     Attributes:
       name: the name a :class:`~halforder.diffusion.components.Components` carries (``family``).
-      pipelines: the ``_class_name`` values of ``model_index.json`` that this family loads.
+      pipelines: the ``_class_name`` values of ``model_index.json`` that this family loads, each
+        with what it generates: ``"t2i"`` (images) or ``"t2v"`` (video).
       tiny_model: the model name that builds its tiny random parts offline (e.g. ``"tiny-sd3"``).
       lora_prefix: the key prefix of its LoRA files (``"unet"`` or ``"transformer"``).
-      load: ``(model, *, dtype, kw, scheduler, t5) -> Components`` (``kw``: ``from_pretrained``'s
-        ``local_files_only`` and ``revision``; not frozen, on the CPU).
+      load: ``(model, *, dtype, kw, scheduler, t5, video) -> Components`` (``kw``: ``from_pretrained``'s
+        ``local_files_only`` and ``revision``; ``video``: a text-to-video pipeline of the family;
+        not frozen, on the CPU).
       tiny: ``(seed, *, scheduler) -> Components``: tiny random parts, frozen.
       encode: ``(components, prompts) -> conditioning`` rows ``[N, ...]``, as the pipeline encodes.
       network: ``(components, latent_shape, guidance_scale) -> (call, cfg_weight)``: how the
@@ -44,7 +46,7 @@ class ModelFamily:
     """
 
     name: str
-    pipelines: tuple[str, ...]
+    pipelines: Mapping[str, str]
     tiny_model: str
     lora_prefix: str
     load: Callable[..., Components]

@@ -7,12 +7,13 @@ from ..components import load_sd_components, tiny_components, unet_latent_shape
 from ..denoiser import unet_call
 from ..solvers import make_solver
 from ..text import encode_prompts
+from ..video.components import load_video_components
 from ..video.frames import video_view
 from .protocol import ModelFamily
 
 
-def _load(model, *, dtype, kw, scheduler="ddim", t5=True):
-    return load_sd_components(model, dtype=dtype, scheduler=scheduler, **kw)
+def _load(model, *, dtype, kw, scheduler="ddim", t5=True, video=False):
+    return (load_video_components if video else load_sd_components)(model, dtype=dtype, scheduler=scheduler, **kw)
 
 
 def _pipeline(c):
@@ -31,7 +32,8 @@ def _solver(components, T, latent_shape, noise="sde"):
 
 
 FAMILY = ModelFamily(
-    name="sd", pipelines=("StableDiffusionPipeline",), tiny_model="tiny", lora_prefix="unet",
+    name="sd", pipelines={"StableDiffusionPipeline": "t2i", "TextToVideoSDPipeline": "t2v"}, tiny_model="tiny",
+    lora_prefix="unet",
     load=_load, tiny=lambda seed, scheduler="ddim": tiny_components(seed, scheduler=scheduler),
     encode=encode_prompts, network=lambda components, shape, w: (unet_call, w),
     latent_shape=lambda components, size: unet_latent_shape(components.unet, size),

@@ -66,7 +66,7 @@ def solver(c: Components, T, shape, noise="sde"):
     return make_solver(c.scheduler, T, noise=noise, mu=mu)
 
 
-def load(model, *, dtype, kw, scheduler="ddim", t5=True):
+def load(model, *, dtype, kw, scheduler="ddim", t5=True, video=False):
     """An SD3 / SD3.5 folder or hub id; ``t5=False`` leaves T5 out (the pipeline then feeds zeros)."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
     from transformers import AutoTokenizer, CLIPTextModelWithProjection, T5EncoderModel
@@ -109,7 +109,7 @@ def tiny(seed: int = 0, scheduler: str = "ddim") -> Components:
                       tokenizer_3=t5_tokenizer, family="sd3", max_sequence_length=16).freeze()
 
 
-FAMILY = ModelFamily(name="sd3", pipelines=("StableDiffusion3Pipeline",), tiny_model="tiny-sd3",
+FAMILY = ModelFamily(name="sd3", pipelines={"StableDiffusion3Pipeline": "t2i"}, tiny_model="tiny-sd3",
                      lora_prefix="transformer", load=load, tiny=tiny, encode=encode,
                      network=lambda c, shape, w: (call, w), latent_shape=latent_shape,
                      unpack=lambda c, shape: None, solver=solver,

@@ -89,7 +89,7 @@ def flow_scheduler(config: dict):
                                            shift=float(config.get("flow_shift") or 1.0))
 
 
-def load(model, *, dtype, kw, scheduler="ddim", t5=True):
+def load(model, *, dtype, kw, scheduler="ddim", t5=True, video=False):
     """A Wan 2.1 text-to-video folder or hub id (``WanPipeline`` layout); the VAE stays float32,
     as the published examples load it."""
     from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
@@ -133,7 +133,8 @@ def tiny(seed: int = 0, scheduler: str = "ddim") -> Components:
                       family="wan", max_sequence_length=16).freeze()
 
 
-FAMILY = ModelFamily(name="wan", pipelines=("WanPipeline",), tiny_model="tiny-wan", lora_prefix="transformer",
+FAMILY = ModelFamily(name="wan", pipelines={"WanPipeline": "t2v"}, tiny_model="tiny-wan",
+                     lora_prefix="transformer",
                      load=load, tiny=tiny, encode=encode, network=lambda c, shape, w: (call, w),
                      latent_shape=image_only, unpack=lambda c, shape: None, solver=solver, video_view=video_view,
                      pipeline=lambda c: flow_pipeline("WanPipeline", c))
