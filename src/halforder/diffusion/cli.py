@@ -37,29 +37,20 @@ OTHER_NAMES = {"learning_rate": "lr", "train_batch_size": "batch-size", "gradien
                "pretrained_model_name_or_path": "model", "max_train_steps": "steps"}
 
 
-class Switch(argparse.Action):
-    """A boolean flag as ``--name`` / ``--no-name`` (the underscore spellings parse too)."""
-
-    def __init__(self, option_strings, dest, **kwargs):
-        super().__init__(option_strings, dest, nargs=0, **kwargs)
+class Switch(argparse.BooleanOptionalAction):
+    """argparse's ``--name`` / ``--no-name`` flag, whose underscore spellings parse too."""
 
     def __call__(self, parser, namespace, values, option_string=None):
         setattr(namespace, self.dest, not option_string.startswith(("--no-", "--no_")))
 
-    def format_usage(self) -> str:
-        return " | ".join(self.option_strings)
 
-
-class TrainParser(argparse.ArgumentParser):
-    """Answers an unknown flag that diffusers' or trl's scripts use with the flag meant here."""
-
-    def error(self, message: str):
-        for flag in message.split(": ", 1)[-1].split():
-            name = flag.split("=", 1)[0].lstrip("-").replace("-", "_")
-            if flag.startswith("--") and name in OTHER_NAMES:
-                message += f"; did you mean --{OTHER_NAMES[name]}?"
-                break
-        super().error(message)
+def did_you_mean(message: str) -> str:
+    """An argparse error about a flag that diffusers' or trl's scripts use, with the flag meant here."""
+    for flag in message.split(": ", 1)[-1].split():
+        name = flag.split("=", 1)[0].lstrip("-").replace("-", "_")
+        if flag.startswith("--") and name in OTHER_NAMES:
+            return f"{message}; did you mean --{OTHER_NAMES[name]}?"
+    return message
 
 
 def parser() -> argparse.ArgumentParser:
@@ -70,10 +61,13 @@ def parser() -> argparse.ArgumentParser:
     override a config file."""
     from transformers import HfArgumentParser
 
-    p = HfArgumentParser(TrainConfig, prog="halforder train", description=__doc__,
-                         usage="halforder train [--config FILE] [--preset NAME] [--FLAG VALUE ...]",
-                         formatter_class=lambda prog: argparse.RawDescriptionHelpFormatter(prog, max_help_position=32))
-    p.__class__ = type("HfTrainParser", (TrainParser, type(p)), {})
+    class TrainParser(HfArgumentParser):
+        def error(self, message: str):
+            super().error(did_you_mean(message))
+
+    p = TrainParser(TrainConfig, prog="halforder train", description=__doc__,
+                    usage="halforder train [--config FILE] [--preset NAME] [--FLAG VALUE ...]",
+                    formatter_class=lambda prog: argparse.RawDescriptionHelpFormatter(prog, max_help_position=32))
     defaults = TrainConfig().to_dict()
     switches = {}
     for action in list(p._actions):
@@ -96,7 +90,7 @@ def parser() -> argparse.ArgumentParser:
         action.option_strings = [f for f in action.option_strings if "_" not in f] or action.option_strings
     for name, help in switches.items():
         flag = name.replace("_", "-")
-        switch = p.add_argument(f"--{flag}", f"--no-{flag}", action=Switch, dest=name, default=argparse.SUPPRESS,
+        switch = p.add_argument(f"--{flag}", action=Switch, dest=name, default=argparse.SUPPRESS,
                                 help=f"{help} (default: {'on' if defaults[name] else 'off'})")
         for alias in (f"--{name}", f"--no_{name}"):
             p._option_string_actions[alias] = switch

@@ -5,7 +5,7 @@
 in the diffusers layout) with ``from_pretrained``; ``tiny_components`` builds the same five
 parts from small configs with random weights, for tests and offline demos (nothing is
 downloaded: the tokenizer's vocabulary is the 256 byte-level symbols, with no merges).
-Other model families (SD3, FLUX) load and build theirs in :mod:`halforder.diffusion.families`,
+Other model families (SD3, FLUX, Wan) load and build theirs in :mod:`halforder.diffusion.families`,
 which also reads a folder's ``model_index.json`` to pick the family (``load_components``).
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ class Components:
 
     Attributes:
       unet: the denoising network: a UNet (``UNet2DConditionModel``, ``UNet3DConditionModel``)
-        or a transformer (``SD3Transformer2DModel``, ``FluxTransformer2DModel``).
+        or a transformer (``SD3Transformer2DModel``, ``FluxTransformer2DModel``, ``WanTransformer3DModel``).
       vae: ``AutoencoderKL`` (latents <-> images; its ``config.scaling_factor`` is used),
         or None for a pixel-space model.
       text_encoder: ``CLIPTextModel``, or None for an unconditional model.
@@ -37,7 +37,8 @@ class Components:
         forward process (VideoCrafter2), which its solvers use; None: the standard process.
       text_encoder_2, tokenizer_2, text_encoder_3, tokenizer_3: the further text encoders of
         SD3 (CLIP-G, T5; ``text_encoder_3`` None: no T5) and FLUX (``text_encoder_2``: T5).
-      family: the model family's name (``halforder.diffusion.families``): ``"sd"``, ``"sd3"``, ``"flux"``.
+      family: the model family's name (``halforder.diffusion.families``): ``"sd"``, ``"sd3"``, ``"flux"``,
+        ``"wan"``.
       max_sequence_length: the T5 prompt length (the pipeline's ``max_sequence_length``).
     """
 
@@ -232,7 +233,7 @@ def tiny_components(seed: int = 0, *, scheduler: str = "ddim", latent_size: int 
     encoder is a one-layer CLIP of width 16 over a 514-symbol byte-level vocabulary.
     """
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextModel
 
     tokenizer = tiny_tokenizer(text_length)
     # diffusers and transformers initialise weights from the global RNG: fork it
@@ -247,8 +248,5 @@ def tiny_components(seed: int = 0, *, scheduler: str = "ddim", latent_size: int 
             in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16), layers_per_block=1,
             norm_num_groups=4, sample_size=2 * latent_size,
             down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
-        text_encoder = CLIPTextModel(CLIPTextConfig(
-            vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-            num_attention_heads=2, max_position_embeddings=text_length, bos_token_id=0, eos_token_id=1,
-            pad_token_id=1, projection_dim=16))
+        text_encoder = CLIPTextModel(tiny_clip_config(len(tokenizer), text_length))
     return Components(unet, vae, text_encoder, tokenizer, make_scheduler(scheduler, SD_SCHEDULER_CONFIG)).freeze()

@@ -105,7 +105,7 @@ class TrainConfig(LoopConfig):
     mixed_precision: str = knob("no", "the frozen model's dtype (fp16 needs a GPU)", choices=tuple(PRECISIONS))
     gradient_checkpointing: bool = knob(False, "recompute each step's graph in backward")
     checkpoint_decode: bool = knob(False, "recompute the VAE decoder's blocks")
-    compile: str = knob("no", "torch.compile mode: no, default, reduce-overhead, max-autotune", choices=COMPILE_MODES)
+    compile: str = knob("no", f"torch.compile mode: {', '.join(COMPILE_MODES)}", choices=COMPILE_MODES)
     batching: str = knob("vmap", "per-sample parameters by vmap or loop", choices=BATCHING)
 
     # ------------------------------------------------------------------ data
@@ -129,7 +129,7 @@ class TrainConfig(LoopConfig):
     reinforce_window: list[int] | None = knob(None, "reinforce: a b, REINFORCE on steps a..b only")
     h: int = knob(2, "RLR: half-order block length (the paper: 2)")
     k: int = knob(1, "truncated backprop: first-order steps K")
-    j_sampling: str = knob("uniform", "RLR, law of j: uniform, softmax, window, fixed", choices=J_SAMPLING)
+    j_sampling: str = knob("uniform", f"RLR, law of j: {', '.join(J_SAMPLING)}", choices=J_SAMPLING)
     j: int | None = knob(None, "RLR, j_sampling fixed: the block start")
     j_window: list[int] | None = knob(None, "RLR, j_sampling window: a b")
     j_temperature: float = knob(1.0, "RLR, j_sampling softmax: temperature")
@@ -145,7 +145,7 @@ class TrainConfig(LoopConfig):
 
     # ------------------------------------------------------------------ video (task t2v)
     num_frames: int = knob(16, "video: frames per video (Wan: 4 k + 1)")
-    frames: str = knob("random", "video: all, random, ends, first, middle, last or indices 0,8,15")
+    frames: str = knob("random", f"video: {', '.join(FRAME_MODES)} or indices 0,8,15")
     latent_size: list[int] | None = knob(None, "latent height and width")
     video_model: str = knob("t2v", "video: t2v (a diffusers folder) or videocrafter2",
                             choices=("t2v", "videocrafter2"))

@@ -31,7 +31,7 @@ from .lora import add_lora
 from .planning import choose, report, resume_choice, save_choice
 from .previews import save_grid, write_video
 from .rewards import REWARDS, make_reward
-from .families import TINY_MODELS, family_of, load_components, tiny_model
+from .families import TINY_MODELS, check_t5, family_of, load_components, tiny_model
 from .sd_chain import image_view
 from .task import DiffusionTask, StepPrompts
 from .video.components import load_videocrafter2, tiny_video_components
@@ -90,13 +90,12 @@ def build_components(cfg: TrainConfig, device="cpu") -> Components:
     else:
         comp = load_components(cfg.model, revision=cfg.revision, scheduler=cfg.scheduler, dtype=dtype, t5=cfg.t5,
                                video=video)
-    if not cfg.t5:
-        if comp.family != "sd3":
-            raise ValueError(f"no_t5 applies to SD3 models; {cfg.model!r} is not one")
+    if not cfg.t5:   # a loaded SD3 comes without T5 already; a tiny one is built with it
+        check_t5(family_of(comp), cfg.t5, repr(cfg.model))
         comp = dataclasses.replace(comp, text_encoder_3=None, tokenizer_3=None)
     if cfg.shift is not None:
         if type(comp.scheduler).__name__ != "FlowMatchEulerDiscreteScheduler":
-            raise ValueError("shift applies to flow-matching models (SD3, FLUX) only")
+            raise ValueError("shift applies to flow-matching models (SD3, FLUX, Wan) only")
         comp = dataclasses.replace(comp, scheduler=type(comp.scheduler).from_config(comp.scheduler.config,
                                                                                     shift=cfg.shift))
     if cfg.checkpoint_decode and comp.vae is not None:

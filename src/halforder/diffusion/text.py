@@ -14,6 +14,8 @@ from typing import Callable, Mapping, Sequence, Union
 
 import torch
 
+from .denoiser import map_conditioning
+
 Prompts = Union[Sequence[str], Callable[[int], Sequence[str]]]
 
 
@@ -46,7 +48,7 @@ class PromptEncoder:
         if missing:
             out = self.encode(missing)
             for i, p in enumerate(missing):
-                self._cache[p] = {k: v[i] for k, v in out.items()} if isinstance(out, Mapping) else out[i]
+                self._cache[p] = map_conditioning(lambda v: v[i], out)
         for p in prompts:
             self._cache.move_to_end(p)
         got = [self._cache[p] for p in prompts]

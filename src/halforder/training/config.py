@@ -58,13 +58,14 @@ class LoopConfig:
     weight_decay: float = knob(0.0, "decoupled weight decay (AdamW)")
     batch_size: int = knob(4, "samples per micro-batch and process")
     grad_accum: int = knob(2, "micro-batches per update")
-    lr_scheduler: str = knob("constant", "constant, linear or cosine (to 0 at steps)", choices=LR_SCHEDULES)
+    lr_scheduler: str = knob("constant", f"{', '.join(LR_SCHEDULES)} (the last two reach 0 at steps)",
+                             choices=LR_SCHEDULES)
     lr_warmup_steps: int = knob(0, "updates of learning-rate warmup")
     ema: bool = knob(False, "evaluate and export a moving average of the weights")
     ema_decay: float = knob(0.99, "ema: the average's decay")
     clip_norm: float = knob(1.0, "gradient norm clip (0: none)")
     baseline: str = knob("loo", "LR-term control variate: loo, none, grpo (biased)", choices=("loo", "none", "grpo"))
-    pairing: str = knob(AUTO, "antithetic groups: none, param, ho, param+ho, auto", choices=(AUTO, *PAIRINGS))
+    pairing: str = knob(AUTO, f"antithetic groups: {', '.join(PAIRINGS)}, {AUTO}", choices=(AUTO, *PAIRINGS))
     seed: int = knob(0, "seed of every draw (process r: seed + r)")
     output_dir: str | None = knob(os.path.join("runs", "halforder"),
                                   "where metrics, checkpoints and outputs go")
@@ -73,7 +74,7 @@ class LoopConfig:
     keep_checkpoints: int = knob(2, "checkpoints kept (0: all)")
     resume: str | None = knob(None, "a checkpoint directory, or 'latest'")
     progress: bool = knob(True, "show a progress bar")
-    report_to: list[str] = knob([JSONL], "jsonl, tensorboard and/or wandb",
+    report_to: list[str] = knob([JSONL], f"{', '.join(TRACKERS)} (one or more)",
                                 choices=TRACKERS, factory=True)
 
     def __post_init__(self):

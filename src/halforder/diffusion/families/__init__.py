@@ -85,9 +85,14 @@ def load_components(model: str, *, dtype: torch.dtype = torch.float32, device: s
     if made != ("t2v" if video else "t2i"):
         raise ValueError(f"{model!r} is a {name}, a {'text-to-video' if made == 't2v' else 'text-to-image'} model: "
                          f"use task {made}")
-    if family is not sd3.FAMILY and not t5:
-        raise ValueError(f"no_t5 applies to SD3 models; {model!r} is a {name}")
+    check_t5(family, t5, f"{model!r} (a {name})")
     return family.load(model, dtype=dtype, kw=kw, scheduler=scheduler, t5=t5, video=video).to(device).freeze()
+
+
+def check_t5(family: ModelFamily, t5: bool, what: str) -> None:
+    """The one rule of ``no_t5``: only SD3 runs without its T5 encoder (``ValueError`` naming ``what``)."""
+    if not t5 and family is not sd3.FAMILY:
+        raise ValueError(f"no_t5 applies to SD3 models; {what} is not one")
 
 
 def tiny_model(name: str, seed: int = 0, scheduler: str = "ddim") -> Components:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
+from torch.func import functional_call
 
 from ..components import Components
 from ..denoiser import Conditioning, NetworkCall
@@ -58,6 +59,13 @@ class ModelFamily:
     solver: Callable[..., Any]
     video_view: Callable[..., Any] | None = None
     pipeline: Callable[[Components], Any] | None = None
+
+
+def transformer_call(module, params, x, timestep, c):
+    """A diffusion transformer's output, called as SD3's and Wan's pipelines call it: the
+    hidden states, the timestep (sigma * 1000) per sample and the conditioning by name."""
+    kwargs = dict(hidden_states=x, timestep=timestep.expand(x.shape[0]), **c)
+    return functional_call(module, params, (), kwargs).sample
 
 
 def latent_hw(size, default: int) -> tuple[int, int]:

@@ -10,13 +10,12 @@ timestep, sigma * 1000.
 from __future__ import annotations
 
 import torch
-from torch.func import functional_call
 
 from ..components import Components, load_modules, tiny_clip_config, tiny_t5, tiny_tokenizer
 from ..hub import local_dir, looks_local
 from ..solvers import make_solver
 from .protocol import (ModelFamily, dynamic_shift, flow_pipeline, flow_scheduler_only, latent_hw, t5_embeddings,
-                       tiny_vae)
+                       tiny_vae, transformer_call)
 
 T5_LENGTH = 256      # the pipeline's max_sequence_length
 SUBFOLDERS = ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler")
@@ -44,12 +43,6 @@ def encode(c: Components, prompts):
         clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
         return {"encoder_hidden_states": torch.cat([clip, t5.to(clip.dtype)], dim=-2),
                 "pooled_projections": torch.cat([p1, p2], dim=-1)}
-
-
-def call(module, params, x, timestep, c):
-    """The transformer's velocity, called as the pipeline calls it."""
-    kwargs = dict(hidden_states=x, timestep=timestep.expand(x.shape[0]), **c)
-    return functional_call(module, params, (), kwargs).sample
 
 
 def latent_shape(c: Components, size=None):
@@ -111,7 +104,7 @@ def tiny(seed: int = 0, scheduler: str = "ddim") -> Components:
 
 FAMILY = ModelFamily(name="sd3", pipelines={"StableDiffusion3Pipeline": "t2i"}, tiny_model="tiny-sd3",
                      lora_prefix="transformer", load=load, tiny=tiny, encode=encode,
-                     network=lambda c, shape, w: (call, w), latent_shape=latent_shape,
+                     network=lambda c, shape, w: (transformer_call, w), latent_shape=latent_shape,
                      unpack=lambda c, shape: None, solver=solver,
                      pipeline=lambda c: flow_pipeline("StableDiffusion3Pipeline", c, "text_encoder_2", "tokenizer_2",
                                                       "text_encoder_3", "tokenizer_3"))

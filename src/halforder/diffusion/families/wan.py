@@ -12,13 +12,12 @@ and DanceGRPO on Wan are Euler steps too).
 from __future__ import annotations
 
 import torch
-from torch.func import functional_call
 
 from ..components import Components, load_modules, tiny_t5
 from ..hub import local_dir, looks_local
 from ..solvers import make_solver
 from ..video.frames import VideoView
-from .protocol import ModelFamily, flow_pipeline, flow_scheduler_only, latent_hw
+from .protocol import ModelFamily, flow_pipeline, flow_scheduler_only, latent_hw, transformer_call
 
 T5_LENGTH = 226      # the pipeline's max_sequence_length
 LATENT_SIZE = (60, 104)   # 480 x 832 px, Wan 2.1's published resolution
@@ -38,12 +37,6 @@ def encode(c: Components, prompts):
         e = te(tok.input_ids.to(te.device), tok.attention_mask.to(te.device)).last_hidden_state
     keep = tok.attention_mask.to(e.device).bool().unsqueeze(-1)
     return {"encoder_hidden_states": e * keep}
-
-
-def call(module, params, x, timestep, c):
-    """The transformer's velocity, called as the pipeline calls it (timestep sigma * 1000)."""
-    kwargs = dict(hidden_states=x, timestep=timestep.expand(x.shape[0]), **c)
-    return functional_call(module, params, (), kwargs).sample
 
 
 def decode(vae, z: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
@@ -135,6 +128,6 @@ def tiny(seed: int = 0, scheduler: str = "ddim") -> Components:
 
 FAMILY = ModelFamily(name="wan", pipelines={"WanPipeline": "t2v"}, tiny_model="tiny-wan",
                      lora_prefix="transformer",
-                     load=load, tiny=tiny, encode=encode, network=lambda c, shape, w: (call, w),
+                     load=load, tiny=tiny, encode=encode, network=lambda c, shape, w: (transformer_call, w),
                      latent_shape=image_only, unpack=lambda c, shape: None, solver=solver, video_view=video_view,
                      pipeline=lambda c: flow_pipeline("WanPipeline", c))

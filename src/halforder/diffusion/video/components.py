@@ -14,7 +14,7 @@ import dataclasses
 
 import torch
 
-from ..components import SD_SCHEDULER_CONFIG, Components, load_parts, make_scheduler, tiny_tokenizer
+from ..components import SD_SCHEDULER_CONFIG, Components, load_parts, make_scheduler, tiny_clip_config, tiny_tokenizer
 from ..hub import load_error, local_dir, looks_local, offline
 from ..solvers import LatentScale, make_solver
 from .fps_unet import fps_unet_class
@@ -48,7 +48,7 @@ def tiny_video_components(seed: int = 0, *, scheduler: str = "ddim", latent_size
     """
     from diffusers import AutoencoderKL, UNet3DConditionModel
     from diffusers.models.attention_processor import AttnProcessor
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextModel
 
     tokenizer = tiny_tokenizer(text_length)
     with torch.random.fork_rng(devices=[]):  # the libraries initialise weights from the global RNG
@@ -64,9 +64,7 @@ def tiny_video_components(seed: int = 0, *, scheduler: str = "ddim", latent_size
         vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
                             layers_per_block=1, norm_num_groups=4, sample_size=2 * latent_size,
                             down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
-        text_encoder = CLIPTextModel(CLIPTextConfig(
-            vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-            max_position_embeddings=text_length, bos_token_id=0, eos_token_id=1, pad_token_id=1, projection_dim=16))
+        text_encoder = CLIPTextModel(tiny_clip_config(len(tokenizer), text_length))
     return Components(unet, vae, text_encoder, tokenizer, make_scheduler(scheduler, SD_SCHEDULER_CONFIG),
                       latent_scale).freeze()
 
