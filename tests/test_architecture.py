@@ -4,9 +4,9 @@ under src/ imports the experiments, and no module is over 400 lines.
 Every module of ``src/halforder`` is parsed (not imported), and every import in it counts,
 function-level ones included. The layers, lowest first:
 
-    estimators  <  toy, training  <  diffusion  <  the command line (halforder.cli, __main__)
+    estimators  <  planning, toy, training  <  diffusion  <  the command line (halforder.cli, __main__)
 
-``toy`` and ``training`` are side by side: neither imports the other.
+``planning``, ``toy`` and ``training`` are side by side: none imports another.
 """
 import ast
 import pathlib
@@ -14,9 +14,10 @@ import pathlib
 import pytest
 
 SRC = pathlib.Path(__file__).resolve().parents[1] / "src"
-LAYER = {"halforder": 0, "halforder.estimators": 1, "halforder.toy": 2, "halforder.training": 2,
-         "halforder.diffusion": 3, "halforder.cli": 4, "halforder.__main__": 4}
-SIDE_BY_SIDE = {("halforder.toy", "halforder.training"), ("halforder.training", "halforder.toy")}
+LAYER = {"halforder": 0, "halforder.estimators": 1, "halforder.planning": 2, "halforder.toy": 2,
+         "halforder.training": 2, "halforder.diffusion": 3, "halforder.cli": 4, "halforder.__main__": 4}
+MIDDLE = ("halforder.planning", "halforder.toy", "halforder.training")
+SIDE_BY_SIDE = {(a, b) for a in MIDDLE for b in MIDDLE if a != b}
 
 
 def _modules() -> dict[str, pathlib.Path]:
@@ -114,6 +115,8 @@ def test_the_checks_see_cycles_and_upward_imports():
         ["halforder.estimators.theory imports halforder.toy.stats"]
     assert layer_violations({"halforder.toy.stats": {"halforder.training.loop"}})
     assert not layer_violations({"halforder.diffusion.run": {"halforder.training.loop"}})
+    assert layer_violations({"halforder.estimators.engine": {"halforder.planning.search"}})
+    assert layer_violations({"halforder.planning.search": {"halforder.toy.linear"}})
 
 
 def test_every_module_is_seen_with_its_function_level_imports():
@@ -129,6 +132,15 @@ def test_no_import_cycle():
 
 def test_no_lower_package_imports_a_higher_one():
     assert layer_violations(_graph()) == []
+
+
+def test_the_estimators_import_nothing_from_the_planner():
+    """The planner builds on the core; a reader of halforder.estimators never meets it."""
+    graph = _graph()
+    core = [n for n in graph if _layer(n)[0] == "halforder.estimators"]
+    assert len(core) >= 10 and "halforder.planning.search" in graph
+    assert not [f"{n} imports {t}" for n in core for t in graph[n] if t.startswith("halforder.planning")]
+    assert any(t.startswith("halforder.estimators") for t in graph["halforder.planning.search"])
 
 
 def test_nothing_under_src_imports_the_experiments_or_benchmarks():

@@ -1,4 +1,5 @@
-"""Smoke test: every experiment runs end to end in --quick mode and writes its outputs.
+"""Smoke test: every experiment runs end to end in --quick mode, as the README runs it, and
+writes its outputs without changing a tracked file.
 
 --quick uses tiny sample sizes, so only structural facts are asserted here, plus the
 deterministic ones (the exact truncation bias, the solver's h*); the statistical results
@@ -8,25 +9,27 @@ import csv
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
 STEMS = ["e1_unbiasedness", "e2_variance", "e2_prop62_cosine", "e3_truncation", "e4_hstar", "e4_variance_by_h",
          "e5_convergence", "e6_compute", "e7_pairing", "e7_pairing_cosine", "e7_pairing_tau", "e8_plan_search", "e8_plan_search_candidates",
-         "e8_model_error"]
+         "e8_model_error", "e8_search_cost", "e8_search_cost_T50"]
 FIGURES = ["e1_unbiasedness", "e2_variance", "e3_truncation", "e4_hstar", "e5_convergence", "e6_compute", "e7_pairing",
            "e8_plan_search"]
 
 
 @pytest.fixture(scope="module")
-def quick_out(tmp_path_factory):
-    out = tmp_path_factory.mktemp("results")
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
-    subprocess.run([sys.executable, "-m", "experiments.run_all", "--quick", "--out", str(out)], cwd=REPO, env=env,
-                   check=True, capture_output=True, timeout=300)
-    return out
+def quick_out(clone, clone_status):
+    """The README's ``python -m experiments.run_all --quick``, run as written in a copy of the
+    tree (it writes runs/quick-results/, never docs/): its output folder, after checking
+    that git status stays clean."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=os.pathsep.join([str(clone / "src"), str(clone)]),
+               OMP_NUM_THREADS="1", MPLBACKEND="Agg")
+    subprocess.run([sys.executable, "-m", "experiments.run_all", "--quick"], cwd=clone, env=env, check=True,
+                   capture_output=True, timeout=600)
+    assert clone_status() == ""
+    return clone / "runs" / "quick-results"
 
 
 def _rows(path):
@@ -63,6 +66,11 @@ def test_quick_tables_are_consistent(quick_out):
                                                                   for r in e8)
     err = {r["chain"]: r for r in _rows(quick_out / "e8_model_error.csv")}
     assert float(err["toy"]["memory: max relative error"]) == 0.0
+    # e8: both search variants counted on both chains, the shared pilot and pruning cheaper than one pilot a part
+    cost = {(r["chain"], r["variant"]): float(r["chain evaluations"]) for r in _rows(quick_out / "e8_search_cost.csv")}
+    assert all(cost[(c, "shared + bound")] < cost[(c, "exhaustive")] for c in ("toy", "tiny SD"))
+    t50 = _rows(quick_out / "e8_search_cost_T50.csv")
+    assert len(t50) == 4 and all(float(r["chain evaluations"]) > 0 for r in t50)
     # e4: the solver's h* is the largest affordable h and never exceeds it
     for r in _rows(quick_out / "e4_hstar.csv"):
         assert int(r["solver h*"]) == int(r["largest feasible h"])

@@ -11,7 +11,6 @@ import doctest
 import os
 import re
 import shlex
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -37,7 +36,8 @@ HOW = {
     "python -m pytest -q": "not run: the test suite, this test included",
     "halforder demo": RUN,
     "python -m experiments.run_all": "not run: about an hour; it rewrites docs/results/, e1-e7 byte for byte (e8 measures CPU times)",
-    "python -m experiments.run_all --quick": RUN,
+    "python -m experiments.run_all --quick": "not run here: tests/test_experiments_smoke.py runs it as written in the "
+                                             "same copy of the tree, checks its outputs and that git status stays clean",
     "python experiments/finetune_cpu.py --jobs 2 --out runs/finetune": "not run: 42 min (its --quick form is run)",
     "python experiments/step_gradients.py --out runs/step-gradients": "--quick",
     "python experiments/finetune_cpu.py --quick": "--methods full --seeds 0 --lrs 0.01",
@@ -95,31 +95,12 @@ def readme_commands(text: str) -> list[str]:
 COMMANDS = readme_commands(README.read_text())
 
 
-def _git(cwd, *args) -> str:
-    return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout
-
-
-@pytest.fixture(scope="module")
-def clone(tmp_path_factory):
-    """The working tree's files (tracked, and untracked but not ignored) in a fresh repository."""
-    root = tmp_path_factory.mktemp("clone")
-    for name in _git(REPO, "ls-files", "-z", "--cached", "--others", "--exclude-standard").split("\0"):
-        if name and (REPO / name).is_file():
-            (root / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / name, root / name)
-    _git(root, "init", "-q")
-    _git(root, "add", "-A")
-    _git(root, "-c", "user.name=test", "-c", "user.email=test@example.com", "commit", "-q", "-m", "copy")
-    assert _git(root, "status", "--porcelain") == ""
-    return root
-
-
 def test_every_readme_command_is_listed():
     assert set(COMMANDS) == set(HOW), (sorted(set(COMMANDS) - set(HOW)), sorted(set(HOW) - set(COMMANDS)))
 
 
 @pytest.mark.parametrize("command", [c for c in HOW if not HOW[c].startswith("not run")])
-def test_readme_command_leaves_git_status_clean(clone, command):
+def test_readme_command_leaves_git_status_clean(clone, clone_status, command):
     argv = shlex.split(command) + shlex.split(HOW[command])
     if argv[0] == "halforder":
         argv = [sys.executable, "-m", "halforder.cli", *argv[1:]]
@@ -129,7 +110,7 @@ def test_readme_command_leaves_git_status_clean(clone, command):
                OMP_NUM_THREADS="1", MPLBACKEND="Agg")
     proc = subprocess.run(argv, cwd=clone, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert _git(clone, "status", "--porcelain", "--untracked-files=all") == ""
+    assert clone_status() == ""
 
 
 def test_setup_outputs_are_ignored(clone):

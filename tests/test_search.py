@@ -5,10 +5,11 @@ import pytest
 import torch
 
 from halforder.estimators import Plan, SavedTensorMeter, draw_estimates, estimate, grouped
-from halforder.estimators.memory_model import measure_memory, predicted_saved
-from halforder.estimators.part_variances import measure_part_variances, predicted_variance
-from halforder.estimators.search import Candidate, Scored, Space, k_grid, measure, rank, search, tiling
-from halforder.estimators.time_model import FEATURES, TimeModel, features, median_seconds
+from halforder.planning.memory_model import measure_memory, predicted_saved
+from halforder.planning.part_variances import measure_part_variances, predicted_variance
+from halforder.planning.search import Scored, measure, rank, search
+from halforder.planning.space import Candidate, Space, k_grid, tiling
+from halforder.planning.time_model import FEATURES, TimeModel, features, median_seconds
 from halforder.toy import linear_chain
 
 T, N = 8, 6
@@ -201,7 +202,8 @@ def test_variance_with_a_leave_one_out_baseline_is_that_of_the_training_batch(to
 
 def test_a_memory_limit_keeps_probes_and_pilots_within_it(toy):
     """With probe_memory the timing probes over it are skipped (full backprop here), the
-    candidates over it get no pilot (variance inf), and those within it are scored."""
+    candidates over it get no pilot (variance inf), and those within it are scored (all of
+    them: no pruning here)."""
     chain, params = toy
     space = Space(ks=(0, 1, 8), hs=(1, 2), positions=2)
     free = measure(chain, params, generator=torch.Generator().manual_seed(0), n=N, space=space, pilot_samples=16,
@@ -209,7 +211,7 @@ def test_a_memory_limit_keeps_probes_and_pilots_within_it(toy):
     full = next(s.memory for s in free.scored if s.candidate == Candidate(Plan.full(T)))
     limit = full - 1
     m = measure(chain, params, generator=torch.Generator().manual_seed(0), n=N, space=space, pilot_samples=16,
-                repeats=1, probe_memory=limit)
+                repeats=1, probe_memory=limit, prune=False)
     assert "full" in " ".join(name for name, _, _ in free.timing.probes)
     assert len(m.timing.probes) < len(free.timing.probes)
     assert not any(name == "full" for name, _, _ in m.timing.probes)

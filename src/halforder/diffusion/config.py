@@ -19,7 +19,7 @@ from typing import Any, ClassVar, Mapping
 import torch
 
 from ..estimators.samplers import FAMILIES, J_SAMPLING, PlanSampler, make_sampler
-from ..estimators.search import parse_bytes, parse_seconds
+from ..planning.units import parse_bytes, parse_seconds
 from ..training.config import ConfigError, LoopConfig, field_default, from_mapping, knob, need, read_mapping_file
 from .denoiser import BATCHING
 from .lora import DEFAULT_TARGETS

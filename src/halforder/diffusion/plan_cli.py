@@ -1,5 +1,5 @@
 """``halforder plan``: the ranked estimators for a fine-tuning run's config under a memory
-and a time budget (:mod:`halforder.diffusion.planning`, docs/plan-search.md).
+and a time budget (:mod:`halforder.diffusion.plan_choice`, docs/plan-search.md).
 
     halforder plan --preset tiny --memory 2GiB [--time 1s]
     halforder plan --config run.yaml --memory 20GiB
@@ -15,7 +15,7 @@ import sys
 
 from ..training.config import field_default
 from .config import SAMPLER_FIELDS, load_config
-from .planning import report
+from .plan_choice import report
 from .run import prepare
 
 

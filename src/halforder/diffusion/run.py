@@ -18,7 +18,7 @@ import torch
 
 from ..estimators.gradient_checkpointing import checkpoint_blocks
 from ..estimators.samplers import PlanSampler
-from ..estimators.search import SearchResult
+from ..planning.search import SearchResult
 from ..training.checkpoints import load_checkpoint
 from ..training.files import append_jsonl, atomic_dir, write_text
 from ..training.loop import Hooks, TrainResult, make_accelerator, train
@@ -28,7 +28,7 @@ from .components import Components
 from .config import PRECISIONS, TINY_EVAL_PROMPTS, TINY_PROMPTS, TrainConfig
 from .dcot import DCoTConditioning, StepSplit, load_dcot_prompts
 from .lora import add_lora
-from .planning import choose, report, resume_choice, save_choice
+from .plan_choice import choose, report, resume_choice, save_choice
 from .previews import save_grid, write_video
 from .rewards import REWARDS, make_reward
 from .families import TINY_MODELS, check_t5, family_of, load_components, tiny_model

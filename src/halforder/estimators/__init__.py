@@ -9,9 +9,8 @@
 role's estimate is computed, :mod:`.samplers` which plan each training step uses,
 :mod:`.draws` many per-sample estimates, :mod:`.pairing` antithetic groups, :mod:`.memory` the activation-memory meter,
 :mod:`.compute` the compute meter (model evaluations per sample),
-:mod:`.gradient_checkpointing` per-step recomputation, :mod:`.theory` the paper's theory,
-:mod:`.search` the choice of an estimator under budgets (from :mod:`.memory_model`,
-:mod:`.time_model` and :mod:`.part_variances`).
+:mod:`.gradient_checkpointing` per-step recomputation, :mod:`.theory` the paper's theory.
+The choice of an estimator under budgets is :mod:`halforder.planning`.
 """
 from .baselines import leave_one_out
 from .compute import ComputeMeter, expected_evaluations
@@ -22,11 +21,10 @@ from .memory import SavedTensorMeter
 from .pairing import PAIRINGS, Pairing, group_means, grouped, pairing_for
 from .plan import Plan, Role
 from .protocol import Chain, detach, latent, with_latent
-from .search import Candidate, SearchResult, Space, search
 from .samplers import (DropZO, FixedPlan, PlanSampler, RandomTruncation, SoftmaxRLR, UniformRLR, WindowRLR,
                        make_sampler)
 
-__all__ = ["PAIRINGS", "Candidate", "Chain", "Checkpointed", "ComputeMeter", "DropZO", "Estimate", "FixedPlan", "Pairing", "Plan", "PlanSampler",
-           "RandomTruncation", "Role", "Samples", "SavedTensorMeter", "SearchResult", "Space", "SoftmaxRLR", "UniformRLR", "WindowRLR", "detach",
+__all__ = ["PAIRINGS", "Chain", "Checkpointed", "ComputeMeter", "DropZO", "Estimate", "FixedPlan", "Pairing", "Plan", "PlanSampler",
+           "RandomTruncation", "Role", "Samples", "SavedTensorMeter", "SoftmaxRLR", "UniformRLR", "WindowRLR", "detach",
            "draw_estimates", "estimate", "expected_evaluations", "flatten", "group_means", "grouped", "latent", "leave_one_out", "make_sampler",
-           "pairing_for", "search", "with_latent"]
+           "pairing_for", "with_latent"]

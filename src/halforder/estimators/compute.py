@@ -17,9 +17,6 @@ do); :class:`ComputeMeter` adds up what is recorded while it is open:
 
 The count a plan should cost follows from :meth:`Plan.cost` (:func:`expected_evaluations`);
 the tests hold the meter to it for every plan family, exactly.
-
-:class:`SearchCost` is what a metered computation (the plan search) spent, against the
-run it serves.
 """
 from __future__ import annotations
 
@@ -82,35 +79,3 @@ def expected_evaluations(plan: Plan, n: int, checkpointed: bool = False) -> dict
     cost = plan.cost()
     return {"forward": n * (cost["forward"] + (cost["backward"] if checkpointed else 0)),
             "backward": n * cost["backward"]}
-
-
-@dataclass(frozen=True)
-class SearchCost:
-    """What a search spent, counted by the compute meter: model evaluations per sample, forward
-    and backward, wall-clock seconds, and the evaluations of the run it plans (0: not known)."""
-
-    forward: int
-    backward: int
-    seconds: float
-    run_evaluations: int = 0
-
-    @property
-    def evaluations(self) -> int:
-        return self.forward + self.backward
-
-    def share(self) -> float | None:
-        """The search's evaluations as a fraction of the run's (None if the run's are not known)."""
-        return self.evaluations / self.run_evaluations if self.run_evaluations else None
-
-    def record(self) -> dict:
-        """The JSON form (``metrics.jsonl``)."""
-        return {"evaluations": self.evaluations, "evaluations_forward": self.forward,
-                "evaluations_backward": self.backward, "seconds": round(self.seconds, 3),
-                "run_evaluations": self.run_evaluations, "share_of_run": self.share()}
-
-    def line(self) -> str:
-        """One line for the report."""
-        share = self.share()
-        return (f"search cost: {self.evaluations:,} model evaluations ({self.forward:,} forward, {self.backward:,} "
-                f"backward; one per sample and step), {self.seconds:.1f} s"
-                + ("" if share is None else f"; {share:.1%} of the {self.run_evaluations:,} of the run it plans"))

@@ -26,9 +26,11 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from .draws import draw_estimates, flatten
-from .engine import estimate
+from .draws import draw_estimates
+from .engine import noisy_step, perturb
+from .pairing import Pairing
 from .plan import Plan
+from .protocol import latent
 
 
 # ----------------------------------------------------------------------------- budget
@@ -220,24 +222,50 @@ def measure_step_variances(chain, params: Mapping[str, torch.Tensor], n: int, *,
 def pathwise_step_gradients(chain_for, params: Mapping[str, torch.Tensor], T: int, n: int, *,
                             seed: int = 0) -> torch.Tensor:
     """Per-sample pathwise gradients through each step's parameters alone, ``[T, n, d]`` (the
-    parameters flattened in order): g_t = truncated(t) - truncated(t-1) on the same noise.
+    parameters flattened in order), from ``n`` rollouts of full backprop on
+    ``chain_for(Plan.full(T))`` drawn from ``seed`` (:func:`step_gradients`):
+    g_t = truncated(t) - truncated(t-1) on the same noise.
 
-    ``chain_for(plan)`` gives the chain of a plan (a :data:`~halforder.estimators.plan.ChainFor`).
-    Truncated plans have no ZO step, so on a chain without parameter noise there every plan
-    draws the same x_T and inherent noise from ``seed``; equal rewards check it."""
-    G, rewards = [], None
-    for k in range(1, T + 1):
-        plan = Plan.truncated(T, k)
-        g = torch.Generator().manual_seed(seed)
-        chain = chain_for(plan)
-        est = estimate(chain, plan, params, chain.sample_start(n, g), generator=g, per_sample=True)
-        if rewards is not None and not torch.equal(rewards, est.reward):
-            raise ValueError("the truncated plans drew different noise: the chain must have no parameter noise "
-                             "off the ZO steps")
-        rewards = est.reward
-        G.append(flatten(est.grad, sample_axis=True).double())
-    G = torch.stack(G)
-    return torch.cat([G[:1], G[1:] - G[:-1]])
+    ``chain_for(plan)`` gives the chain of a plan (a :data:`~halforder.estimators.plan.ChainFor`)."""
+    chain = chain_for(Plan.full(T))
+    g = torch.Generator().manual_seed(seed)
+    grads, _, _ = step_gradients(chain, params, chain.sample_start(n, g), generator=g)
+    return grads.double().transpose(0, 1)
+
+
+def step_gradients(chain, params, x_T, *, generator: torch.Generator, pairing: Pairing = Pairing()):
+    """One rollout of full backprop from ``x_T`` on ``chain``, with noise drawn as
+    :func:`~halforder.estimators.estimate` draws it (so the same seed gives the same path
+    as truncated(K)): ``(g, R, eps)``, the per-sample g_t ``[N, T, P]`` (the parameters
+    flattened in order), R ``[N]`` and the parameter noise eps'_t ``[N, T, P]`` (zeros where
+    tau_t = 0). With ``pairing`` the rows come in its groups (give grouped ``x_T``)."""
+    N, T, G = latent(x_T).shape[0], chain.T, pairing.size
+    leaves = [{k: v.detach().unsqueeze(0).repeat(N, *([1] * v.dim())).requires_grad_() for k, v in params.items()}
+              for _ in range(T)]
+    noise = [{k: torch.zeros((N, *v.shape), dtype=v.dtype, device=v.device) for k, v in params.items()}
+             for _ in range(T)]
+    x = x_T
+    for t in range(T, 0, -1):
+        tau, sig = float(chain.tau(t)), float(chain.sigma(t))
+        dtheta = None
+        if tau > 0:
+            dtheta = {k: pairing.expand(torch.randn((N // G, *v.shape), generator=generator, dtype=v.dtype,
+                                                    device=v.device).mul_(tau), "param") for k, v in params.items()}
+            noise[t - 1] = {k: d / tau for k, d in dtheta.items()}
+        lat = latent(x)
+        eps = pairing.expand(torch.randn((N // G, *lat.shape[1:]), generator=generator, dtype=lat.dtype,
+                                         device=lat.device), "inherent") if sig > 0 else None
+        with torch.enable_grad():
+            x = noisy_step(chain, t, x, perturb(leaves[t - 1], dtheta), sig, eps)
+    with torch.enable_grad():
+        R = chain.reward(latent(x))
+        flat = [v for leaf in leaves for v in leaf.values()]
+        grads = torch.autograd.grad(R.sum(), flat, allow_unused=True)
+    grads = [torch.zeros_like(v) if d is None else d for v, d in zip(flat, grads)]
+    per = len(params)
+    g = torch.stack([torch.cat([d.reshape(N, -1) for d in grads[i * per:(i + 1) * per]], 1) for i in range(T)], 1)
+    eps_param = torch.stack([torch.cat([v.reshape(N, -1) for v in noise[i].values()], 1) for i in range(T)], 1)
+    return g, R.detach(), eps_param
 
 
 def paired_zo_floor(g: torch.Tensor) -> float:

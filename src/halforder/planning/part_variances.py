@@ -1,9 +1,11 @@
 """The variance of a plan from pilot estimates of its parts (docs/plan-search.md).
 
 A plan with FO prefix 1..K, HO blocks and ZO on the other steps S (with
-pairing "none" or "param") is a sum of three role parts. Each part is measured once, from
-pilot estimates (:func:`~halforder.estimators.draws.draw_estimates`) of a plan that has
-that part only (NONE elsewhere):
+pairing "none" or "param") is a sum of three role parts. Each part can be measured once,
+from pilot estimates (:func:`~halforder.estimators.draws.draw_estimates`) of a plan that
+has that part only (NONE elsewhere), as below; the search takes the FO and ZO parts from
+one shared pilot instead (:mod:`.shared_pilot`) and pilots the HO parts this way where
+they can matter (:mod:`.pruning`):
 
     FO(K)                 truncated(K), on its own chain      the FO part of every plan with prefix K
     HO(blocks, G)         HO on the blocks, on its own chain  the HO part of every plan with those
@@ -55,9 +57,9 @@ from typing import Callable, Collection, Iterable, Mapping, Sequence
 
 import torch
 
-from .draws import draw_estimates
-from .pairing import Pairing
-from .plan import ChainFor, Plan, Role
+from ..estimators.draws import draw_estimates
+from ..estimators.pairing import Pairing
+from ..estimators.plan import ChainFor, Plan, Role
 from .time_model import plan_chain
 
 Blocks = tuple[tuple[int, int], ...]
@@ -132,6 +134,22 @@ def variance_rows(chain, plan: Plan, params, rows: int, batch: int, *, generator
                           pairing=pairing, progress=progress).grad
 
 
+def pilot_rows(chain_for: ChainFor, plan: Plan, params, rows: int, batch: int, *, generator: torch.Generator,
+               group: int = 1, pairing=None, baseline=None, on: Plan | None = None, checkpoint: Collection[int] = (),
+               chunk: int = 1 << 14, progress: bool = False) -> torch.Tensor:
+    """:func:`variance_rows` of a pilot ``plan`` in groups of ``group`` (batches of
+    ``batch // group`` groups), on ``chain_for(on)`` if given, else on the pilot's own chain
+    with the steps ``checkpoint`` checkpointed."""
+    c = plan_chain(chain_for, plan, checkpoint) if on is None else chain_for(on)
+    return variance_rows(c, plan, params, rows, batch // group, generator=generator, baseline=baseline,
+                         pairing=pairing, chunk=max(1, chunk // group), progress=progress)
+
+
+def trace_variance(rows: torch.Tensor) -> float:
+    """tr Cov of the rows ``[B, P]``."""
+    return float(rows.double().var(0).sum())
+
+
 def measure_part_variances(chain, params, *, ks: Iterable[int], blocks: Iterable[tuple[Blocks, int]],
                            zo: Iterable[tuple[int, Blocks, str]], n: int, batch: int, generator: torch.Generator,
                            chain_for: ChainFor | None = None, baseline=None, chunk: int = 1 << 14,
@@ -150,10 +168,9 @@ def measure_part_variances(chain, params, *, ks: Iterable[int], blocks: Iterable
         raise ValueError(f"a variance needs at least 2 pilot rows, got n={n}")
 
     def trace_var(plan, group=1, pairing=None, base=baseline, on=None):
-        c = plan_chain(chain_for, plan, checkpoint(plan)) if on is None else chain_for(on)
-        rows = variance_rows(c, plan, params, n, batch // group, generator=generator, baseline=base,
-                             pairing=pairing, chunk=max(1, chunk // group), progress=progress)
-        return float(rows.double().var(0).sum())
+        return trace_variance(pilot_rows(chain_for, plan, params, n, batch, generator=generator, group=group,
+                                         pairing=pairing, baseline=base, on=on, checkpoint=checkpoint(plan),
+                                         chunk=chunk, progress=progress))
 
     ks = sorted(set(int(k) for k in ks))
     fo = {K: trace_var(fo_pilot(T, K), base=None) for K in ks if K >= 1}   # the FO part takes no baseline

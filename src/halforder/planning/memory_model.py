@@ -28,11 +28,11 @@ from typing import Collection
 
 import torch
 
-from .engine import noisy_step, perturb
-from .gradient_checkpointing import Checkpointed
-from .memory import SavedTensorMeter
-from .plan import ChainFor, Plan, Role
-from .protocol import State, latent
+from ..estimators.engine import noisy_step, perturb
+from ..estimators.gradient_checkpointing import Checkpointed
+from ..estimators.memory import SavedTensorMeter
+from ..estimators.plan import ChainFor, Plan, Role
+from ..estimators.protocol import State, latent
 
 
 

@@ -1,7 +1,7 @@
 """The plan search for a fine-tuning run: ``halforder plan`` and ``--estimator auto``
 (docs/plan-search.md).
 
-:func:`choose` runs :func:`halforder.estimators.search.measure` on the run's own chain
+:func:`choose` runs :func:`halforder.planning.search.measure` on the run's own chain
 (its model, LoRA adapter, reward, T, batch size, noise recipe and baseline) and returns
 the top-ranked plan as a :class:`~halforder.estimators.samplers.FixedPlan`, so the
 training loop still does not know which estimator it runs. A run checkpoints all of its
@@ -25,33 +25,37 @@ import time
 
 import torch
 
-from ..estimators.compute import ComputeMeter, SearchCost, expected_evaluations
+from ..estimators.compute import ComputeMeter, expected_evaluations
 from ..estimators.plan import Plan, Role
 from ..estimators.samplers import FixedPlan
-from ..estimators.search import (Measured, SearchResult, Space, checkpointable, measure, parse_bytes,
-                                 parse_seconds)
+from ..planning.cost import SearchCost
+from ..planning.search import SearchResult, measure
+from ..planning.space import Space
+from ..planning.units import parse_bytes, parse_seconds
 from ..training.files import write_json
 
 PLAN_FILE = "plan.json"
 
 
+SEARCH_EVALUATIONS = 1000
+SEARCH_SHARE = 0.02
+
+
+def evaluation_budget(cfg) -> float:
+    """The chain evaluations the search may spend on HO pilots: :data:`SEARCH_EVALUATIONS`, or
+    :data:`SEARCH_SHARE` of the run's (steps x batch x accumulation) if that is more."""
+    return max(SEARCH_EVALUATIONS, SEARCH_SHARE * cfg.steps * cfg.batch_size * cfg.grad_accum)
+
+
 def space_for(cfg) -> Space:
-    """The candidates a run with ``cfg`` can take (module docstring)."""
+    """The candidates a run with ``cfg`` can take (module docstring): its pairing, and every
+    gradient step checkpointed or none (all, with ``gradient_checkpointing``), compared only
+    where checkpointing can matter (:func:`~halforder.planning.space.checkpointable`: an FO
+    prefix of one step or HO blocks of one step are the same either way)."""
     if cfg.pairing not in ("auto", "param", "none"):
         raise ValueError(f"estimator auto searches pairings auto, param or none; got pairing {cfg.pairing!r}")
-    return Space(pairings=("none",) if cfg.pairing == "none" else ("param",))
-
-
-def runnable(measured: Measured, checkpointing: bool) -> Measured:
-    """Only the candidates that checkpoint all their gradient steps or none (all, if
-    ``checkpointing``): what ``Checkpointed(chain)`` of a run gives. Only the roles where
-    checkpointing can matter are compared (:func:`~halforder.estimators.search.checkpointable`:
-    an FO prefix of one step or HO blocks of one step are the same either way)."""
-    def ok(s):
-        plan = s.candidate.plan
-        can = set(checkpointable(plan.fo_steps, plan.blocks))
-        return set(s.candidate.checkpoint) == (can if checkpointing or s.candidate.checkpoint else set())
-    return dataclasses.replace(measured, scored=tuple(s for s in measured.scored if ok(s)))
+    return Space(pairings=("none",) if cfg.pairing == "none" else ("param",),
+                 checkpoint="all" if cfg.gradient_checkpointing else "all-or-none")
 
 
 def choose(cfg, task, prompts, *, progress: bool = False):
@@ -67,6 +71,7 @@ def choose(cfg, task, prompts, *, progress: bool = False):
 
     params = {k: v.detach() for k, v in task.params.items()}
     budget = parse_bytes(cfg.memory_budget)
+    seconds = parse_seconds(cfg.time_budget) if cfg.time_budget else None
     t0 = time.perf_counter()
     try:
         with ComputeMeter() as meter:
@@ -74,6 +79,7 @@ def choose(cfg, task, prompts, *, progress: bool = False):
                                n=cfg.batch_size, space=space_for(cfg), chain_for=chain_for,
                                pilot_samples=cfg.plan_pilots,
                                baseline=None if cfg.baseline == "none" else cfg.baseline, probe_memory=budget,
+                               budgets=[(budget, seconds)], max_evaluations=evaluation_budget(cfg),
                                progress=progress)
     except (RuntimeError, MemoryError) as e:
         if not _out_of_memory(e):
@@ -81,8 +87,7 @@ def choose(cfg, task, prompts, *, progress: bool = False):
         raise ValueError("the device ran out of memory during the plan search (it measures one step graph and "
                          f"the reward's graph at batch size {cfg.batch_size}, and keeps probes and pilots within the "
                          f"memory budget {cfg.memory_budget}): give a smaller memory budget or batch size") from None
-    result = runnable(measured, cfg.gradient_checkpointing).choose(
-        budget, parse_seconds(cfg.time_budget) if cfg.time_budget else None)
+    result = measured.choose(budget, seconds)
     best = result.best.candidate
     task, sampler = _apply(task, Plan(best.plan.roles, best.plan.blocks, f"auto: {best.name}"),
                            bool(best.checkpoint) or cfg.gradient_checkpointing)

@@ -30,11 +30,11 @@ import numpy as np
 import torch
 from scipy.optimize import nnls
 
-from .engine import estimate
-from .gradient_checkpointing import Checkpointed
-from .pairing import Pairing, grouped
-from .plan import ChainFor, Plan, Role
-from .protocol import latent
+from ..estimators.engine import estimate
+from ..estimators.gradient_checkpointing import Checkpointed
+from ..estimators.pairing import Pairing, grouped
+from ..estimators.plan import ChainFor, Plan, Role
+from ..estimators.protocol import latent
 
 FEATURES = ("rollout step", "rollout step with parameter noise", "gradient step (forward + backward)",
             "checkpointed step", "HO block", "ZO step", "reward backward", "step with paired noise", "call")
@@ -101,11 +101,12 @@ def probe_plans(T: int) -> list[Probe]:
 
 def fit_time_model(chain, params, n: int, *, generator: torch.Generator, chain_for: ChainFor | None = None,
                    repeats: int = 5, probes: Sequence[Probe] | None = None,
-                   admit: Callable[[Plan, Collection[int]], bool] = lambda plan, ck: True) -> TimeModel:
+                   admit: Callable[[Plan, Collection[int]], bool] = lambda plan, ck: True,
+                   seconds: float | None = 15.0) -> TimeModel:
     """Time the engine on ``probes`` (default :func:`probe_plans`; those ``admit`` refuses,
     e.g. over a memory limit, whose roles the chain cannot take, or whose groups do not
     divide ``n``, are skipped) at batch size ``n`` and fit the coefficients (module
-    docstring)."""
+    docstring). ``seconds`` caps the time of the rounds (:func:`round_seconds`)."""
     chain_for = chain_for or (lambda plan: chain)
     probes = probe_plans(chain.T) if probes is None else probes
     dtype = next(iter(params.values())).dtype
@@ -125,27 +126,33 @@ def fit_time_model(chain, params, n: int, *, generator: torch.Generator, chain_f
         names.append(f"{plan}" + (" ckpt" if ck else "") + (f" [{pairing}]" if G > 1 else ""))
     if not rows:
         raise ValueError("no probe plan could be timed on this chain")
-    A, b = np.array(rows), np.array(median_seconds(calls, repeats, device))
+    A, b = np.array(rows), np.array(median_seconds(calls, repeats, device, seconds=seconds))
     coef, _ = nnls(A, b)
     fitted = A @ coef
     return TimeModel(tuple(float(c) for c in coef), tuple(zip(names, map(float, b), map(float, fitted))), n, repeats)
 
 
-def median_seconds(calls: Sequence[Callable[[], object]], repeats: int, device, block: float = 0.05) -> list[float]:
+def median_seconds(calls: Sequence[Callable[[], object]], repeats: int, device, block: float = 0.05,
+                   seconds: float | None = None) -> list[float]:
     """Seconds per call of each of ``calls``: the median over the rounds of
     :func:`round_seconds`."""
-    return [statistics.median(r) for r in round_seconds(calls, repeats, device, block)]
+    return [statistics.median(r) for r in round_seconds(calls, repeats, device, block, seconds)]
 
 
 def round_seconds(calls: Sequence[Callable[[], object]], repeats: int, device,
-                  block: float = 0.05) -> list[list[float]]:
+                  block: float = 0.05, seconds: float | None = None) -> list[list[float]]:
     """Seconds per call of each of ``calls`` in each of ``repeats`` rounds (``[call][round]``).
     Each round times every call in turn (so that a slow spell of the machine slows them all
     alike), as a block of calls lasting about ``block`` seconds, divided by its length; the
     warm-up sizes the blocks, doubling from one call while a block is under half of
     ``block`` (so a coarse clock cannot ask for millions). Wall-clock time with the device
     synchronised around each block on a GPU, the process's CPU time on a CPU (robust to
-    other processes sharing the machine; with one thread it is the time)."""
+    other processes sharing the machine; with one thread it is the time). With ``seconds``,
+    fewer rounds where ``repeats`` of them would take longer (at least one), and none
+    after the warm-up where the warm-up (one call each, after the search's memory
+    measurement has run the model) already took longer: the warm-up is then the one
+    round. Calls that long are timed precisely by one round, and a long chain's probes
+    cost too much to repeat."""
     cuda = torch.device(device).type == "cuda"
     sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
     clock = time.perf_counter if cuda else time.process_time
@@ -163,8 +170,13 @@ def round_seconds(calls: Sequence[Callable[[], object]], repeats: int, device,
         while total < block / 2 and k < 1 << 16:
             k *= 2
             total = timed(fn, k) * k
-        return k
+        return k, total / k
 
-    sizes = [size(fn) for fn in calls]
-    times = [[timed(fn, k) for fn, k in zip(calls, sizes)] for _ in range(max(1, repeats))]
+    t0 = clock()
+    sizes, warm = zip(*[size(fn) for fn in calls]) if calls else ((), ())
+    spent = clock() - t0
+    if seconds is not None and spent > seconds:   # one call each already takes longer: the warm-up is the round
+        return [[w] for w in warm]
+    rounds = max(1, repeats) if seconds is None else max(1, min(repeats, int(seconds / max(spent, 1e-9))))
+    times = [[timed(fn, k) for fn, k in zip(calls, sizes)] for _ in range(rounds)]
     return [list(col) for col in zip(*times)]

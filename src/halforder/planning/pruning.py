@@ -1,0 +1,103 @@
+"""Which HO parts to pilot: branch and bound, with successive halving, under an evaluation
+budget (docs/plan-search.md, "What the search spends").
+
+The HO parts are the search's dear pilots: one per block layout and group size, each a
+rollout and a block backward per row, where one shared pilot gives every FO and ZO part
+(:mod:`.shared_pilot`). A candidate's variance is G (V_FO + V_HO + V_ZO) with every part
+>= 0, so G (V_FO + V_ZO) x its time is a lower bound on its score before its HO part is
+measured. The layouts are piloted in the order of their candidates' least bound:
+
+* a layout whose least bound is at or above the best score so far (``U``, from the
+  candidates already complete) cannot hold the best candidate (pruned: ``"bound"``);
+  with several budgets (memory, and time per estimate), U and the bounds are per budget,
+  over the candidates that fit it, and a layout is pruned only where it is for every one;
+* otherwise it is piloted in stages: first two batches (two rows of batch means with a
+  leave-one-out baseline), then four times as many rows in all at each stage, up to the
+  full pilot. With B - 1 degrees of freedom among the B rows so far, the chi-square law
+  of a Gaussian sample variance puts the true variance above q x the estimate with
+  probability 1 - alpha, q = chi2_{B-1}(alpha) / (B - 1); if even q x the estimate lifts
+  every candidate of the layout to U or above, it stops there (pruned: ``"halving"``; a
+  trace over P dimensions has more degrees of freedom, and heavy tails make small
+  samples read low, so the rule errs towards keeping a layout). After the full pilot
+  its candidates are scored and U is updated;
+* a stage that would take the search past ``max_evaluations`` chain evaluations (forward
+  model evaluations / T, counted by the compute meter) is not run (``"budget"``).
+"""
+from __future__ import annotations
+
+from typing import Callable, Mapping
+
+import torch
+from scipy.stats import chi2
+
+from ..estimators.compute import ComputeMeter
+from .part_variances import trace_variance
+
+Key = tuple  # (blocks, G)
+
+
+def halving_factor(rows: int, alpha: float) -> float:
+    """q = chi2_{rows-1}(alpha) / (rows - 1): the true variance is above q x a Gaussian sample
+    variance of ``rows`` rows with probability 1 - alpha."""
+    return float(chi2.ppf(alpha, rows - 1) / (rows - 1))
+
+
+def pilot_ho_parts(bounds: Mapping[Key, list[tuple[float, float, int]]], best: list[float],
+                   draw: Callable[[Key, int], torch.Tensor], cost: Callable[[Key, int], float], rows: int, *,
+                   meter: ComputeMeter, T: int, max_evaluations: float | None, first: int = 2, alpha: float = 0.01,
+                   prune: bool = True) -> tuple[dict[Key, float], dict[Key, str]]:
+    """Pilot the HO parts by branch and bound (module docstring), for one or more budgets.
+
+    Args:
+      bounds: per layout, one ``(base, scale, budget)`` per candidate that needs it and
+        budget it fits: the candidate's score is ``base + scale * V_HO`` (base =
+        G (V_FO + V_ZO) x time, scale = G x time); ``budget`` indexes ``best``.
+      best: per budget, the best score among the candidates without HO blocks that fit it
+        (inf if none); a layout is pruned only where it is pruned for every budget.
+      draw: ``draw(key, samples)``: the pilot rows (:func:`~.part_variances.pilot_rows`) of that
+        many new samples of the layout (rows of batch means with a leave-one-out baseline).
+      cost: ``cost(key, samples)``: their chain evaluations (forward model evaluations / T).
+      rows: pilot samples per layout in all.
+      first: the samples of the first stage; each later stage has four times as many in
+        all, up to ``rows``.
+      meter: the open meter of the search; T: the chain's steps.
+      max_evaluations: chain evaluations the search may spend in all (None: no limit).
+      prune: False pilots every layout in full (the exhaustive search).
+
+    Returns:
+      ``(ho, skipped)``: V_HO per piloted layout, and the reason for each one not piloted.
+    """
+    best = list(best)
+
+    def gap(key, v=0.0):     # the least ratio of a candidate's score (V_HO = v) to its budget's best
+        return min((b + s * v) / best[i] if best[i] > 0 else (0.0 if b + s * v <= 0 else float("inf"))
+                   for b, s, i in bounds[key])
+
+    order = sorted(bounds, key=gap)
+    ho, skipped = {}, {}
+
+    def affordable(key, n):
+        return max_evaluations is None or meter.forward / T + cost(key, n) <= max_evaluations
+
+    for key in order:
+        if prune and gap(key) >= 1:
+            skipped[key] = "bound"
+            continue
+        drawn, taken, target = None, 0, min(first, rows) if prune else rows
+        while True:
+            more = target - taken
+            if not affordable(key, more):
+                skipped[key] = "budget"
+                break
+            new = draw(key, more)
+            drawn, taken = (new if drawn is None else torch.cat([drawn, new])), target
+            if taken >= rows:
+                ho[key] = trace_variance(drawn)
+                for b, s, i in bounds[key]:
+                    best[i] = min(best[i], b + s * ho[key])
+                break
+            if gap(key, halving_factor(drawn.shape[0], alpha) * trace_variance(drawn)) >= 1:
+                skipped[key] = "halving"
+                break
+            target = min(rows, 4 * target)
+    return ho, skipped
