@@ -1,12 +1,12 @@
 """Run every experiment and write its figures and tables to docs/results/.
 
-    python -m experiments.run_all            # the committed results in docs/results/ (about 50 min on one core)
+    python -m experiments.run_all            # the committed results in docs/results/ (about 65 min on one core)
     python -m experiments.run_all --quick    # smoke test, tiny samples (about 30 s on one core), in runs/quick-results/
 
 Every experiment seeds its own generators, and a full run rewrites the committed files of
 e1-e7 byte for byte; e8 measures CPU times (its seconds, and the rankings that use them,
 vary from run to run). The times, on one thread, measured separately: e1-e7 313 s of CPU
-time, e8 about 45 min of wall time on a 2-core machine; --quick 32 s. Set HALFORDER_THREADS to use more
+time, e8 about 60 min of wall time on a shared 2-core machine; --quick 32 s. Set HALFORDER_THREADS to use more
 than one torch thread.
 """
 from __future__ import annotations

@@ -281,15 +281,19 @@ def ho_key(c: Candidate) -> tuple:
 
 def _fo_zo_parts(chain, params, fits, zo_keys, memory, limit, shared, *, chain_for, generator, n, pilot_samples,
                  baseline, checkpoint, chunk, progress):
-    """The FO and ZO parts: from the shared pilot where full backprop fits ``limit``
-    (checkpointed if it must be) and some candidate has an FO step (so the reward is
-    differentiable), else one pilot per part."""
+    """The FO and ZO parts: from the shared pilot where some candidate has an FO step (so
+    the reward is differentiable) and full backprop fits ``limit``, checkpointed and with
+    fewer samples a call if it must be (activation memory is proportional to the samples
+    of a call), else one pilot per part."""
     T, full = chain.T, Plan.full(chain.T)
     ks = {c.plan.fo_steps for c in fits if c.plan.fo_steps}
     ckpt = predicted_memory(memory, full) > limit
-    if shared and ks and predicted_memory(memory, full, range(1, T + 1) if ckpt else ()) <= limit:
+    need = predicted_memory(memory, full, range(1, T + 1) if ckpt else ())
+    per_call = n if need <= limit else int(n * limit / need)
+    if shared and ks and per_call >= 1:
         moments = measure_step_gradients(chain_for, params, T, pilot_samples, n, generator=generator,
-                                         baseline=baseline, checkpoint=ckpt, chunk=chunk, progress=progress)
+                                         baseline=baseline, checkpoint=ckpt, chunk=chunk, per_call=per_call,
+                                         progress=progress)
         zo = {}
         for K, b, p in zo_keys:
             on = chain_for(layout(T, K, b))

@@ -124,12 +124,15 @@ class StepGradientMoments:
 
 def measure_step_gradients(chain_for: ChainFor, params, T: int, rows: int, batch: int, *,
                            generator: torch.Generator, baseline=None, checkpoint: bool = False,
-                           chunk: int = 1 << 14, progress: bool = False) -> StepGradientMoments:
+                           chunk: int = 1 << 14, per_call: int | None = None,
+                           progress: bool = False) -> StepGradientMoments:
     """:class:`StepGradientMoments` from ``rows`` samples (pairs where the chain has
     parameter noise) drawn in batches of ``batch`` on the chain of full backprop
     (all steps checkpointed if ``checkpoint``); ``baseline`` None, a number or ``"loo"``
     (over each batch) for A = R - b. Without a leave-one-out baseline the rows are
-    independent and are drawn ``chunk`` at a time."""
+    independent and are drawn ``chunk`` at a time. ``per_call``: at most that many samples
+    (pairs) through the chain at once, where a whole batch would not fit the memory
+    budget; the per-step parameter leaves add T x P numbers a sample beyond the plan's."""
     from tqdm.auto import tqdm
 
     chain = plan_chain(chain_for, Plan.full(T), range(1, T + 1) if checkpoint else ())
@@ -139,10 +142,13 @@ def measure_step_gradients(chain_for: ChainFor, params, T: int, rows: int, batch
     inv_tau = torch.tensor([1.0 / taus[t] if t in taus else 0.0 for t in range(1, T + 1)], dtype=torch.float64)
     sums = {"g": [0, 0], "none": [0, 0], "param": [0, 0]}
     size = batch if isinstance(baseline, str) else max(batch, min(rows, chunk))
+    step = max(1, per_call // pairing.size) if per_call else size    # start states a call (a pair is two samples)
+    calls = [min(step, size - i) for i in range(0, size, step)]
     adv2, B = 0.0, max(2, -(-rows // size))
     for _ in tqdm(range(B), desc="shared pilot", disable=not progress, leave=False):
-        x_T = grouped(chain.sample_start(size, generator, dtype), pairing.size)
-        g, R, eps = step_gradients(chain, params, x_T, generator=generator, pairing=pairing)
+        drawn = [step_gradients(chain, params, grouped(chain.sample_start(m, generator, dtype), pairing.size),
+                                generator=generator, pairing=pairing) for m in calls]
+        g, R, eps = (torch.cat(parts) for parts in zip(*drawn))
         one = slice(None, None, pairing.size)     # one member of each group: independent rows
         w = _advantage(R[one].double(), baseline)
         adv2 += float(w.pow(2).sum())
