@@ -90,3 +90,17 @@ def test_a_search_pruned_for_one_budget_refuses_to_choose_for_another():
     m.choose(1e9)
     with pytest.raises(ValueError, match="pruned for the budgets"):
         m.choose(100)
+
+
+def test_a_result_whose_candidates_were_not_piloted_has_no_best():
+    """If the budget left every candidate within the budgets without a variance, the search
+    says so instead of returning an unscored plan."""
+    from halforder.estimators import Plan
+    from halforder.planning.search import Scored, SearchResult
+    from halforder.planning.space import Candidate
+
+    unscored = Scored(Candidate(Plan.reinforce(4)), 10, 1.0, float("inf"), "budget")
+    result = SearchResult((unscored,), (), 100, None)
+    with pytest.raises(ValueError, match="no candidate within the budgets was piloted"):
+        result.best
+    assert "not piloted: budget" in result.table()

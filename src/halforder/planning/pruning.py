@@ -13,13 +13,16 @@ measured. The layouts are piloted in the order of their candidates' least bound:
   over the candidates that fit it, and a layout is pruned only where it is for every one;
 * otherwise it is piloted in stages: first two batches (two rows of batch means with a
   leave-one-out baseline), then four times as many rows in all at each stage, up to the
-  full pilot. With B - 1 degrees of freedom among the B rows so far, the chi-square law
-  of a Gaussian sample variance puts the true variance above q x the estimate with
-  probability 1 - alpha, q = chi2_{B-1}(alpha) / (B - 1); if even q x the estimate lifts
-  every candidate of the layout to U or above, it stops there (pruned: ``"halving"``; a
-  trace over P dimensions has more degrees of freedom, and heavy tails make small
-  samples read low, so the rule errs towards keeping a layout). After the full pilot
-  its candidates are scored and U is updated;
+  full pilot. For a Gaussian sample variance with B - 1 degrees of freedom,
+  (B - 1) estimate / V is chi-square, so V lies above (B - 1) / chi2_{B-1}(1 - alpha) x
+  the estimate with probability 1 - alpha. The rule uses the smaller factor
+  q = chi2_{B-1}(alpha) / (B - 1) (0.00016 at one degree of freedom, 0.35 at 15, where the
+  99% bound is 0.15 and 0.49): if even q x the estimate lifts every candidate of the
+  layout to U or above, it stops there (pruned: ``"halving"``). It errs towards keeping a
+  layout: q is below the 1 - alpha bound, a trace over P dimensions has more degrees of
+  freedom than B - 1, and the right-skewed sample variance of heavy-tailed rows reads
+  low more often than high. After the full pilot its candidates are scored and U is
+  updated;
 * a stage that would take the search past ``max_evaluations`` chain evaluations (forward
   model evaluations / T, counted by the compute meter) is not run (``"budget"``).
 """
@@ -37,8 +40,9 @@ Key = tuple  # (blocks, G)
 
 
 def halving_factor(rows: int, alpha: float) -> float:
-    """q = chi2_{rows-1}(alpha) / (rows - 1): the true variance is above q x a Gaussian sample
-    variance of ``rows`` rows with probability 1 - alpha."""
+    """q = chi2_{rows-1}(alpha) / (rows - 1), below the 1 - alpha lower confidence factor
+    (rows - 1) / chi2_{rows-1}(1 - alpha) of a Gaussian sample variance of ``rows`` rows
+    (module docstring)."""
     return float(chi2.ppf(alpha, rows - 1) / (rows - 1))
 
 

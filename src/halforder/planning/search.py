@@ -86,7 +86,11 @@ class SearchResult:
 
     @property
     def best(self) -> Scored:
-        """The top-ranked candidate (``ValueError`` naming the smallest need if none fits)."""
+        """The top-ranked candidate (``ValueError`` naming the smallest need if none fits, or if
+        none of those that fit was piloted)."""
+        if self.ranked and self.ranked[0].note:
+            raise ValueError(f"no candidate within the budgets was piloted ({self.ranked[0].note}): give the search "
+                             "more evaluations or a smaller space")
         if not self.ranked:
             need = min((s.memory for s, _ in self.rejected), default=None)
             raise ValueError(f"no candidate fits the memory budget {format_bytes(self.memory_budget)}"
@@ -99,10 +103,12 @@ class SearchResult:
         b = self.best
         others = len(self.ranked) - 1
         runner = (f"; next {self.ranked[1].candidate.name} at {self.ranked[1].score / b.score:.2f}x"
-                  if others else "")
+                  if others and not self.ranked[1].note else "")
+        unpiloted = sum(1 for s in self.ranked if s.note)
         return (f"lowest variance x time among {len(self.ranked)} candidates within memory "
                 f"{format_bytes(self.memory_budget)}" + (f" and time {self.time_budget:g} s" if self.time_budget else "")
-                + f" ({len(self.rejected)} over budget){runner}")
+                + f" ({len(self.rejected)} over budget" + (f", {unpiloted} not piloted" if unpiloted else "")
+                + f"){runner}")
 
     def table(self, top: int = 20) -> str:
         """The ranked candidates as a plain-text table."""

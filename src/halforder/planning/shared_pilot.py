@@ -31,7 +31,7 @@ pairs where that chain has parameter noise (pairing "param", :mod:`~halforder.es
   with c = 0 paired and 1 unpaired, and m the samples the leave-one-out baseline is
   taken over (no a_b term without one): the floor of paired ZO
   (:func:`~halforder.estimators.theory.paired_zo_floor`) for any S and per-step tau.
-  What it leaves out, and e8 measures (docs/results/e8_plan_search.md): terms of order
+  What it leaves out, and e8 measures (docs/results/e8_model_error.md): terms of order
   tau^2 against these, and the inherent noise where the plan's HO blocks end, which the
   pilot's chain does not have.
 
