@@ -129,11 +129,12 @@ def test_a_checkpointed_shared_pilot_measures_the_same_moments():
 def test_a_shared_pilot_in_smaller_calls_measures_the_same_parts():
     """Where one batch does not fit the memory budget the pilot runs it in calls of fewer
     samples (the leave-one-out baseline still over the whole batch). Other draws, the
-    same law: V_FO(T) and the unpaired ZO part from 4000 rows each agree within 20% (4
-    standard errors of the ratio, as above; fixed seeds)."""
+    same law: V_FO(T) and the unpaired ZO part from 2000 rows each agree within 27%
+    (relative standard errors below 4.7% each, so 4 standard errors of the ratio; fixed
+    seeds)."""
     chain, params = linear_chain(T=T, d=3, sigma=0.5, tau=0.2, seed=0)
     noisy = {t: 0.2 for t in range(1, T + 1)}
-    a, b = (measure_step_gradients(lambda p: chain, params, T, 4000, N, generator=torch.Generator().manual_seed(s),
+    a, b = (measure_step_gradients(lambda p: chain, params, T, 2000, N, generator=torch.Generator().manual_seed(s),
                                    baseline="loo", per_call=k) for s, k in ((0, None), (1, 2)))
-    assert b.fo(T) == pytest.approx(a.fo(T), rel=0.2)
-    assert b.zo(noisy, noisy, "none", N) == pytest.approx(a.zo(noisy, noisy, "none", N), rel=0.2)
+    assert b.fo(T) == pytest.approx(a.fo(T), rel=0.27)
+    assert b.zo(noisy, noisy, "none", N) == pytest.approx(a.zo(noisy, noisy, "none", N), rel=0.27)
