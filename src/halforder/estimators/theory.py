@@ -26,8 +26,8 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from .draws import draw_estimates
-from .engine import noisy_step, perturb
+from .draws import draw_estimates, flatten
+from .engine import _grad, noisy_step, perturb
 from .pairing import Pairing
 from .plan import Plan
 from .protocol import latent
@@ -259,12 +259,9 @@ def step_gradients(chain, params, x_T, *, generator: torch.Generator, pairing: P
             x = noisy_step(chain, t, x, perturb(leaves[t - 1], dtheta), sig, eps)
     with torch.enable_grad():
         R = chain.reward(latent(x))
-        flat = [v for leaf in leaves for v in leaf.values()]
-        grads = torch.autograd.grad(R.sum(), flat, allow_unused=True)
-    grads = [torch.zeros_like(v) if d is None else d for v, d in zip(flat, grads)]
-    per = len(params)
-    g = torch.stack([torch.cat([d.reshape(N, -1) for d in grads[i * per:(i + 1) * per]], 1) for i in range(T)], 1)
-    eps_param = torch.stack([torch.cat([v.reshape(N, -1) for v in noise[i].values()], 1) for i in range(T)], 1)
+        grads = _grad(R.sum(), {(t, k): v for t, leaf in enumerate(leaves) for k, v in leaf.items()}, lambda g: g)
+    g = torch.stack([flatten({k: grads[(t, k)] for k in params}, sample_axis=True) for t in range(T)], 1)
+    eps_param = torch.stack([flatten(noise[t], sample_axis=True) for t in range(T)], 1)
     return g, R.detach(), eps_param
 
 

@@ -46,7 +46,7 @@ from typing import Collection, Mapping
 
 import torch
 
-from ..estimators.baselines import leave_one_out
+from ..estimators.engine import _baseline
 from ..estimators.pairing import Pairing, grouped
 from ..estimators.plan import ChainFor, Plan
 from ..estimators.theory import step_gradients
@@ -66,16 +66,18 @@ class Moments:
 
     def sum_variance(self, steps: Collection[int]) -> float:
         """tr Cov(sum_{t in steps} z_t) of one row (unbiased over the rows)."""
-        s = torch.zeros(self.gram.shape[0], dtype=self.gram.dtype)
-        s[[t - 1 for t in steps]] = 1.0
-        m = s @ self.mean
-        return float(self.rows / (self.rows - 1) * (s @ self.gram @ s - m @ m))
+        m = self._indicator(steps) @ self.mean
+        return self.rows / (self.rows - 1) * (self.second_moment(steps) - float(m @ m))
 
     def second_moment(self, steps: Collection[int]) -> float:
         """E|sum_{t in steps} z_t|^2."""
+        s = self._indicator(steps)
+        return float(s @ self.gram @ s)
+
+    def _indicator(self, steps: Collection[int]) -> torch.Tensor:
         s = torch.zeros(self.gram.shape[0], dtype=self.gram.dtype)
         s[[t - 1 for t in steps]] = 1.0
-        return float(s @ self.gram @ s)
+        return s
 
 
 @dataclass(frozen=True)
@@ -150,7 +152,7 @@ def measure_step_gradients(chain_for: ChainFor, params, T: int, rows: int, batch
                                 generator=generator, pairing=pairing) for m in calls]
         g, R, eps = (torch.cat(parts) for parts in zip(*drawn))
         one = slice(None, None, pairing.size)     # one member of each group: independent rows
-        w = _advantage(R[one].double(), baseline)
+        w = R[one].double() - _baseline(R[one].double(), baseline, 1)
         adv2 += float(w.pow(2).sum())
         vectors = {"g": g[one].double()}
         if taus:
@@ -164,13 +166,3 @@ def measure_step_gradients(chain_for: ChainFor, params, T: int, rows: int, batch
     moments = {k: Moments(n, s[0] / n, s[1] / n) for k, s in sums.items() if not isinstance(s[0], int)}
     g = moments.pop("g")
     return StepGradientMoments(g, adv2 / n, int(g.mean.shape[1]), taus, moments)
-
-
-def _advantage(R: torch.Tensor, baseline) -> torch.Tensor:
-    if baseline is None:
-        return R
-    if isinstance(baseline, str):
-        if baseline != "loo":
-            raise ValueError(f"the shared pilot takes baseline None, a number or 'loo', got {baseline!r}")
-        return R - leave_one_out(R, 1)
-    return R - float(baseline)
