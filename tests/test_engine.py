@@ -171,7 +171,8 @@ def test_float32_estimates_are_float32():
 
 def test_grpo_advantage_replaces_r_minus_b():
     """``baseline="grpo"`` weighs the likelihood-ratio terms by (R - mean R) / (std R + 1e-4)
-    over the batch: the estimate with the tensor baseline R - advantage, on the same noise."""
+    over the batch, with the population std (Flow-GRPO's np.std): the estimate with the
+    tensor baseline R - advantage, on the same noise."""
     from halforder.estimators.baselines import normalised_advantage
     from halforder.toy import linear_chain
 
@@ -186,7 +187,8 @@ def test_grpo_advantage_replaces_r_minus_b():
     R = run(None).reward
     adv = normalised_advantage(R)
     assert torch.allclose(adv.mean(), torch.zeros((), dtype=adv.dtype), atol=1e-12)
-    assert float(adv.std()) == pytest.approx(float(R.std() / (R.std() + 1e-4)), rel=1e-9)
+    s = R.std(correction=0)
+    assert float(adv.std(correction=0)) == pytest.approx(float(s / (s + 1e-4)), rel=1e-9)
     grpo, same = run("grpo"), run(R - adv)
     for role in ("HO", "ZO"):
         for k in params:

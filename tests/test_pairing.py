@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from halforder.estimators import PAIRINGS, Pairing, Plan, draw_estimates, estimate, flatten, group_means, grouped
-from halforder.estimators import engine as engine_module
+from halforder.estimators import baselines as baselines_module
 from halforder.estimators.baselines import leave_one_out
 from halforder.toy import linear_chain, mean_test
 from test_properties import random_plan
@@ -108,7 +108,7 @@ def test_leave_one_out_under_pairing_is_unbiased_and_keeping_the_partner_is_not(
     kw = dict(generator=torch.Generator().manual_seed(5), pairing="param", baseline="loo", chunk=4)
     good = draw_estimates(chain, plan, params, N, **kw)
     assert not mean_test(good.grad, truth).rejects(ALPHA)
-    monkeypatch.setattr(engine_module, "leave_one_out", lambda R, group: leave_one_out(R, 1))
+    monkeypatch.setattr(baselines_module, "leave_one_out", lambda R, group, size=None: leave_one_out(R, 1, size))
     kw["generator"] = torch.Generator().manual_seed(5)
     bad = draw_estimates(chain, plan, params, N, **kw)
     assert mean_test(bad.grad, truth).rejects(ALPHA)

@@ -20,7 +20,8 @@ from typing import Callable, Sequence
 import torch
 
 from ..estimators.plan import Plan, Role
-from ..estimators.protocol import State, latent, per_step, with_latent
+from ..estimators.protocol import State, latent, per_step
+from ..estimators.rollout import roll_out
 from .denoiser import Denoiser, Params
 from .solvers import DDIMSolver, DPMSolver, Schedule
 
@@ -94,22 +95,12 @@ class DiffusionChain:
 
 def rollout(chain, params: Params, x_T: State, *, generator: torch.Generator | None = None,
             noise: Sequence[torch.Tensor | None] | None = None) -> torch.Tensor:
-    """Sample x_0 from ``x_T`` without gradients: x_{t-1} = step + sigma_t eps_t.
+    """Sample x_0 from ``x_T`` without gradients: x_{t-1} = step + sigma_t eps_t
+    (:func:`~halforder.estimators.rollout.roll_out`, with no parameter noise).
 
     ``noise[T - t]`` (generation order) gives eps_t; otherwise eps_t is drawn from
     ``generator`` at the steps with sigma_t > 0. Returns the final latent."""
-    x = x_T
-    with torch.no_grad():
-        for t in range(chain.T, 0, -1):
-            mean = chain.step(t, x, params)
-            sig = float(chain.sigma(t))
-            if sig > 0:
-                z = latent(mean)
-                eps = noise[chain.T - t] if noise is not None else torch.randn(
-                    z.shape, generator=generator, dtype=z.dtype, device=z.device)
-                mean = with_latent(mean, z + sig * eps)
-            x = mean
-    return latent(x)
+    return latent(roll_out(chain, x_T, params, generator=generator, shapes={}, inherent=noise).x)
 
 
 def eta_schedule(plan: Plan, eta: Schedule = "plan", ho_eta: float = 1.0) -> tuple[float, ...]:

@@ -25,16 +25,15 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Iterator, Mapping, Union
+from typing import Iterator, Mapping
 
 import torch
 
-from .baselines import leave_one_out, normalised_advantage
+from .baselines import Baseline, advantage
 from .pairing import Pairing
-from .protocol import Chain, State, check_chain, detach, latent, with_latent
+from .protocol import Chain, State, check_chain, latent
 from .plan import Plan, Role
-
-Baseline = Union[None, str, float, torch.Tensor]
+from .rollout import RecordedStep, noisy_step, perturb, roll_out
 
 
 @dataclass(frozen=True)
@@ -67,12 +66,12 @@ def estimate(chain: Chain, plan: Plan, params: Mapping[str, torch.Tensor], x_T: 
       x_T: start states, sample axis first (N samples).
       generator: the source of every noise draw (eps and eps'); the global RNG if None.
       per_sample: return ``[N, *shape]`` per-sample estimates instead of their mean.
-      baseline: control variate b subtracted from R in the HO and ZO terms: None, a number,
-        a tensor of shape [N] that does not depend on this batch's noise, or ``"loo"`` for
-        the leave-one-out mean over the batch (over the other groups, with pairing). Each
-        keeps the estimate unbiased. ``"grpo"`` instead uses GRPO's normalised advantage
-        (R - mean) / std over the batch in place of R - b: biased
-        (:func:`~halforder.estimators.baselines.normalised_advantage`).
+      baseline: the weights of the HO and ZO terms (:func:`~halforder.estimators.baselines.advantage`):
+        R - b for None, a number, a tensor of shape [N] that does not depend on this batch's
+        noise, ``"loo"`` (the leave-one-out mean over the batch, over the other groups with
+        pairing) or a :class:`~halforder.estimators.baselines.LeaveOneOut` (within prompt
+        groups), each unbiased; GRPO's normalised advantage for ``"grpo"`` or a
+        :class:`~halforder.estimators.baselines.GroupNormalised`: biased.
       pairing: ``None``/``"none"`` (independent samples), ``"param"``, ``"ho"`` or
         ``"param+ho"``: rows come in antithetic groups of G = 2 or 4 consecutive samples that
         share every noise draw except the mirrored ones (see
@@ -133,11 +132,9 @@ def _shape(x: State, skip: int = 1):
 def _estimate(chain, plan, params, x_T, generator, per_sample, baseline, pairing) -> Estimate:
     pairing = Pairing.parse(pairing)
     G = pairing.size
-    x0_latent = latent(x_T)
-    N = x0_latent.shape[0]
+    N = latent(x_T).shape[0]
     if N % G:
         raise ValueError(f"pairing {pairing.name!r} draws groups of {G} samples, but x_T has {N} rows")
-    ends = {j for j, _ in plan.blocks}
     if per_sample:
         leaves = _Named({k: v.detach().unsqueeze(0).repeat(N, *([1] * v.dim())).requires_grad_()
                          for k, v in params.items()})
@@ -145,58 +142,32 @@ def _estimate(chain, plan, params, x_T, generator, per_sample, baseline, pairing
         leaves = _Named({k: v.detach().requires_grad_() for k, v in params.items()})
     frozen = _Named({k: v.detach() for k, v in leaves.items()})
     K = plan.fo_steps
-    block_start = {j + h - 1: (j, h) for j, h in plan.blocks}
-    ho_steps = set(plan.steps(Role.HO))
     zo_steps = set(plan.steps(Role.ZO))
     zo_sum = {k: v.new_zeros((N, *v.shape)) for k, v in params.items()} if zo_steps else None
-    stored: dict[tuple[int, int], dict] = {}
-    noise: dict[int, tuple] = {}
 
-    x = x_T
-    for t in range(plan.T, 0, -1):
-        tau, sig = float(chain.tau(t)), float(chain.sigma(t))
-        dtheta = {k: pairing.expand(torch.randn((N // G, *v.shape), generator=generator, dtype=v.dtype,
-                                                device=v.device).mul_(tau), "param")
-                  for k, v in params.items()} if tau > 0 else None
-        lat = latent(x)
-        eps = pairing.expand(torch.randn((N // G, *lat.shape[1:]), generator=generator, dtype=lat.dtype,
-                                         device=lat.device), "ho" if t in ends else "inherent") if sig > 0 else None
-        if t in block_start:
-            stored[block_start[t]] = detach(x)
-        if t in ho_steps:
-            noise[t] = (dtheta, eps)
+    def accumulate_zo(t, x, noise):   # running sum of w_t eps'_t / tau_t = w_t dtheta / tau^2
         if t in zo_steps:
-            for k in zo_sum:  # running sum of eps'_t / tau_t = dtheta / tau^2
-                zo_sum[k].add_(dtheta[k], alpha=1.0 / tau ** 2)
-        if t <= K:
-            with torch.enable_grad():
-                x = noisy_step(chain, t, x, perturb(leaves, dtheta), sig, eps)
-        else:
-            with torch.no_grad():
-                x = noisy_step(chain, t, x, perturb(frozen, dtheta), sig, eps)
+            for k in zo_sum:
+                zo_sum[k].add_(noise.dtheta[k], alpha=plan.weight(t) / noise.tau ** 2)
 
+    out = roll_out(chain, x_T, lambda t: weighted(leaves, plan.weight(t)) if t <= K else frozen,
+                   generator=generator, pairing=pairing, mirrored={j for j, _ in plan.blocks},
+                   grad=range(1, K + 1), record={*(j + h - 1 for j, h in plan.blocks), *plan.steps(Role.HO)},
+                   shapes=params, visit=accumulate_zo)
     with torch.set_grad_enabled(K > 0):
-        R = chain.reward(latent(x))
+        R = chain.reward(latent(out.x))
     if R.shape != (N,):
         raise ValueError(f"chain.reward must return shape [{N}], got {tuple(R.shape)}")
     reduce = (lambda g: g) if per_sample else (lambda g: g / N)
     zeros = {k: (v.new_zeros((N, *v.shape)) if per_sample else v.new_zeros(v.shape)) for k, v in params.items()}
 
-    fo = dict(zeros)
-    if K > 0:
-        fo = _grad(R.sum(), leaves, reduce)
-    w = normalised_advantage(R.detach()) if baseline == "grpo" else R.detach() - _baseline(R.detach(), baseline, G)
+    fo = _grad(R.sum(), leaves, reduce) if K > 0 else dict(zeros)
+    w = advantage(R.detach(), baseline, G)
 
     ho = dict(zeros)
-    for (j, h), x_in in stored.items():
+    for j, h in reversed(plan.blocks):     # in the rollout's order
         with torch.enable_grad():
-            xb = x_in
-            for t in range(j + h - 1, j, -1):
-                dtheta, eps = noise[t]
-                xb = noisy_step(chain, t, xb, perturb(leaves, dtheta), float(chain.sigma(t)), eps)
-            dtheta, eps_j = noise[j]
-            mean = chain.step(j, xb, perturb(leaves, dtheta))
-            score = (latent(mean) * eps_j).flatten(1).sum(1) / float(chain.sigma(j))
+            score = block_score(chain, plan, leaves, out.steps, j, h)
             g = _grad((w * score).sum(), leaves, reduce)
         ho = {k: ho[k] + g[k] for k in ho}
 
@@ -208,6 +179,37 @@ def _estimate(chain, plan, params, x_T, generator, per_sample, baseline, pairing
 
     grad = {k: fo[k] + ho[k] + zo[k] for k in params}
     return Estimate(grad=grad, reward=R.detach(), parts={"FO": fo, "HO": ho, "ZO": zo})
+
+
+def block_score(chain, plan: Plan, leaves, steps: Mapping[int, RecordedStep], j: int, h: int) -> torch.Tensor:
+    """The HO block (j, h)'s score <Phi_j(x_{j+h-1}; theta), eps_j> / sigma_j per sample, ``[N]``:
+    recomputed from the recorded input x_{j+h-1} with the recorded noise of steps j+h-1..j+1,
+    each step's parameters weighted by its plan weight (so the gradient is the weighted sum)."""
+    xb = steps[j + h - 1].x
+    for t in range(j + h - 1, j, -1):
+        xb = noisy_step(chain, t, xb, weighted(leaves, plan.weight(t)), steps[t].noise)
+    last = steps[j].noise
+    mean = chain.step(j, xb, perturb(weighted(leaves, plan.weight(j)), last.dtheta))
+    return (latent(mean) * last.eps).flatten(1).sum(1) / last.sigma
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """The identity forward; the gradient times w backward."""
+
+    @staticmethod
+    def forward(ctx, x, w):
+        ctx.w = w
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * ctx.w, None
+
+
+def weighted(params, w: float):
+    """``params`` whose gradient is scaled by the step weight ``w`` (their values unchanged;
+    ``params`` itself where w = 1)."""
+    return params if w == 1.0 else _Named({k: _ScaleGrad.apply(v, w) for k, v in params.items()})
 
 
 class MissingParameter(KeyError):
@@ -222,32 +224,6 @@ class _Named(dict):
         raise MissingParameter(key)
 
 
-def perturb(params, dtheta):
-    """``params`` plus the per-sample parameter noise ``dtheta`` (name -> ``[N, *shape]``;
-    None: no noise)."""
-    return params if dtheta is None else _Named({k: v + dtheta[k] for k, v in params.items()})
-
-
-def noisy_step(chain, t: int, x: State, params, sig: float, eps) -> State:
-    """One step of the chain: ``chain.step(t, x, params)`` plus ``sig * eps`` on the latent
-    (``eps`` None: no inherent noise)."""
-    mean = chain.step(t, x, params)
-    return mean if eps is None else with_latent(mean, latent(mean) + sig * eps)
-
-
 def _grad(surrogate, leaves, reduce):
     gs = torch.autograd.grad(surrogate, list(leaves.values()), allow_unused=True)
     return {k: reduce(torch.zeros_like(v) if g is None else g) for (k, v), g in zip(leaves.items(), gs)}
-
-
-def _baseline(R: torch.Tensor, baseline: Baseline, group: int) -> torch.Tensor:
-    if baseline is None:
-        return torch.zeros_like(R)
-    if isinstance(baseline, str):
-        if baseline != "loo":
-            raise ValueError(f"unknown baseline {baseline!r}; use None, a number, a tensor, 'loo' or 'grpo'")
-        return leave_one_out(R, group)
-    b = torch.as_tensor(baseline, dtype=R.dtype, device=R.device)
-    if b.dim() not in (0, 1) or (b.dim() == 1 and b.shape != R.shape):
-        raise ValueError(f"a baseline tensor must be a scalar or have shape {tuple(R.shape)}")
-    return b.expand_as(R)

@@ -12,6 +12,11 @@ Each role estimates grad_{theta_t} J for its steps:
     ZO    likelihood ratio on the parameter noise: R(x_0) * eps'_t / tau_t. Needs tau_t > 0.
     NONE  the step's term is dropped (this biases the estimate).
 
+Each step also carries a weight w_t (default 1) that multiplies its term, whatever its role:
+the plan then estimates sum_t w_t grad_{theta_t} J. The forward values do not change. A
+random set of steps S with weights 1 / P(t in S) estimates grad J without bias over the law
+of S (a Horvitz-Thompson sum; :mod:`~halforder.estimators.step_sets`).
+
 The paper's estimators are named members: full backprop, truncated backprop (AlignProp,
 DRaFT-K), REINFORCE (DDPO-style), zeroth order (evolution strategies) and RLR(h, j) of
 eq. (6). Any other assignment is a plan too.
@@ -19,7 +24,8 @@ eq. (6). Any other assignment is a plan too.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable, Sequence
 
 
@@ -42,11 +48,14 @@ class Plan:
       blocks: the HO blocks as ``(j, h)``: steps j..j+h-1, likelihood ratio at eps_j.
         Every HO step lies in exactly one block.
       name: a label for tables and logs; not part of equality.
+      weights: ``weights[t-1]`` multiplies step t's term (finite, > 0); empty: all 1. A
+        dropped (NONE) step's weight is stored as 1.
     """
 
     roles: tuple[Role, ...]
     blocks: tuple[tuple[int, int], ...] = ()
     name: str = field(default="", compare=False)
+    weights: tuple[float, ...] = ()
 
     def __post_init__(self):
         roles = tuple(Role(r) for r in self.roles)
@@ -55,6 +64,13 @@ class Plan:
         T = len(roles)
         if T < 1:
             raise ValueError("a plan needs at least one step")
+        weights = tuple(float(w) for w in self.weights) or (1.0,) * T
+        if len(weights) != T:
+            raise ValueError(f"a plan of {T} steps needs {T} weights, got {len(weights)}")
+        for t, w in enumerate(weights, start=1):
+            if not (math.isfinite(w) and w > 0):
+                raise ValueError(f"step {t}: weight {w} must be finite and > 0 (drop a step with role NONE)")
+        object.__setattr__(self, "weights", tuple(1.0 if r is Role.NONE else w for r, w in zip(roles, weights)))
         seen_other = None
         for t, r in enumerate(roles, start=1):
             if r is Role.FO and seen_other is not None:
@@ -154,6 +170,10 @@ class Plan:
             roles[t - 1] = Role.HO
         return cls(tuple(roles), ((j, h),), f"rlr(h={h},j={j})")
 
+    def with_weights(self, weights: Sequence[float], name: str | None = None) -> "Plan":
+        """The same roles and blocks with per-step ``weights`` (``weights[t-1]`` for step t)."""
+        return replace(self, weights=tuple(weights), name=self.name if name is None else name)
+
     # ----------------------------------------------------------------- properties
     @property
     def T(self) -> int:
@@ -166,9 +186,15 @@ class Plan:
 
     @property
     def is_unbiased(self) -> bool:
-        """No step is dropped. (Each role's need on a given chain is checked by
-        :meth:`validate`; a plan that passes it and is_unbiased is unbiased there.)"""
-        return Role.NONE not in self.roles
+        """No step is dropped and every weight is 1. (Each role's need on a given chain is
+        checked by :meth:`validate`; a plan that passes it and is_unbiased is unbiased there. A
+        plan drawn by a sampler may be biased on its own and unbiased over the sampler's law:
+        the sampler's ``unbiased`` says.)"""
+        return Role.NONE not in self.roles and all(w == 1.0 for w in self.weights)
+
+    def weight(self, t: int) -> float:
+        """w_t, the weight of step t's term."""
+        return self.weights[t - 1]
 
     def steps(self, role: Role | str) -> tuple[int, ...]:
         """The steps t (1-based) that have ``role``."""

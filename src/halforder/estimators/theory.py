@@ -27,7 +27,8 @@ import numpy as np
 import torch
 
 from .draws import draw_estimates, flatten
-from .engine import _grad, noisy_step, perturb
+from .engine import _grad
+from .rollout import roll_out
 from .pairing import Pairing
 from .plan import Plan
 from .protocol import latent
@@ -239,24 +240,18 @@ def step_gradients(chain, params, x_T, *, generator: torch.Generator, pairing: P
     as truncated(K)): ``(g, R, eps)``, the per-sample g_t ``[N, T, P]`` (the parameters
     flattened in order), R ``[N]`` and the parameter noise eps'_t ``[N, T, P]`` (zeros where
     tau_t = 0). With ``pairing`` the rows come in its groups (give grouped ``x_T``)."""
-    N, T, G = latent(x_T).shape[0], chain.T, pairing.size
+    N, T = latent(x_T).shape[0], chain.T
     leaves = [{k: v.detach().unsqueeze(0).repeat(N, *([1] * v.dim())).requires_grad_() for k, v in params.items()}
               for _ in range(T)]
     noise = [{k: torch.zeros((N, *v.shape), dtype=v.dtype, device=v.device) for k, v in params.items()}
              for _ in range(T)]
-    x = x_T
-    for t in range(T, 0, -1):
-        tau, sig = float(chain.tau(t)), float(chain.sigma(t))
-        dtheta = None
-        if tau > 0:
-            dtheta = {k: pairing.expand(torch.randn((N // G, *v.shape), generator=generator, dtype=v.dtype,
-                                                    device=v.device).mul_(tau), "param") for k, v in params.items()}
-            noise[t - 1] = {k: d / tau for k, d in dtheta.items()}
-        lat = latent(x)
-        eps = pairing.expand(torch.randn((N // G, *lat.shape[1:]), generator=generator, dtype=lat.dtype,
-                                         device=lat.device), "inherent") if sig > 0 else None
-        with torch.enable_grad():
-            x = noisy_step(chain, t, x, perturb(leaves[t - 1], dtheta), sig, eps)
+
+    def keep(t, x, drawn):
+        if drawn.dtheta is not None:
+            noise[t - 1] = {k: d / drawn.tau for k, d in drawn.dtheta.items()}
+
+    x = roll_out(chain, x_T, lambda t: leaves[t - 1], generator=generator, pairing=pairing, grad=range(1, T + 1),
+                 shapes=params, visit=keep).x
     with torch.enable_grad():
         R = chain.reward(latent(x))
         grads = _grad(R.sum(), {(t, k): v for t, leaf in enumerate(leaves) for k, v in leaf.items()}, lambda g: g)

@@ -28,7 +28,7 @@ from typing import Collection
 
 import torch
 
-from ..estimators.engine import noisy_step, perturb
+from ..estimators.rollout import draw_noise, noisy_step, roll_out
 from ..estimators.gradient_checkpointing import Checkpointed
 from ..estimators.memory import SavedTensorMeter
 from ..estimators.plan import ChainFor, Plan, Role
@@ -125,35 +125,35 @@ def measure_memory(chain, params, n: int, *, generator: torch.Generator,
     leaves = {k: v.detach().requires_grad_() for k, v in params.items()}
     frozen = {k: v.detach() for k, v in params.items()}
     exclude = list(params.values())
-    x = chain.sample_start(n, generator, dtype)
     graph, graph_in, held, recompute = [0] * T, [0] * T, [0] * T, [0] * T
     pair = None
-    for t in range(T, 0, -1):
-        dtheta, sig, eps = _noise(base, t, x, params, generator)
+
+    def measure(t, x, noise):   # step t's graphs, before the rollout applies it
+        nonlocal pair
         if t == 2:
-            pair = (x, dtheta, sig, eps)
+            pair = (x, noise)
         for x_in, out in ((x, graph_in), (_requiring_grad(x), graph)):
             with torch.enable_grad(), SavedTensorMeter(exclude) as meter:
-                y = noisy_step(base, t, x_in, perturb(leaves, dtheta), sig, eps)
+                y = noisy_step(base, t, x_in, leaves, noise)
             out[t - 1] = meter.peak
             del y
         x_in = _requiring_grad(x)
         with torch.enable_grad(), SavedTensorMeter(exclude) as meter:
-            y = latent(noisy_step(Checkpointed(base, (t,)), t, x_in, perturb(leaves, dtheta), sig, eps))
+            y = latent(noisy_step(Checkpointed(base, (t,)), t, x_in, leaves, noise))
             held[t - 1] = meter.live
             meter.reset_peak()
             torch.autograd.grad(y.sum(), [*leaves.values(), latent(x_in)], allow_unused=True)
             recompute[t - 1] = meter.peak - held[t - 1]
         del y
-        with torch.no_grad():
-            x = noisy_step(base, t, x, perturb(frozen, dtheta), sig, eps)
+
+    x = roll_out(base, chain.sample_start(n, generator, dtype), frozen, generator=generator, visit=measure).x
     shared = 0
     if pair is not None:   # steps 2 and 1 together, against their graphs apart
-        x2, dtheta2, sig2, eps2 = pair
-        dtheta1, sig1, eps1 = _noise(base, 1, x2, params, generator)
+        x2, noise2 = pair
+        noise1 = draw_noise(base, 1, x2, params, generator)
         with torch.enable_grad(), SavedTensorMeter(exclude) as meter:
-            y = noisy_step(base, 2, x2, perturb(leaves, dtheta2), sig2, eps2)
-            y = noisy_step(base, 1, y, perturb(leaves, dtheta1), sig1, eps1)
+            y = noisy_step(base, 2, x2, leaves, noise2)
+            y = noisy_step(base, 1, y, leaves, noise1)
         shared = graph_in[1] + graph[0] - meter.peak
         del y
     x0 = _requiring_grad(latent(x))
@@ -166,17 +166,6 @@ def measure_memory(chain, params, n: int, *, generator: torch.Generator,
     lat = latent(x)
     return MemoryCosts(n, tuple(graph), tuple(graph_in), tuple(held), tuple(recompute), shared, reward_graph, _bytes(x),
                      lat.numel() * lat.element_size() + n * lat.element_size(), n * P)
-
-
-def _noise(chain, t: int, x: State, params, generator):
-    """The engine's draws at step t: parameter noise (None unless tau_t > 0), sigma_t, and
-    the inherent noise (None unless sigma_t > 0)."""
-    tau, sig = float(chain.tau(t)), float(chain.sigma(t))
-    lat = latent(x)
-    dtheta = {k: torch.randn((lat.shape[0], *v.shape), generator=generator, dtype=v.dtype, device=v.device).mul_(tau)
-              for k, v in params.items()} if tau > 0 else None
-    eps = torch.randn(lat.shape, generator=generator, dtype=lat.dtype, device=lat.device) if sig > 0 else None
-    return dtheta, sig, eps
 
 
 def _requiring_grad(x: State) -> State:

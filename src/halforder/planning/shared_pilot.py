@@ -46,7 +46,7 @@ from typing import Collection, Mapping
 
 import torch
 
-from ..estimators.engine import _baseline
+from ..estimators.baselines import advantage
 from ..estimators.pairing import Pairing, grouped
 from ..estimators.plan import ChainFor, Plan
 from ..estimators.theory import step_gradients
@@ -152,7 +152,7 @@ def measure_step_gradients(chain_for: ChainFor, params, T: int, rows: int, batch
                                 generator=generator, pairing=pairing) for m in calls]
         g, R, eps = (torch.cat(parts) for parts in zip(*drawn))
         one = slice(None, None, pairing.size)     # one member of each group: independent rows
-        w = R[one].double() - _baseline(R[one].double(), baseline, 1)
+        w = advantage(R[one].double(), baseline, 1)
         adv2 += float(w.pow(2).sum())
         vectors = {"g": g[one].double()}
         if taus:
