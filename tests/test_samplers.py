@@ -6,8 +6,8 @@ import torch
 from scipy import stats
 
 from halforder.estimators import Plan
-from halforder.estimators.samplers import (FixedPlan, PlanSampler, SoftmaxRLR, UniformRLR, WindowRLR,
-                                           make_sampler, parts_norm)
+from halforder.estimators.families import make_sampler
+from halforder.estimators.samplers import FixedPlan, PlanSampler, SoftmaxRLR, UniformRLR, WindowRLR, parts_norm
 
 
 def _counts(sampler, state, n, seed, lo, hi):

@@ -96,11 +96,11 @@ def test_skip_leaves_optimizer_state_untouched(tmp_path):
 def test_grad_accumulation_averages_micro_batches(tmp_path):
     """grad_accum=2 with batch 2 gives the mean of the two micro-batch estimates."""
     from halforder.estimators import estimate
-    from halforder.training.loop import TrainRNG, local_estimate
+    from halforder.training.loop import TrainRNG
 
     task, plan = ToyTask(), Plan.rlr(4, 2, 2)
     cfg = _cfg(tmp_path, batch_size=2, grad_accum=2, pairing="none")
-    est = local_estimate(task, plan, task.params, ["a", "b", "c"], cfg, TrainRNG.seeded(0))
+    est = _one_update(task, plan, task.params, ["a", "b", "c"], cfg, TrainRNG.seeded(0))
     rng = TrainRNG.seeded(0)
     singles = []
     for _ in range(2):
@@ -119,14 +119,14 @@ def test_pairing_draws_antithetic_groups_sharing_items_and_starts(tmp_path, pair
     """A micro-batch of batch_size samples holds batch_size / G groups; each group shares
     its item (prompt) and start state; "auto" pairs plans with ZO steps only."""
     from halforder.estimators import estimate, grouped
-    from halforder.training.loop import TrainRNG, local_estimate
+    from halforder.training.loop import TrainRNG
 
     task = ToyTask()
     cfg = _cfg(tmp_path, batch_size=8, pairing=pairing)
     seen = []
     chain_of = task.chain
     task.chain = lambda plan, prompts, generator=None: seen.append(list(prompts)) or chain_of(plan, prompts, generator)
-    est = local_estimate(task, plan, task.params, ["a", "b", "c"], cfg, TrainRNG.seeded(0))
+    est = _one_update(task, plan, task.params, ["a", "b", "c"], cfg, TrainRNG.seeded(0))
     assert len(seen[0]) == 8 and seen[0] == grouped(seen[0][::G], G)
     rng = TrainRNG.seeded(0)
     torch.randint(3, (8 // G,), generator=rng.data)
@@ -216,3 +216,9 @@ def test_grpo_advantage_needs_two_samples(tmp_path):
     with pytest.raises(ConfigError, match="'grpo' advantage"):
         _cfg(tmp_path, batch_size=1, pairing="none", baseline="grpo")
     assert _cfg(tmp_path, batch_size=2, pairing="none", baseline="grpo").baseline == "grpo"
+
+
+def _one_update(task, plan, params, items, cfg, rng):
+    """The one estimate of an on-policy update, as the loop draws it."""
+    from halforder.training.update_rules import update_rule
+    return next(update_rule(cfg).updates({}, task, plan, params, items, rng))

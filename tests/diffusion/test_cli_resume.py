@@ -12,7 +12,7 @@ import pytest
 pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
-import halforder.training.loop as loop  # noqa: E402
+import halforder.training.update_rules as update_rules  # noqa: E402
 from halforder.diffusion.cli import main  # noqa: E402
 from halforder.training.checkpoints import save_checkpoint  # noqa: E402
 
@@ -34,15 +34,15 @@ def _refused(capsys, out, args, *matches):
 
 def test_interrupt_then_resume_with_the_printed_command(tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
-    real, calls = loop.local_estimate, []
+    real, calls = update_rules.OnPolicy.updates, []
 
-    def interrupted_at_update_2(*args, **kw):       # grad_accum 1: one call per update
+    def interrupted_at_update_2(self, *args, **kw):       # one call per update
         calls.append(1)
         if len(calls) == 2:
             raise KeyboardInterrupt
-        return real(*args, **kw)
+        return real(self, *args, **kw)
 
-    monkeypatch.setattr(loop, "local_estimate", interrupted_at_update_2)
+    monkeypatch.setattr(update_rules.OnPolicy, "updates", interrupted_at_update_2)
     assert main(["--preset", "tiny", "--steps", "3", "--checkpoint-every", "1", "--output-dir", str(out),
                  "--no-progress"]) == 130
     err = capsys.readouterr().err
@@ -52,7 +52,7 @@ def test_interrupt_then_resume_with_the_printed_command(tmp_path, capsys, monkey
     assert command[:2] == ["halforder", "train"] and "--resume" in command
     config = (out / "config.json").read_bytes()
 
-    monkeypatch.setattr(loop, "local_estimate", real)
+    monkeypatch.setattr(update_rules.OnPolicy, "updates", real)
     assert main(command[2:] + ["--eval-every", "1"]) == 0       # a setting a resume may change
     assert (out / "config.json").read_bytes() == config
     rec, = [json.loads(line) for line in open(out / "resumes.jsonl")]
@@ -73,7 +73,7 @@ def test_interrupt_before_a_checkpoint_says_there_is_nothing_to_resume(tmp_path,
     def interrupt(*args, **kw):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(loop, "local_estimate", interrupt)
+    monkeypatch.setattr(update_rules.OnPolicy, "updates", interrupt)
     assert main(["--preset", "tiny", "--steps", "1", "--eval-every", "0", "--output-dir", str(tmp_path / "run"),
                  "--no-progress"]) == 130
     assert capsys.readouterr().err == ("halforder train: interrupted; no checkpoint was written, so there is "

@@ -17,7 +17,8 @@ pytest.importorskip("accelerate")
 from halforder.diffusion.config import load_config  # noqa: E402
 from halforder.diffusion.run import prepare  # noqa: E402
 from halforder.training.checkpoints import latest_checkpoint, load_checkpoint  # noqa: E402
-from halforder.training.loop import TrainRNG, local_estimate  # noqa: E402
+from halforder.training.loop import TrainRNG  # noqa: E402
+from halforder.training.update_rules import update_rule  # noqa: E402
 
 
 def _norm(d):
@@ -43,7 +44,7 @@ def test_two_processes_average_gradients(tmp_path):
     task, sampler, prompts = prepared.task, prepared.sampler, prepared.prompts
     plan = sampler.sample(sampler.init(), TrainRNG.seeded(cfg.seed).plan)
     assert rec["plan"] == str(plan)
-    ests = [local_estimate(task, plan, task.params, prompts, cfg, TrainRNG.seeded(cfg.seed, rank))
+    ests = [_one_update(task, plan, task.params, prompts, cfg, TrainRNG.seeded(cfg.seed, rank))
             for rank in (0, 1)]
     mean = {k: (ests[0].grad[k] + ests[1].grad[k]) / 2 for k in task.params}
     assert rec["grad_norm"] == pytest.approx(_norm(mean), rel=1e-4)
@@ -69,3 +70,9 @@ def test_two_processes_average_gradients(tmp_path):
         assert torch.allclose(ck.params[k], p.detach(), rtol=0, atol=1e-6 * cfg.lr / 1e-2), k
         moved += int(not torch.equal(ck.params[k], task.params[k].detach()))
     assert moved > 0
+
+
+def _one_update(task, plan, params, items, cfg, rng):
+    """The one estimate of an on-policy update, as the loop draws it."""
+    from halforder.training.update_rules import update_rule
+    return next(update_rule(cfg).updates({}, task, plan, params, items, rng))

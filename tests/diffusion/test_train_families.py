@@ -7,7 +7,7 @@ pytest.importorskip("peft")
 
 from halforder.diffusion.config import TrainConfig  # noqa: E402
 from halforder.diffusion.run import build_components, build_reward, build_task  # noqa: E402
-from halforder.estimators.samplers import FAMILIES, make_sampler  # noqa: E402
+from halforder.estimators.families import FAMILIES, make_sampler  # noqa: E402
 from halforder.training.loop import Hooks, train  # noqa: E402
 
 PROMPTS = ["a red square", "a blue circle", "a green field"]

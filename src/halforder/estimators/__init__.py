@@ -21,10 +21,11 @@ from .memory import SavedTensorMeter
 from .pairing import PAIRINGS, Pairing, group_means, grouped, pairing_for
 from .plan import Plan, Role
 from .protocol import Chain, detach, latent, with_latent
-from .samplers import (DropZO, FixedPlan, PlanSampler, RandomTruncation, SoftmaxRLR, UniformRLR, WindowRLR,
-                       make_sampler)
+from .families import FAMILIES, Family, make_sampler
+from .samplers import DropZO, FixedPlan, PlanSampler, SoftmaxRLR, UniformRLR, WindowRLR
+from .step_sets import RandomSubset, RandomTruncation, RandomWindow
 
-__all__ = ["PAIRINGS", "Chain", "Checkpointed", "ComputeMeter", "DropZO", "Estimate", "FixedPlan", "Pairing", "Plan", "PlanSampler",
+__all__ = ["FAMILIES", "Family", "RandomSubset", "RandomWindow", "PAIRINGS", "Chain", "Checkpointed", "ComputeMeter", "DropZO", "Estimate", "FixedPlan", "Pairing", "Plan", "PlanSampler",
            "RandomTruncation", "Role", "Samples", "SavedTensorMeter", "SoftmaxRLR", "UniformRLR", "WindowRLR", "detach",
            "draw_estimates", "estimate", "expected_evaluations", "flatten", "group_means", "grouped", "latent", "leave_one_out", "make_sampler",
            "pairing_for", "with_latent"]

@@ -24,7 +24,7 @@ the FO backward pass has freed that graph.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator, Mapping
 
 import torch
@@ -44,13 +44,16 @@ class Estimate:
       grad: parameter name -> estimate of grad J (the batch mean, or ``[N, *shape]``
         per-sample estimates when ``per_sample=True``).
       reward: R(x_0) per sample, shape ``[N]`` (detached).
-      parts: ``{"FO": ..., "HO": ..., "ZO": ...}``, each a dict like ``grad``; they add
-        up to ``grad``.
+      parts: ``{"FO": ..., "HO": ..., "ZO": ...}`` (and any term an estimator adds, e.g. a
+        KL penalty's ``"KL"``), each a dict like ``grad``; they add up to ``grad``.
+      stats: numbers an estimator reports beside the estimate (e.g. the importance ratio's
+        mean and clip fraction), by name.
     """
 
     grad: dict[str, torch.Tensor]
     reward: torch.Tensor
     parts: dict[str, dict[str, torch.Tensor]]
+    stats: dict[str, float] = field(default_factory=dict)
 
 
 def estimate(chain: Chain, plan: Plan, params: Mapping[str, torch.Tensor], x_T: State, *,

@@ -192,6 +192,11 @@ class Plan:
         the sampler's ``unbiased`` says.)"""
         return Role.NONE not in self.roles and all(w == 1.0 for w in self.weights)
 
+    def summary(self) -> dict:
+        """The plan as a training record shows it: its name, and j, the start of its HO block
+        where it has exactly one (RLR's block; None otherwise)."""
+        return {"plan": str(self), "j": self.blocks[0][0] if len(self.blocks) == 1 else None}
+
     def weight(self, t: int) -> float:
         """w_t, the weight of step t's term."""
         return self.weights[t - 1]

@@ -11,8 +11,9 @@ RLR(h, j) is unbiased for every fixed j, so j may follow any law that does not l
 the current sample's noise. Every sampler here draws j *before* the step's noise is
 drawn, from a law that depends only on past steps (through ``state``), so the
 estimate stays unbiased conditionally on j and hence overall. The same holds for any
-law over unbiased plans. Two samplers draw biased plans and say so in their plans'
-``is_unbiased``: :class:`RandomTruncation` (AlignProp) and :class:`DropZO`.
+law over unbiased plans. Each sampler says whether its law is unbiased (``unbiased``);
+:class:`DropZO` is not. Random sets of steps are :mod:`~halforder.estimators.step_sets`,
+and the families built from these samplers :mod:`~halforder.estimators.families`.
 
 Indices follow :meth:`Plan.rlr`: the HO block is steps j..j+h-1 with 2 <= j <= T-h+1
 (step 1 is the FO step). The paper writes j in 1..T-h for the same T-h positions.
@@ -35,6 +36,7 @@ class PlanSampler(Protocol):
     """Structural type of a plan sampler (see module docstring)."""
 
     T: int
+    unbiased: bool
 
     def init(self) -> State: ...
 
@@ -52,6 +54,11 @@ class FixedPlan:
     @property
     def T(self) -> int:
         return self.plan.T
+
+    @property
+    def unbiased(self) -> bool:
+        """Whether the law's estimate is unbiased for grad J: the plan's own."""
+        return self.plan.is_unbiased
 
     def init(self) -> State:
         return {}
@@ -73,6 +80,8 @@ class UniformRLR:
 
     def __post_init__(self):
         Plan.rlr(self.T, self.h, None if self.h == 0 else 2)  # validates T and h
+
+    unbiased = True   # RLR(h, j) is unbiased for every j, drawn before the noise
 
     def init(self) -> State:
         return {}
@@ -109,6 +118,8 @@ class WindowRLR:
             Plan.rlr(self.T, self.h, self.b)
         except ValueError as e:
             raise ValueError(f"the window [a, b] = [{self.a}, {self.b}] does not fit: {e}") from None
+
+    unbiased = True   # RLR(h, j) is unbiased for every j, drawn before the noise
 
     def init(self) -> State:
         return {}
@@ -155,6 +166,8 @@ class SoftmaxRLR:
         """The admissible j: 2..T-h+1."""
         return range(2, self.T - self.h + 2)
 
+    unbiased = True   # RLR(h, j) is unbiased for every j, drawn before the noise
+
     def init(self) -> State:
         n = len(self.js)
         return {"norm": torch.zeros(n, dtype=torch.float64), "count": torch.zeros(n, dtype=torch.int64)}
@@ -196,33 +209,14 @@ def parts_norm(grad: Mapping[str, torch.Tensor]) -> float:
 
 
 @dataclass(frozen=True)
-class RandomTruncation:
-    """AlignProp's randomized truncation: truncated backprop with K uniform on 1..k_max,
-    drawn afresh every step. Biased (Prop. 6.1) for every K < T."""
-
-    T: int
-    k_max: int
-
-    def __post_init__(self):
-        Plan.truncated(self.T, self.k_max)  # validates T and k_max
-
-    def init(self) -> State:
-        return {}
-
-    def sample(self, state: State, generator: torch.Generator | None = None) -> Plan:
-        return Plan.truncated(self.T, _uniform_int(1, self.k_max, generator))
-
-    def update(self, state: State, plan: Plan, estimate) -> State:
-        return state
-
-
-@dataclass(frozen=True)
 class DropZO:
     """The plans of ``inner`` with their ZO steps dropped (role NONE). **Biased**: RLR
     without its zeroth-order term, which is what the official RLR code computes
     (docs/official-code-notes.md). For comparisons only."""
 
     inner: PlanSampler
+
+    unbiased = False
 
     @property
     def T(self) -> int:
@@ -238,55 +232,6 @@ class DropZO:
 
     def update(self, state: State, plan: Plan, estimate) -> State:
         return self.inner.update(state, plan, estimate)
-
-
-FAMILIES = ("full", "truncated", "reinforce", "zeroth_order", "rlr", "truncated_random", "rlr_no_zo")
-BIASED_FAMILIES = ("truncated", "truncated_random", "rlr_no_zo")
-J_SAMPLING = ("uniform", "softmax", "window", "fixed")
-
-
-def make_sampler(estimator: str, T: int, *, h: int = 2, k: int = 1, j_sampling: str = "uniform",
-                 j: int | None = None, window: tuple[int, int] | None = None,
-                 temperature: float = 1.0, decay: float = 0.9) -> PlanSampler:
-    """A sampler from its name, as a config or command line gives it.
-
-    Args:
-      estimator: one of ``full``, ``truncated`` (FO on 1..k), ``reinforce``,
-        ``zeroth_order``, ``rlr``, and two biased variants kept for comparisons:
-        ``truncated_random`` (AlignProp, K uniform on 1..k) and ``rlr_no_zo`` (RLR with
-        its ZO steps dropped).
-      T: number of chain steps.
-      h, j_sampling, j, window, temperature, decay: RLR only. ``j_sampling`` is
-        ``uniform``, ``softmax`` (running gradient norms), ``window`` (j uniform on
-        ``window = (a, b)``) or ``fixed`` (the given ``j``).
-      k: the truncated families only.
-      window: for ``reinforce``, the steps a..b that get REINFORCE terms (None: every step).
-
-    Raises ``ValueError`` naming the problem (the ranges of h and j are
-    :meth:`Plan.rlr`'s).
-    """
-    steps = None if window is None else range(window[0], window[1] + 1)
-    fixed = {"full": lambda: Plan.full(T), "truncated": lambda: Plan.truncated(T, k),
-             "reinforce": lambda: Plan.reinforce(T, steps), "zeroth_order": lambda: Plan.zeroth_order(T)}
-    if estimator in fixed:
-        return FixedPlan(fixed[estimator]())
-    if estimator == "truncated_random":
-        return RandomTruncation(T, k)
-    if estimator not in ("rlr", "rlr_no_zo"):
-        raise ValueError(f"unknown estimator {estimator!r}; known: {', '.join(FAMILIES)}")
-    if j_sampling == "uniform":
-        sampler = UniformRLR(T, h)
-    elif j_sampling == "softmax":
-        sampler = SoftmaxRLR(T, h, temperature, decay)
-    elif j_sampling == "window":
-        if window is None:
-            raise ValueError("j_sampling='window' needs a window (a, b)")
-        sampler = WindowRLR(T, h, *window)
-    elif j_sampling == "fixed":
-        sampler = FixedPlan(Plan.rlr(T, h, j))
-    else:
-        raise ValueError(f"unknown j sampling {j_sampling!r}; known: {', '.join(J_SAMPLING)}")
-    return DropZO(sampler) if estimator == "rlr_no_zo" else sampler
 
 
 def _uniform_int(lo: int, hi: int, generator: torch.Generator | None) -> int:

@@ -1,20 +1,18 @@
 """A model-agnostic training loop that does not know which estimator it runs.
 
-Each update:
+Each step:
 
-    plan  = sampler.sample(state, plan_generator)          # fixed plan, or RLR with some j law
-    for each micro-batch:                                    # gradient accumulation
-        chain = task.chain(plan, batch, noise_generator)     # the plan sets the chain's noise scales
-        x_T   = chain.sample_start(n, noise_generator)       # in antithetic groups with pairing
-        est   = estimate(chain, plan, params, x_T, generator=noise_generator, baseline=..., pairing=...)
-    g = mean over micro-batches and processes of est.grad   # an estimate of grad E[R]
+    plan  = sampler.sample(state, plan_generator)          # fixed plan, or a law over plans
+    for est in rule.updates(rule_state, task, plan, params, items, rng):   # one, or PPO's reuse
+        g = mean over processes of est.grad                  # an estimate of grad E[R]
+        if rewards and g are finite:  param.grad = -g;  clip;  AdamW step
+        state = sampler.update(state, plan, averaged estimate)
     count the model's evaluations (ComputeMeter), summed over processes
-    if rewards and g are finite:  param.grad = -g;  clip;  AdamW step
-    state = sampler.update(state, plan, averaged estimate)
 
-Everything estimator-specific lives in the plan and in :func:`halforder.estimators.estimate`;
-the model side is a :class:`Task`, and what a caller adds (evaluation, exported weights,
-an early stop, a memory meter) comes in through :class:`Hooks`.
+Everything estimator-specific lives in the plan, the sampler and the update rule
+(:mod:`halforder.training.update_rules`: on-policy estimates, or the clipped ratio with
+reuse and a KL); the model side is a :class:`Task`, and what a caller adds (evaluation,
+exported weights, an early stop, a memory meter) comes in through :class:`Hooks`.
 
 Randomness: the plan generator has the same seed on every process (so all processes use
 the same plan, and the sampler state, updated from process-averaged estimates, stays
@@ -36,18 +34,16 @@ from typing import Any, Callable, ContextManager, Mapping, Protocol, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from ..estimators import ComputeMeter, Estimate, Plan, estimate, grouped, pairing_for
+from ..estimators import ComputeMeter, Estimate, Plan
 from ..estimators.protocol import Chain
 from ..estimators.samplers import PlanSampler
+from .update_rules import UpdateRule, update_rule
 from .checkpoints import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from .schedules import averaged, lr_schedule, make_ema
 from .config import LoopConfig
 from . import trackers
 from .files import append_jsonl, write_text
 from .resume import check_fits, check_output_dir, check_resume, record_config, resume_path
-
-ROLES = ("FO", "HO", "ZO")
-
 
 class Task(Protocol):
     """The model side of training."""
@@ -141,7 +137,7 @@ def make_accelerator(cpu: bool | None = None, *, report_to: Sequence[str] = (), 
 
 
 def train(task: Task, sampler: PlanSampler, batches: Sequence, cfg: LoopConfig, *, accelerator=None,
-          hooks: Hooks = Hooks()) -> TrainResult:
+          hooks: Hooks = Hooks(), rule: UpdateRule | None = None) -> TrainResult:
     """Run ``cfg.steps`` updates (continuing from ``cfg.resume`` if given); with an
     ``output_dir``, write ``config.json``, ``metrics.jsonl`` and checkpoints there.
 
@@ -153,6 +149,7 @@ def train(task: Task, sampler: PlanSampler, batches: Sequence, cfg: LoopConfig, 
       cfg: a :class:`~halforder.training.config.LoopConfig` (or a config that extends it).
       accelerator: an ``accelerate.Accelerator`` (default: :func:`make_accelerator`).
       hooks: evaluation, export, early stop, ... (:class:`Hooks`).
+      rule: the update rule (default: :func:`~halforder.training.update_rules.update_rule` of ``cfg``).
     """
     if not batches:
         raise ValueError("no training prompts (batches)")
@@ -169,14 +166,15 @@ def train(task: Task, sampler: PlanSampler, batches: Sequence, cfg: LoopConfig, 
                             weight_decay=cfg.weight_decay)
     ema = make_ema(params.values(), cfg.ema_decay) if cfg.ema else None
     gens = TrainRNG.seeded(cfg.seed, acc.process_index, acc.device)
-    sstate = sampler.init()
+    rule = rule if rule is not None else update_rule(cfg)
+    sstate, rstate = sampler.init(), rule.init(params)
     start, ck = 0, None
     spent = {"forward": 0, "backward": 0}   # evaluations since step 0, all processes
     resume = resume_path(cfg)
     if resume:
         ck = load_checkpoint(resume, map_location=acc.device)
         check_resume(cfg, ck)
-        sstate = _restore(ck, params, opt, gens, sstate, acc, ema)
+        sstate, rstate = _split(_restore(ck, params, opt, gens, _joined(sstate, rstate), acc, ema))
         start = ck.step
         spent = dict(ck.evaluations)
     schedule = lr_schedule(cfg.lr_scheduler, opt, cfg.lr_warmup_steps, cfg.steps, start)
@@ -215,36 +213,39 @@ def train(task: Task, sampler: PlanSampler, batches: Sequence, cfg: LoopConfig, 
     for step in range(start + 1, cfg.steps + 1):
         t0 = time.perf_counter()
         plan = sampler.sample(sstate, gens.plan)
+        stats, reasons = [], []
         with ComputeMeter() as meter, around():
-            est = local_estimate(task, plan, params, batches, cfg, gens)
+            for est in rule.updates(rstate, task, plan, params, batches, gens):
+                est, vec = _averaged(est, acc)
+                reason = ("non-finite reward" if not bool(torch.isfinite(est.reward).all()) else
+                          "non-finite gradient" if not bool(torch.isfinite(vec).all()) else None)
+                reasons.append(reason)
+                stats.append(est.stats)
+                if reason is None:
+                    for k, p in params.items():
+                        p.grad = est.grad[k].neg().to(p.dtype)   # minimise -R
+                    if cfg.clip_norm > 0:
+                        torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.clip_norm)
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                    if ema is not None:
+                        ema.step(params.values())
+                    sstate = sampler.update(sstate, plan, est)
         counts = torch.tensor([meter.forward, meter.backward], dtype=torch.int64, device=acc.device)
         if acc.num_processes > 1:
             counts = acc.reduce(counts, reduction="sum")
         f, b = (int(v) for v in counts.tolist())
         spent = {"forward": spent["forward"] + f, "backward": spent["backward"] + b}
-        vec = _flatten(est, names)
-        if acc.num_processes > 1:
-            vec = acc.reduce(vec, reduction="mean")
-        rewards = acc.gather(est.reward) if acc.num_processes > 1 else est.reward
-        est = _unflatten(vec, params, rewards)
-        rec = {"step": step, "plan": str(plan), "j": plan.blocks[0][0] if len(plan.blocks) == 1 else None,
-               "pairing": pairing_for(cfg.pairing, plan).name,
-               "reward_mean": _num(rewards.mean()), "reward_std": _num(rewards.std()) if len(rewards) > 1 else 0.0,
+        rewards = est.reward
+        reason = next((r for r in reasons if r is not None), None)
+        rec = {"step": step, **plan.summary(), **rule.describe(plan), "reward_mean": _num(rewards.mean()),
+               "reward_std": _num(rewards.std()) if len(rewards) > 1 else 0.0,
                "grad_norm": _norm(est.grad.values()), "evaluations_forward": f, "evaluations_backward": b,
                "evaluations": spent["forward"] + spent["backward"]}
-        rec.update({f"grad_norm_{r}": _norm(est.parts[r].values()) for r in ROLES})
-        reason = ("non-finite reward" if not bool(torch.isfinite(rewards).all()) else
-                  "non-finite gradient" if not bool(torch.isfinite(vec).all()) else None)
-        if reason is None:
-            for k, p in params.items():
-                p.grad = est.grad[k].neg().to(p.dtype)   # minimise -R
-            if cfg.clip_norm > 0:
-                torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.clip_norm)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            if ema is not None:
-                ema.step(params.values())
-            sstate = sampler.update(sstate, plan, est)
+        rec.update({f"grad_norm_{r}": _norm(part.values()) for r, part in est.parts.items()})
+        rec.update({k: _num(sum(s[k] for s in stats) / len(stats)) for k in stats[-1]})
+        if len(reasons) > 1:
+            rec["updates"] = len(reasons)
         lr = opt.param_groups[0]["lr"]
         schedule.step()                       # the learning rate is a function of the update index
         rec.update(skipped=reason is not None, reason=reason, lr=lr, time_s=time.perf_counter() - t0,
@@ -261,8 +262,8 @@ def train(task: Task, sampler: PlanSampler, batches: Sequence, cfg: LoopConfig, 
         if cfg.eval_every and (step % cfg.eval_every == 0 or last):
             evaluate(step)
         if out and ((cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or last):
-            _checkpoint(os.path.join(out, "checkpoints"), step, params, sstate, opt, gens, cfg, acc, spent,
-                        weights, ema)
+            _checkpoint(os.path.join(out, "checkpoints"), step, params, _joined(sstate, rstate), opt, gens, cfg, acc,
+                        spent, weights, ema)
         if last:
             break
     bar.close()
@@ -276,44 +277,36 @@ def train(task: Task, sampler: PlanSampler, batches: Sequence, cfg: LoopConfig, 
 
 
 # ----------------------------------------------------------------------------- one update
-def local_estimate(task: Task, plan: Plan, params, batches: Sequence, cfg: LoopConfig, rng: TrainRNG) -> Estimate:
-    """This process's estimate for one update: the mean over ``cfg.grad_accum`` micro-batches
-    of ``cfg.batch_size`` samples each, items drawn with ``rng.data`` and noise from
-    ``rng.noise``. With pairing (``cfg.pairing``) a micro-batch holds ``batch_size / G``
-    antithetic groups, the members of a group sharing their item and start state."""
-    baseline = None if cfg.baseline == "none" else cfg.baseline
-    pairing = pairing_for(cfg.pairing, plan)
-    G = pairing.size
-    ests = []
-    for _ in range(cfg.grad_accum):
-        idx = torch.randint(len(batches), (cfg.batch_size // G,), generator=rng.data)
-        chain = task.chain(plan, grouped([batches[i] for i in idx.tolist()], G), rng.noise)
-        x_T = grouped(chain.sample_start(cfg.batch_size // G, rng.noise), G)
-        ests.append(estimate(chain, plan, params, x_T, generator=rng.noise, baseline=baseline, pairing=pairing))
-    mean = (lambda ds: {k: sum(d[k] for d in ds) / len(ds) for k in ds[0]})
-    return Estimate(mean([e.grad for e in ests]), torch.cat([e.reward.float() for e in ests]),
-                    {r: mean([e.parts[r] for e in ests]) for r in ROLES})
-
-
-def _flatten(est: Estimate, names) -> torch.Tensor:
-    """grad and its three parts as one vector (one all-reduce for all of them), in float64
-    if any gradient is float64 and float32 otherwise."""
-    dtype = torch.float64 if any(est.grad[k].dtype == torch.float64 for k in names) else torch.float32
-    chunks = [est.grad[k].reshape(-1).to(dtype) for k in names]
-    for r in ROLES:
-        chunks += [est.parts[r][k].reshape(-1).to(dtype) for k in names]
-    return torch.cat(chunks)
-
-
-def _unflatten(vec: torch.Tensor, params, rewards) -> Estimate:
+def _averaged(est: Estimate, acc) -> tuple[Estimate, torch.Tensor]:
+    """The estimate averaged over processes (rewards gathered), and its gradient and parts as
+    one vector (one all-reduce for all of them), in float64 if any gradient is float64."""
+    names = list(est.grad)
+    dtype = torch.float64 if any(v.dtype == torch.float64 for v in est.grad.values()) else torch.float32
+    vec = torch.cat([d[k].reshape(-1).to(dtype) for d in (est.grad, *est.parts.values()) for k in names])
+    if acc.num_processes <= 1:
+        return est, vec[:sum(v.numel() for v in est.grad.values())]
+    vec = acc.reduce(vec, reduction="mean")
     out, i = [], 0
-    for _ in range(1 + len(ROLES)):
+    for _ in range(1 + len(est.parts)):
         d = {}
-        for k, p in params.items():
-            d[k] = vec[i:i + p.numel()].view_as(p)
-            i += p.numel()
+        for k in names:
+            n = est.grad[k].numel()
+            d[k] = vec[i:i + n].view_as(est.grad[k])
+            i += n
         out.append(d)
-    return Estimate(out[0], rewards, dict(zip(ROLES, out[1:])))
+    return (Estimate(out[0], acc.gather(est.reward), dict(zip(est.parts, out[1:])), est.stats),
+            vec[:sum(v.numel() for v in est.grad.values())])
+
+
+def _joined(sampler_state, rule_state):
+    """The sampler's and the update rule's states as one checkpointed dict."""
+    return {**sampler_state, **{f"update_rule/{k}": v for k, v in rule_state.items()}}
+
+
+def _split(state):
+    """The inverse of :func:`_joined`."""
+    rule = {k[len("update_rule/"):]: v for k, v in state.items() if k.startswith("update_rule/")}
+    return {k: v for k, v in state.items() if not k.startswith("update_rule/")}, rule
 
 
 def _norm(ts) -> float:
