@@ -81,3 +81,45 @@ def test_nothing_to_resume(tmp_path):
         with pytest.raises(ConfigError, match=f"nothing to resume: .*{match}; pass --steps N with N > 2"):
             _train(out, steps=steps, resume="latest")
     assert not (out / "resumes.jsonl").exists()
+
+
+def test_a_decaying_schedule_says_how_to_train_further_whatever_steps_are_asked(tmp_path):
+    """A finished cosine run, resumed with its own steps or with more, gets the same advice: a
+    new run over the new total or from the checkpoint's weights (a resume cannot move the
+    schedule's end); an unfinished one is told to finish with its own steps."""
+    out = tmp_path / "run"
+    _train(out, lr_scheduler="cosine")
+    hints = []
+    for steps in (2, 6):
+        with pytest.raises(ConfigError) as e:
+            _train(out, steps=steps, lr_scheduler="cosine", resume="latest")
+        message = str(e.value)
+        assert "resume with" not in message and "N > 2" not in message, message
+        hints.append(message[message.index("to train beyond update 2"):])
+    assert hints[0] == hints[1].replace("--steps 6", "--steps N")
+    assert "start a new run" in hints[0] and "halforder export" in hints[0] and "--fuse, then --model DIR" in hints[0]
+    first = os.path.join(out, "checkpoints", "step_00000001")
+    with pytest.raises(ConfigError, match="resume with --steps 2 to finish it; to train beyond update 1"):
+        _train(out, steps=6, lr_scheduler="cosine", resume=first)
+
+
+def test_a_clipped_ratio_run_with_a_kl_resumes_bit_for_bit(tmp_path):
+    """The update rule's state (the KL's reference weights) is checkpointed: 2 + 2 updates
+    resumed equal 4 uninterrupted, with PPO's reuse and the KL to the starting weights."""
+    def run(out, **kw):
+        cfg = LoopConfig(**{**dict(steps=4, batch_size=4, grad_accum=1, lr=5e-2, eval_every=0, checkpoint_every=1,
+                                   output_dir=str(out), progress=False, clip_range=0.2, updates_per_rollout=2,
+                                   kl_beta=0.5, group_size=2, baseline="grpo"), **kw})
+        task = ToyTask()
+        task.base = tanh_chain(T=4, d=3, sigma=0.3, tau=0.0, seed=0)[0]    # Gaussian steps
+        train(task, FixedPlan(Plan.reinforce(4)), ["p"], cfg)
+        return [json.loads(line) for line in open(out / "metrics.jsonl")]
+
+    whole = run(tmp_path / "whole")
+    run(tmp_path / "parts", steps=2)
+    parts = run(tmp_path / "parts", resume="latest")
+    assert [r["step"] for r in parts] == [1, 2, 3, 4]
+    drop = ("time_s", "elapsed_s", "memory_bytes")
+    assert [{k: v for k, v in r.items() if k not in drop} for r in parts] == \
+           [{k: v for k, v in r.items() if k not in drop} for r in whole]
+    assert whole[-1]["kl"] > 0 and whole[-1]["updates"] == 2

@@ -138,6 +138,29 @@ def test_pairing_draws_antithetic_groups_sharing_items_and_starts(tmp_path, pair
         assert torch.equal(est.grad[k], ref.grad[k])
 
 
+def test_prompt_groups_share_their_prompt_and_pair_inside_the_group(tmp_path):
+    """group_size 4 with pairing param: batch 8 is 2 prompts x 4 samples; the antithetic
+    groups lie inside a prompt's group, and the leave-one-out baseline acts within it."""
+    from halforder.estimators import estimate, grouped
+    from halforder.estimators.baselines import LeaveOneOut
+    from halforder.training.loop import TrainRNG
+
+    task, plan = ToyTask(), Plan.rlr(4, 2, 2)
+    cfg = _cfg(tmp_path, batch_size=8, group_size=4, pairing="param")
+    seen = []
+    chain_of = task.chain
+    task.chain = lambda plan, prompts, generator=None: seen.append(list(prompts)) or chain_of(plan, prompts, generator)
+    est = _one_update(task, plan, task.params, ["a", "b", "c"], cfg, TrainRNG.seeded(0))
+    assert seen[0] == grouped(seen[0][::4], 4)
+    rng = TrainRNG.seeded(0)
+    torch.randint(3, (2,), generator=rng.data)
+    chain = chain_of(plan, seen[0], rng.noise)
+    x_T = grouped(chain.sample_start(4, rng.noise), 2)
+    ref = estimate(chain, plan, task.params, x_T, generator=rng.noise, baseline=LeaveOneOut(4), pairing="param")
+    for k in task.params:
+        assert torch.equal(est.grad[k], ref.grad[k])
+
+
 def test_pairing_needs_batches_of_whole_groups(tmp_path):
     from halforder.training.config import ConfigError
 

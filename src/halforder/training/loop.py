@@ -6,7 +6,7 @@ Each step:
     for est in rule.updates(rule_state, task, plan, params, items, rng):   # one, or PPO's reuse
         g = mean over processes of est.grad                  # an estimate of grad E[R]
         if rewards and g are finite:  param.grad = -g;  clip;  AdamW step
-        state = sampler.update(state, plan, averaged estimate)
+    state = sampler.update(state, plan, last applied estimate)
     count the model's evaluations (ComputeMeter), summed over processes
 
 Everything estimator-specific lives in the plan, the sampler and the update rule
@@ -213,7 +213,7 @@ def train(task: Task, sampler: PlanSampler, batches: Sequence, cfg: LoopConfig, 
     for step in range(start + 1, cfg.steps + 1):
         t0 = time.perf_counter()
         plan = sampler.sample(sstate, gens.plan)
-        stats, reasons = [], []
+        stats, reasons, applied = [], [], None
         with ComputeMeter() as meter, around():
             for est in rule.updates(rstate, task, plan, params, batches, gens):
                 est, vec = _averaged(est, acc)
@@ -230,7 +230,9 @@ def train(task: Task, sampler: PlanSampler, batches: Sequence, cfg: LoopConfig, 
                     opt.zero_grad(set_to_none=True)
                     if ema is not None:
                         ema.step(params.values())
-                    sstate = sampler.update(sstate, plan, est)
+                    applied = est
+        if applied is not None:                   # once a step, from its last applied update
+            sstate = sampler.update(sstate, plan, applied)
         counts = torch.tensor([meter.forward, meter.backward], dtype=torch.int64, device=acc.device)
         if acc.num_processes > 1:
             counts = acc.reduce(counts, reduction="sum")
