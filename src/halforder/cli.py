@@ -1,7 +1,8 @@
 """Command line: halforder demo (toy estimator comparison), halforder train (reward
 fine-tuning of diffusion models), halforder plan (the estimator for a run under memory and
-time budgets) and halforder export (a checkpoint as a LoRA file or a fused model folder);
-train, plan and export need the diffusion extra."""
+time budgets), halforder diagnose (which steps carry the gradient and the batch a run needs)
+and halforder export (a checkpoint as a LoRA file or a fused model folder); all but demo
+need the diffusion extra."""
 from __future__ import annotations
 
 import argparse
@@ -32,6 +33,8 @@ def parser() -> argparse.ArgumentParser:
                                 "(see: halforder plan --help)")
     sub.add_parser("export", help="write a checkpoint's LoRA file, or fuse it into a model folder "
                                   "(see: halforder export --help)")
+    sub.add_parser("diagnose", help="which steps carry the gradient, the batch and group a run needs, and the "
+                                    "ratio's consistency (see: halforder diagnose --help)")
     return p
 
 
@@ -46,7 +49,7 @@ def missing_diffusion_extra() -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ("train", "plan", "export"):
+    if argv and argv[0] in ("train", "plan", "export", "diagnose"):
         missing = missing_diffusion_extra()
         if missing:
             print(f"halforder {argv[0]}: error: needs the diffusion extra (missing: {', '.join(missing)}); install "
@@ -55,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
         if argv[0] == "plan":
             from .diffusion.plan_cli import main as plan_main
             return plan_main(argv[1:])
+        if argv[0] == "diagnose":
+            from .diffusion.diagnose_cli import main as diagnose_main
+            return diagnose_main(argv[1:])
         if argv[0] == "export":
             from .diffusion.export_cli import main as export_main
             return export_main(argv[1:])

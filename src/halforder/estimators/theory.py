@@ -260,6 +260,35 @@ def step_gradients(chain, params, x_T, *, generator: torch.Generator, pairing: P
     return g, R.detach(), eps_param
 
 
+def step_scores(chain, params, x_T, *, generator: torch.Generator, pairing: Pairing = Pairing()):
+    """One rollout from ``x_T`` with the engine's draws, and every step's likelihood-ratio score
+    in one backward pass: ``(S, R)``, S ``[N, T, P]`` the per-sample gradient of
+    <phi_t(x_t; theta_t), eps_t> / sigma_t through theta_t alone at the recorded x_t (zeros
+    where sigma_t = 0), and R ``[N]``. REINFORCE's term at step t is A_n S_{n,t} for an
+    advantage A_n (:mod:`~halforder.estimators.baselines`); with the chain's parameter noise
+    it is the score at the perturbed parameters."""
+    N, T = latent(x_T).shape[0], chain.T
+    noisy = [t for t in range(1, T + 1) if float(chain.sigma(t)) > 0]
+    with torch.no_grad():
+        out = roll_out(chain, x_T, {k: v.detach() for k, v in params.items()}, generator=generator, pairing=pairing,
+                       record=noisy)
+        R = chain.reward(latent(out.x)).detach()
+    leaves = {t: {k: v.detach().unsqueeze(0).repeat(N, *([1] * v.dim())).requires_grad_() for k, v in params.items()}
+              for t in noisy}
+    with torch.enable_grad():
+        total = 0.0
+        for t in noisy:
+            s = out.steps[t]
+            mean = latent(chain.step(t, s.x, {k: v + s.noise.dtheta[k] for k, v in leaves[t].items()}
+                                     if s.noise.dtheta else leaves[t]))
+            total = total + (mean * s.noise.eps).flatten(1).sum(1).sum() / s.noise.sigma
+        grads = _grad(total, {(t, k): v for t, leaf in leaves.items() for k, v in leaf.items()}, lambda g: g)
+    zero = torch.zeros((N, sum(v.numel() for v in params.values())), dtype=next(iter(params.values())).dtype)
+    S = torch.stack([flatten({k: grads[(t, k)] for k in params}, sample_axis=True) if t in leaves else zero
+                     for t in range(1, T + 1)], 1)
+    return S, R
+
+
 def paired_zo_floor(g: torch.Tensor) -> float:
     """The variance (trace of the covariance) of one antithetic pair of ZO estimates to first
     order in tau, from the per-sample pathwise gradients ``g`` ``[m, n, d]`` of its m ZO steps
