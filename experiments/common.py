@@ -13,22 +13,20 @@ from __future__ import annotations
 
 import argparse
 import csv
+import importlib.util
 import os
+import sys
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Sequence
 
-import matplotlib
+import numpy as np
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from halforder.estimators import Plan  # noqa: E402
-from halforder.estimators import draw_estimates, flatten  # noqa: E402
-from halforder.toy import LinearGaussianChain, Quadratic  # noqa: E402
+from halforder.estimators import Plan
+from halforder.estimators import draw_estimates, flatten
+from halforder.toy import LinearGaussianChain, Quadratic
 
 Z95 = 1.959963984540054
 REPO = Path(__file__).resolve().parents[1]
@@ -197,16 +195,45 @@ def save_fig(fig, out: Path, stem: str) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{stem}.png"
     fig.savefig(path, dpi=110, bbox_inches="tight", metadata={"Software": None})
-    plt.close(fig)
+    pyplot().close(fig)
     return path
 
 
-def cli(description: str) -> argparse.Namespace:
+def pyplot():
+    """``matplotlib.pyplot`` on the Agg backend (figures are only written to files); imported
+    when a figure is drawn, so that :func:`require_extras` can report a missing ``plots`` extra."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+#: a module of each extra the experiments use, and the command that installs the extras
+EXTRA_MODULES = {"plots": "matplotlib", "diffusion": "diffusers"}
+
+
+def require_extras(*extras: str) -> None:
+    """Exit with status 2 and the pip command that installs them, before any work is done,
+    unless the named extras of halforder (``plots``, ``diffusion``) are installed."""
+    missing = [e for e in extras if importlib.util.find_spec(EXTRA_MODULES[e]) is None]
+    if missing:
+        names = " and ".join(f"the {e} extra ({EXTRA_MODULES[e]})" for e in missing)
+        print(f"{os.path.basename(sys.argv[0])}: error: needs {names}; install with: "
+              f"pip install -e \".[{','.join(missing)}]\"", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def cli(description: str, extras: Sequence[str] = ("plots",)) -> argparse.Namespace:
+    """The experiments' command line (``--quick``, ``--out``); exits with status 2 at once
+    unless ``extras`` are installed (:func:`require_extras`)."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--quick", action="store_true", help="tiny sample sizes: a smoke test, not results")
     p.add_argument("--out", type=Path, help="output folder (default docs/results; with --quick, runs/quick-results, "
                                             "so that a smoke run never overwrites the committed results)")
     args = p.parse_args()
+    require_extras(*extras)
     if args.out is None:
         args.out = QUICK_OUT if args.quick else DEFAULT_OUT
     return args

@@ -7,14 +7,13 @@ biased control: the test must reject it.
 """
 from __future__ import annotations
 
-import matplotlib.pyplot as plt
 import numpy as np
 from tqdm.auto import tqdm
 
 from halforder.estimators import Plan
 from halforder.toy import mean_test
 
-from .common import ChainConfig, default_chain, draw, exact_grad_vec, ho_tiling, j_strata, save_fig, write_table
+from .common import ChainConfig, default_chain, draw, exact_grad_vec, ho_tiling, j_strata, pyplot, save_fig, write_table
 
 ALPHA = 1e-3
 
@@ -62,6 +61,7 @@ def run(out, quick: bool = False) -> dict:
            "`j~U(8 values)`: j uniform on 8 evenly spaced starts in 2..T-1, stratified (n/8 samples each).")
     write_table(out, "e1_unbiasedness", ["estimator", "unbiased plan", "n", "|mean - grad J|", "SE",
                                          "max |z|", "Hotelling T^2", "p", "verdict"], rows, pre)
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(9, 4.2))
     for i, (label, z) in enumerate(zs.items()):
         ax.scatter(np.full(len(z), i), z, s=12, label=None)

@@ -10,7 +10,6 @@ loses for large k.
 """
 from __future__ import annotations
 
-import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from tqdm.auto import tqdm
@@ -18,8 +17,8 @@ from tqdm.auto import tqdm
 from halforder.estimators import Plan, flatten
 from halforder.toy import Cosine, LinearGaussianChain, mean_test
 
-from .common import (ChainConfig, default_chain, draw, fmt, ho_tiling, j_strata, ratio_ci, save_fig, trace_var,
-                     write_table)
+from .common import (ChainConfig, default_chain, draw, fmt, ho_tiling, j_strata, pyplot, ratio_ci, save_fig,
+                     trace_var, write_table)
 
 
 def variance_plans(T: int):
@@ -102,6 +101,7 @@ def run(out, quick: bool = False) -> dict:
     write_table(out, "e2_prop62_cosine", ["k", "estimator", "n", "tr Var", "CI low", "CI high", "Hotelling p"],
                 rows_b, pre_b)
 
+    plt = pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5), gridspec_kw={"width_ratios": [1.25, 1]})
     labels = list(res)
     vals = np.array([res[k][0].value for k in labels])

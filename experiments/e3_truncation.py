@@ -6,14 +6,13 @@ E[truncated-K] = grad J - bias(K) (the formula) and of E[truncated-K] = grad J (
 """
 from __future__ import annotations
 
-import matplotlib.pyplot as plt
 import numpy as np
 from tqdm.auto import tqdm
 
 from halforder.estimators import Plan, flatten, theory
 from halforder.toy import mean_test
 
-from .common import Z95, ChainConfig, default_chain, draw, exact_grad_vec, save_fig, write_table
+from .common import Z95, ChainConfig, default_chain, draw, exact_grad_vec, pyplot, save_fig, write_table
 
 ALPHA = 1e-3
 
@@ -44,6 +43,7 @@ def run(out, quick: bool = False) -> dict:
            f"Each test's false-rejection rate is {ALPHA} at alpha = {ALPHA}.")
     write_table(out, "e3_truncation", ["K", "n", "|bias| exact", "|bias| measured", "noise (RMS)", "relative exact",
                                        "relative measured", "p formula", "p no bias"], rows, pre)
+    plt = pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     Kall = np.arange(1, cfg.T + 1)
     ax1.plot(Kall[:-1], norms[:-1], "-", color="C0", label="exact, Prop. 6.1")

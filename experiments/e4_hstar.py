@@ -10,14 +10,13 @@
 """
 from __future__ import annotations
 
-import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from halforder.estimators import Plan, theory
 
-from .common import ChainConfig, default_chain, draw, j_strata, paired_diff, save_fig, trace_var, write_table
+from .common import ChainConfig, default_chain, draw, j_strata, paired_diff, pyplot, save_fig, trace_var, write_table
 
 B_H, B_Z = 1.0, 0.03
 
@@ -86,6 +85,7 @@ def run(out, quick: bool = False) -> dict:
                                   "runner-up h", "Δ(runner-up - best)", "SE  ", "Δ(eq.8 - solver)", "SE "],
                 rows_b, pre_b)
 
+    plt = pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.8))
     hs = np.array(grid)
     ax1.errorbar(hs, [tv[h].value for h in grid], yerr=np.array([[tv[h].value - tv[h].lo, tv[h].hi - tv[h].value]

@@ -13,7 +13,6 @@ exact F_K) is where it stalls.
 """
 from __future__ import annotations
 
-import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from scipy import optimize, stats
@@ -21,7 +20,7 @@ from tqdm.auto import tqdm
 
 from halforder.estimators import Plan, estimate, flatten, theory
 
-from .common import ChainConfig, default_chain, save_fig, write_table
+from .common import ChainConfig, default_chain, pyplot, save_fig, write_table
 
 N = 32
 
@@ -174,6 +173,7 @@ def run(out, quick: bool = False) -> dict:
                                         "realised sigma^2", "final J", "± 95%", "final |grad J|",
                                         "avg |grad J|^2", "Thm 6.4 bound", "bound", "L at ends"], rows, pre)
 
+    plt = pyplot()
     fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(18, 5))
     ks = np.arange(iters + 1)
     for i, (label, r) in enumerate(results.items()):

@@ -8,11 +8,10 @@ Plan.cost(); variances are those of experiment 2 (same samples).
 """
 from __future__ import annotations
 
-import matplotlib.pyplot as plt
 
 from halforder.estimators import Plan
 
-from .common import ChainConfig, default_chain, save_fig, write_table
+from .common import ChainConfig, default_chain, pyplot, save_fig, write_table
 from .e2_variance import measure, variance_plans
 
 
@@ -42,6 +41,7 @@ def run(out, quick: bool = False, measured: dict | None = None) -> dict:
     write_table(out, "e6_compute", ["estimator", "n", "tr Var", "CI low", "CI high", "fwd", "bwd", "graph",
                                     "Var x (fwd+bwd)", "CI low ", "CI high ", "rel. to FO", "Var x max(graph,1)"],
                 rows, pre)
+    plt = pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5))
     for i, (label, graph, work, tv) in enumerate(pts):
         c = f"C{i % 10}"

@@ -17,7 +17,6 @@ number to compare with an unpaired estimator's per-sample variance at equal comp
 """
 from __future__ import annotations
 
-import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from tqdm.auto import tqdm
@@ -25,7 +24,7 @@ from tqdm.auto import tqdm
 from halforder.estimators import PAIRINGS, Pairing, Plan, draw_estimates, flatten
 from halforder.toy import Cosine, LinearGaussianChain, mean_test
 
-from .common import ChainConfig, default_chain, j_strata, save_fig, trace_var, write_table
+from .common import ChainConfig, default_chain, j_strata, pyplot, save_fig, trace_var, write_table
 
 ROLES = ("FO", "HO", "ZO")
 
@@ -119,6 +118,7 @@ def run(out, quick: bool = False) -> dict:
     write_table(out, "e7_pairing_tau", ["tau", "plan", "pairing", "var/eval", "ZO var/eval", "Hotelling p"],
                 rows_c, pre_c)
 
+    plt = pyplot()
     fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(18, 4.8))
     labels = [label for label, _ in plans(cfg.T)]
     width = 0.2

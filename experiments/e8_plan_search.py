@@ -11,8 +11,8 @@ measured directly: variance per chain evaluation of an estimate from a batch of 
 training draws it (n_var chain evaluations; with the leave-one-out baseline in batches of
 n, over which the baseline is taken: n x tr Cov of the batch mean; 95% CI), seconds per
 estimate of a batch (the median over rounds that time every candidate in turn, of the
-process's CPU time: other jobs share this machine, and the CPU time of a one-thread
-process is robust to them), activation memory with the meter (plus the states the engine
+process's CPU time: it leaves out the time other jobs on this machine hold the cores, not
+the slowdown they cause), activation memory with the meter (plus the states the engine
 holds). The candidates whose measured variance x time is within 1.5x of the best in a
 budget are then measured with 4 x n_var evaluations, so that the comparison that decides
 the verdict is the most precise. The search is judged on the *measured* variance x time
@@ -29,7 +29,8 @@ on tiny SD.
     first admits checkpointed full backprop), and full backprop.
 (c) What the default search (``halforder plan --preset tiny`` at T = 50) spends, run and
     metered, against the exhaustive search's pilots for the same parts, counted from the
-    pilot plans' exact costs; extrapolated to SD 1.4 on an H100 per model evaluation.
+    pilot plans' exact costs; extrapolated to SD 1.4 on an H100 per model evaluation
+    (:mod:`experiments.e8_search_cost`).
 """
 from __future__ import annotations
 
@@ -37,21 +38,20 @@ import time
 from dataclasses import replace
 from functools import partial
 
-import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from halforder.estimators import (ComputeMeter, Pairing, Plan, Role, SavedTensorMeter, estimate,
-                                   expected_evaluations, grouped, theory)
+from halforder.estimators import ComputeMeter, Pairing, Plan, SavedTensorMeter, estimate, grouped, theory
 from halforder.planning import SearchCost
 from halforder.planning.memory_model import measure_memory, predicted_held, predicted_memory
-from halforder.planning.part_variances import fo_pilot, ho_pilot, measure_part_variances, variance_rows, zo_pilot
+from halforder.planning.part_variances import measure_part_variances, variance_rows
 from halforder.planning.search import Scored, measure, score
 from halforder.planning.space import Candidate, Space
 from halforder.planning.time_model import round_seconds
 
-from .common import Z95, ChainConfig, default_chain, save_fig, trace_var, write_table
+from .common import Z95, ChainConfig, default_chain, pyplot, save_fig, trace_var, write_table
+from .e8_search_cost import write_cost_t50
 
 TARGET = {"toy": 1.10, "tiny SD": 1.20}
 
@@ -256,83 +256,6 @@ def sd_part(quick: bool):
         cost_rows("tiny SD", T, variants)
 
 
-# Seconds per model evaluation of one sample at SD 1.4 size on an H100 (docs/results/sd_scale_h100_reference.md:
-# batch 2, CFG, T = 50): a no-grad rollout, 4.20 s / (2 x 50) forward; checkpointed full backprop, 14.09 s, is a
-# forward, a recomputation and a backward per sample and step: (14.09 / 100 - 2 x 0.042) backward.
-SD14_FORWARD, SD14_BACKWARD = 0.042, 14.09 / 100 - 2 * 0.042
-
-
-def exhaustive_pilots(measured, T: int, n: int, rows: int, baseline) -> tuple[int, int]:
-    """The model evaluations (forward, backward) of the exhaustive search's pilots for the
-    parts ``measured`` needs (one per FO prefix, HO layout and ZO layout, ``rows`` rows
-    each, drawn as :func:`~halforder.planning.part_variances.variance_rows` draws them),
-    counted from the pilot plans' exact costs (the meter equals them, tests/test_compute.py):
-    the old search at T = 50 takes hours on this machine and is counted, not run."""
-    fo = bw = 0
-
-    def add(plan, groups_per_batch, G, base):
-        nonlocal fo, bw
-        samples = (max(2, rows // groups_per_batch) * groups_per_batch if isinstance(base, str) else rows) * G
-        e = expected_evaluations(plan, samples)
-        fo, bw = fo + e["forward"], bw + e["backward"]
-
-    cands = [s.candidate for s in measured.scored if s.note != "over the probe memory"]
-    for K in sorted({c.plan.fo_steps for c in cands if c.plan.fo_steps}):
-        add(fo_pilot(T, K), n, 1, None)
-    for blocks, G in sorted({(tuple(sorted(c.plan.blocks)), Pairing.parse(c.pairing).size)
-                             for c in cands if c.plan.blocks}):
-        add(ho_pilot(T, blocks), n // G, 1, baseline)
-    for K, blocks, p in sorted({(c.plan.fo_steps, tuple(sorted(c.plan.blocks)), Pairing.parse(c.pairing).name)
-                                for c in cands if Role.ZO in c.plan.roles}):
-        G = Pairing.parse(p).size
-        add(zo_pilot(T, K, blocks), n // G, G, baseline)
-    return fo, bw
-
-
-def cost_part(quick: bool):
-    """Part (c): what the default search (``halforder plan --preset tiny`` at T = 50, its
-    default pilots) spends, under a budget where everything fits and under one where
-    checkpointed full backprop does not, against the exhaustive search's pilots for the
-    same parts, counted; extrapolated to SD 1.4 on an H100 per model evaluation."""
-    from halforder.diffusion.config import load_config
-    from halforder.diffusion.run import prepare
-
-    T = 4 if quick else 50
-    rows = []
-    for budget in ("1GiB",) if quick else ("1GiB", "2.7MiB"):
-        cfg = load_config(None, dict(T=T, estimator="auto", memory_budget=budget, output_dir=None, progress=False,
-                                     **({"plan_pilots": 4} if quick else {})), preset="tiny")
-        prepared = prepare(cfg)
-        cost, spent = prepared.search.cost, prepared.search.measured.spent
-        m = prepared.search.measured
-        old_fw, old_bw = exhaustive_pilots(m, T, cfg.batch_size, cfg.plan_pilots, cfg.baseline)
-        old_fw += spent["memory and timing"][0]
-        old_bw += spent["memory and timing"][1]
-        notes = [s.note for s in m.scored]
-        for variant, fw, bw, secs in (("shared + bound (run)", cost.forward, cost.backward, cost.seconds),
-                                      ("exhaustive (counted)", old_fw, old_bw, None)):
-            rows.append([budget, variant, round(fw / T, 1), fw, bw, None if secs is None else round(secs, 1),
-                         round((fw * SD14_FORWARD + bw * SD14_BACKWARD) / 3600, 2),
-                         prepared.search.best.candidate.name if secs is not None else "—",
-                         f"{notes.count('bound')} / {notes.count('halving')} / {notes.count('budget')}"
-                         if secs is not None else "—"])
-    return rows
-
-
-def write_cost_t50(out, quick: bool = False) -> None:
-    """Part (c) alone: writes ``e8_search_cost_T50`` to ``out``."""
-    write_table(out, "e8_search_cost_T50", ["memory budget", "variant", "chain evaluations",
-                                            "model evaluations forward", "backward", "seconds (this CPU)",
-                                            "hours at SD 1.4 size on an H100 (extrapolated)", "chosen",
-                                            "not piloted: bound / halving / budget"], cost_part(quick),
-                "**The default search at T = 50** (`halforder plan --preset tiny` with T = 50: tiny SD, batch 4, "
-                "64 pilot rows per part, leave-one-out baseline, pairing param), run and metered, against the "
-                "exhaustive search's pilots for the same parts, counted from the pilot plans' exact costs (not run: "
-                "hours here) plus the same memory and timing stage. The H100 hours multiply the model evaluations "
-                f"by {SD14_FORWARD} s per forward and {SD14_BACKWARD:.3f} s per backward evaluation of one sample "
-                "(SD 1.4 size, batch 2, CFG, from the H100 reference figures in docs/results/sd_scale_h100_reference.md).")
-
-
 def run(out, quick: bool = False) -> dict:
     """The three parts; writes the tables and the figure to ``out``."""
     parts = [("toy", toy_part(quick)), ("tiny SD", sd_part(quick))]
@@ -391,6 +314,7 @@ def model_errors(rows, descs) -> list[list]:
 
 def plot(out, rows) -> None:
     """Predicted against measured variance x time, per chain and budget."""
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
     for ax, label in zip(axes, ("toy", "tiny SD")):
         sel = [r for r in rows if r[0] == label]
@@ -409,6 +333,6 @@ def plot(out, rows) -> None:
 if __name__ == "__main__":
     from .common import cli, setup
 
-    args = cli(__doc__.splitlines()[0])
+    args = cli(__doc__.splitlines()[0], ("plots", "diffusion"))
     setup()
     run(args.out, args.quick)

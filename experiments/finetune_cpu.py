@@ -50,6 +50,11 @@ from tqdm.auto import tqdm
 if __package__ in (None, ""):  # run as a script: make `experiments` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from experiments.common import require_extras  # noqa: E402
+
+if __name__ == "__main__":   # at once, before the imports below need them
+    require_extras("plots", "diffusion")
+
 from experiments import finetune_report as report  # noqa: E402
 from experiments.shapes.classifier import ClassifierConfig  # noqa: E402
 from experiments.shapes.pretrain import PretrainConfig  # noqa: E402

@@ -18,13 +18,13 @@ BIASED = {"alignprop": "biased: drops steps", "draft1": "biased: drops steps", "
 
 
 def _ci(values) -> tuple[float, float]:
-    """Mean and half-width of a 95% Student-t interval (0 for one value)."""
+    """Mean and half-width of a 95% Student-t interval (NaN for one value: no interval)."""
     from scipy import stats
 
     v = torch.tensor(values, dtype=torch.float64)
     n = len(values)
     if n < 2:
-        return float(v.mean()), 0.0
+        return float(v.mean()), float("nan")
     return float(v.mean()), float(stats.t.ppf(0.975, n - 1) * v.std() / math.sqrt(n))
 
 
@@ -42,6 +42,21 @@ def _welch(a, b) -> tuple[float, float]:
         return d, 0.0
     df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
     return d, float(stats.t.ppf(0.975, df) * se)
+
+
+def num(v: float, sign: bool = False) -> str:
+    """``v`` with three decimals, or three significant digits where it is below 0.01 (three
+    decimals would show 0.000); ``n/a`` for NaN."""
+    if math.isnan(v):
+        return "n/a"
+    plus = "+" if sign else ""
+    return f"{v:{plus}.3f}" if v == 0 or abs(v) >= 0.01 else f"{v:{plus}.3g}"
+
+
+def interval(mean_half: tuple[float, float], sign: bool = False) -> str:
+    """``mean ± half-width`` (see :func:`num`); the half-width is ``n/a`` where there is none (one seed)."""
+    mean, half = mean_half
+    return f"{num(mean, sign)} ± {num(half)}"
 
 
 def auc(run: dict, key: str = "reward") -> float:
@@ -83,15 +98,15 @@ def write_table(table: dict, setup, path: str, extra: list[str], jobs: int) -> N
     """The results table, then ``extra`` lines."""
     cfg = setup.cfg
     ref = setup.reference
-    f = (lambda v: f"{v[0]:.3f} ± {v[1]:.3f}")
+    f = interval
     lines = [f"Fine-tuning at equal counted compute: {cfg.budget} denoiser evaluations per run (per sample, "
              f"forward + backward, checkpoint and HO recomputation included, from the library's compute meter and "
              f"checked against each plan's exact cost), T={cfg.T}, eta={cfg.eta}, batch {cfg.batch}, "
              f"seeds {list(cfg.seeds)}; mean ± 95% t-interval over seeds. Sorted by AUC.",
              "",
              f"Reward: closeness to the target image, exp(-MSE / {cfg.target.scale:g}) (ceiling 1). Pretraining "
-             f"data: reward {ref['data_reward']:.3f}, P(circle) {ref['data_circle']:.3f}, diversity "
-             f"{ref['data_diversity']:.3f}, off-data {ref['data_off_data']:.3f}.",
+             f"data: reward {num(ref['data_reward'])}, P(circle) {num(ref['data_circle'])}, diversity "
+             f"{num(ref['data_diversity'])}, off-data {num(ref['data_off_data'])}.",
              "",
              "| Method | Label | Pairing | lr (position) | AUC: mean reward over the budget | Final reward | P(circle) "
              "| Diversity | Off-data | Updates | Seconds per run | Activation memory (MB) | Plan cost fwd/bwd/graph "
@@ -110,8 +125,9 @@ def write_table(table: dict, setup, path: str, extra: list[str], jobs: int) -> N
               "per sample, metered. Gradient variance per sample at the start, per role: G x the trace of the "
               "covariance of a group mean of G samples (G = 1 unpaired, 2 paired), from "
               f"{cfg.n_var} samples; times the evaluations per sample, it is the variance of an estimate that "
-              "costs one evaluation (lower is better at equal compute). Seconds: training time of one run, evaluations excluded, {jobs} run(s) at a "
-              "time on a 2-core machine, one thread each. Activation memory: peak bytes saved for backward. "
+              "costs one evaluation (lower is better at equal compute). Seconds: training time of one run, "
+              f"evaluations excluded, {jobs} run(s) at a time on a 2-core machine, one thread each. Activation "
+              "memory: peak bytes saved for backward. "
               "Diversity: per-pixel variance over the evaluation samples. Off-data: the base model's denoising "
               "loss on the samples (lower = closer to the pretraining data). P(circle): a shape classifier's "
               "probability of a circle (the target is one), never optimised."]
@@ -123,14 +139,14 @@ def claims(runs: list, methods_run, reference: dict, table: dict) -> list[str]:
     by = {m: [r for r in runs if r["method"] == m] for m in methods_run}
     area = {m: [auc(r) for r in rs] for m, rs in by.items()}
     fin = {m: [r["curve"][-1]["reward"] for r in rs] for m, rs in by.items()}
-    g = (lambda d: "{:+.3f} ± {:.3f}".format(*d))
+    g = (lambda d: interval(d, sign=True))  # noqa: E731
     lines = ["## Comparisons", ""]
     ref = "full" if "full" in by else methods_run[0]
     start = by[ref][0]["curve"][0]["reward"]
     for m in sorted(by, key=lambda m: -table[m]["auc"][0]):
         if m != ref:
             lines.append(f"- {m} − {ref}: AUC {g(_welch(area[m], area[ref]))}, final {g(_welch(fin[m], fin[ref]))}; "
-                         f"final − start ({start:.3f}) {g(_welch(fin[m], [start] * 2))}.")
+                         f"final − start ({num(start)}) {g(_welch(fin[m], [start] * 2))}.")
     for base in ("zeroth_order", "rlr_h0", "rlr_h1", "rlr_h2", "rlr_h3"):
         if base in by and f"{base}_paired" in by:
             lines.append(f"- {base}, paired − unpaired: AUC {g(_welch(area[base + '_paired'], area[base]))}; ZO variance "
@@ -151,11 +167,11 @@ def headroom(runs: list, cfg) -> list[str]:
     best, second = rank[0], rank[1]
     at = (lambda m, i: [r["curve"][i]["reward"] for r in by[m]])
     lines = ["## Headroom", "",
-             f"- Best by AUC: {best}; final reward {'{:.3f} ± {:.3f}'.format(*_ci(at(best, -1)))} of a ceiling of 1; "
-             f"one evaluation earlier {'{:.3f} ± {:.3f}'.format(*_ci(at(best, -2)))}."]
+             f"- Best by AUC: {best}; final reward {interval(_ci(at(best, -1)))} of a ceiling of 1; "
+             f"one evaluation earlier {interval(_ci(at(best, -2)))}."]
     for i, label in ((-2, "one evaluation before the end"), (-1, "at the end")):
         lines.append(f"- {best} − {second} (runner-up by AUC), {label}: "
-                     + "{:+.3f} ± {:.3f}".format(*_welch(at(best, i), at(second, i))))
+                     + interval(_welch(at(best, i), at(second, i)), sign=True))
     return lines
 
 
@@ -172,7 +188,7 @@ def sweep_table(sweep: list, chosen: dict, where: dict) -> list[str]:
         cells = []
         for lr in lrs:
             r = next((r for r in sweep if r["method"] == m and r["lr"] == lr), None)
-            cells.append("—" if r is None else f"{auc(r):.3f}" + (" (skipped)" if r.get("diverged") else ""))
+            cells.append("—" if r is None else num(auc(r)) + (" (skipped)" if r.get("diverged") else ""))
         lines.append(f"| {m} | " + " | ".join(cells) + f" | {chosen[m]:g} | {where[m]} |")
     return lines
 

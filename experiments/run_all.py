@@ -22,7 +22,7 @@ from .common import cli, setup
 
 
 def main() -> None:
-    args = cli("Run all halforder experiments (figures and tables into docs/results/).")
+    args = cli("Run all halforder experiments (figures and tables into docs/results/).", ("plots", "diffusion"))
     setup()
     times = {}
     bar = tqdm(total=8, desc="experiments")

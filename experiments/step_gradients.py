@@ -29,6 +29,11 @@ import torch
 if __package__ in (None, ""):  # run as a script: make `experiments` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from experiments.common import require_extras  # noqa: E402
+
+if __name__ == "__main__":   # at once, before the imports below need them
+    require_extras("plots", "diffusion")
+
 from experiments.finetune_cpu import QUICK, ExperimentConfig  # noqa: E402
 from experiments.shapes.world import UNCONDITIONAL, build_setup  # noqa: E402
 from halforder.estimators import ComputeMeter, Plan, draw_estimates, expected_evaluations  # noqa: E402

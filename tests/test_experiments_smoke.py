@@ -1,16 +1,21 @@
 """Smoke test: every experiment runs end to end in --quick mode, as the README runs it, and
-writes its outputs without changing a tracked file.
+writes its outputs without changing a tracked file, nor the run that the README's tiny
+training command leaves in runs/tiny/.
 
 --quick uses tiny sample sizes, so only structural facts are asserted here, plus the
 deterministic ones (the exact truncation bias, the solver's h*); the statistical results
 live in docs/results/ and are produced by the full run.
 """
 import csv
+import json
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
+
+from halforder.training.checkpoints import latest_checkpoint
 
 STEMS = ["e1_unbiasedness", "e2_variance", "e2_prop62_cosine", "e3_truncation", "e4_hstar", "e4_variance_by_h",
          "e5_convergence", "e6_compute", "e7_pairing", "e7_pairing_cosine", "e7_pairing_tau", "e8_plan_search", "e8_plan_search_candidates",
@@ -20,15 +25,34 @@ FIGURES = ["e1_unbiasedness", "e2_variance", "e3_truncation", "e4_hstar", "e5_co
 
 
 @pytest.fixture(scope="module")
-def quick_out(clone, clone_status):
+def tiny_run(clone):
+    """A run in runs/tiny/, the folder of the tiny preset, as the README's
+    ``halforder train --preset tiny --output-dir runs/tiny`` leaves it (a checkpoint and a
+    config.json of other settings); a stand-in, removed afterwards, unless that command
+    already left a real one. Its config.json."""
+    run = clone / "runs" / "tiny"
+    made = not run.exists()
+    if made:
+        (run / "checkpoints" / "step_00000002").mkdir(parents=True)
+        (run / "config.json").write_text(json.dumps({"preset": "tiny", "T": 8, "steps": 2}))
+    assert latest_checkpoint(str(run / "checkpoints")) is not None
+    yield run / "config.json"
+    if made:
+        shutil.rmtree(run)
+
+
+@pytest.fixture(scope="module")
+def quick_out(clone, clone_status, tiny_run):
     """The README's ``python -m experiments.run_all --quick``, run as written in a copy of the
-    tree (it writes runs/quick-results/, never docs/): its output folder, after checking
-    that git status stays clean."""
+    tree where runs/tiny/ holds a run (it writes runs/quick-results/, never docs/): its output
+    folder, after checking that git status stays clean."""
+    before = tiny_run.read_bytes()
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=os.pathsep.join([str(clone / "src"), str(clone)]),
                OMP_NUM_THREADS="1", MPLBACKEND="Agg")
-    subprocess.run([sys.executable, "-m", "experiments.run_all", "--quick"], cwd=clone, env=env, check=True,
-                   capture_output=True, timeout=600)
-    assert clone_status() == ""
+    proc = subprocess.run([sys.executable, "-m", "experiments.run_all", "--quick"], cwd=clone, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert clone_status() == "" and tiny_run.read_bytes() == before
     return clone / "runs" / "quick-results"
 
 

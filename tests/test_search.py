@@ -4,12 +4,14 @@ import numpy as np
 import pytest
 import torch
 
-from halforder.estimators import Plan, SavedTensorMeter, draw_estimates, estimate, grouped
+from halforder.estimators import ComputeMeter, Plan, SavedTensorMeter, draw_estimates, estimate, grouped
+from halforder.planning.cost import SearchCost
 from halforder.planning.memory_model import measure_memory, predicted_saved
 from halforder.planning.part_variances import measure_part_variances, predicted_variance
-from halforder.planning.search import Scored, measure, rank, search
+from halforder.planning.search import Scored, SearchResult, measure, rank, search
+from halforder.planning.shared_pilot import Moments
 from halforder.planning.space import Candidate, Space, k_grid, tiling
-from halforder.planning.time_model import FEATURES, TimeModel, features, median_seconds
+from halforder.planning.time_model import FEATURES, TimeModel, features, fit_probes, median_seconds, probe_plans
 from halforder.toy import linear_chain
 
 T, N = 8, 6
@@ -97,10 +99,12 @@ def test_search_respects_the_budget_and_ranks_candidates(toy):
     assert scores == sorted(scores) and r.best is r.ranked[0]
     assert all(s.unbiased for s in r.ranked)
     assert r.best.candidate.name in r.table() and "lowest variance x time" in r.why()
-    tight = search(chain, params, 1, generator=torch.Generator().manual_seed(0), n=N, space=space,
-                   pilot_samples=8, repeats=1)
-    with pytest.raises(ValueError, match="no candidate fits"):
-        tight.best
+    with ComputeMeter() as meter, pytest.raises(ValueError, match="no plan fits in 1 B: the least memory any plan"):
+        search(chain, params, 1, generator=torch.Generator().manual_seed(0), n=N, space=space, pilot_samples=8,
+               repeats=1)
+    with ComputeMeter() as alone:
+        measure_memory(chain, params, N, generator=torch.Generator().manual_seed(0))
+    assert meter.forward == alone.forward   # the memory measurement only: no timing probe, no pilot
 
 
 def test_variance_model_matches_direct_measurement(toy):
@@ -228,3 +232,40 @@ def test_timing_rounds_take_every_call_in_turn():
     calls = [lambda: log.append("a"), lambda: log.append("b")]
     seconds = median_seconds(calls, 3, "cpu", block=0.0)
     assert log == ["a", "b"] + ["a", "b"] * 3 and len(seconds) == 2 and all(s >= 0 for s in seconds)
+
+
+@pytest.mark.parametrize("measured", [0.0, -1e-3, 1e-12])
+def test_no_score_is_zero_or_negative_whatever_the_timings(toy, measured):
+    """Probes timed at 0 s (a clock that did not advance), below it, or under the clock's
+    resolution: the fit gives every count 0 s, and each prediction stays at the resolution,
+    so every score is > 0 and the table, the reason and the ranking divide by no zero."""
+    chain, _ = toy
+    probes = probe_plans(T)
+    rows = [features(plan, ck, chain, pairing) for plan, ck, pairing in probes]
+    model = fit_probes([str(p) for p, _, _ in probes], rows, [measured] * len(rows), N, 1, 1e-9)
+    cands = Space().candidates(T)
+    times = [model.predict(c.plan, c.checkpoint_steps, chain, c.pairing) for c in cands]
+    assert min(times) == 1e-9 and all(t > 0 for t in times)
+    scored = [Scored(c, 100, t, 1.0 + i) for i, (c, t) in enumerate(zip(cands, times))]
+    result = SearchResult(*rank(scored, memory_budget=1000), 1000, None)
+    assert all(s.score > 0 for s in result.ranked) and "1x" in result.table() and "at 2.00x" in result.why()
+    with pytest.raises(ValueError, match="resolution must be > 0"):
+        fit_probes([], rows, [1.0] * len(rows), N, 1, 0.0)
+
+
+def test_a_zero_or_rounded_variance_neither_goes_negative_nor_divides_by_zero():
+    # identical rows: E|z|^2 - |E z|^2 rounds to just below 0; it is kept at its rounding error
+    moments = Moments(rows=4, gram=torch.tensor([[1.0]], dtype=torch.float64),
+                      mean=torch.tensor([[1.0 + 1e-15]], dtype=torch.float64))
+    assert 0 < moments.sum_variance([1]) < 1e-15
+    flat = [_scored(1, 10, 1.0, 0.0), _scored(2, 10, 1.0, 0.0)]   # gradients that never vary
+    result = SearchResult(*rank(flat, memory_budget=100), 100, None)
+    assert "1x" in result.table() and "at 1.00x" in result.why()
+
+
+def test_the_cost_line_says_when_and_why_the_search_costs_more_than_the_run():
+    dear = SearchCost(3664, 1736, 33.0, run_evaluations=288, T=6, budget=1000, floor=1000).line()
+    assert ("; 18.8 times the 288 of the run it plans (a search may take 1,000 chain evaluations, however short "
+            "the run); 611 chain evaluations of its budget of 1,000") in dear
+    cheap = SearchCost(3664, 1736, 33.0, run_evaluations=1_080_000, T=6, budget=1000, floor=1000).line()
+    assert "; 0.5% of the 1,080,000 of the run it plans;" in cheap and "times" not in cheap

@@ -143,6 +143,8 @@ SETTINGS = dict(
     fps=28.0, gif_fps=4.0, preset="tiny", memory_budget="2GiB", time_budget="1s", plan_pilots=16,
     noise="cps", shift=2.5, t5=False, reinforce_window=[3, 6], lr_scheduler="cosine", lr_warmup_steps=10, ema=True,
     ema_decay=0.9, eval_rewards={"color": {"target": [0.0, 1.0, 0.0]}},
+    group_size=4, global_std=True, clip_range=0.2, updates_per_rollout=2, kl_beta=0.01, step_fraction=0.5,
+    window_length=2, window_position="sliding", window_every=5, step_weighting="field",
 )
 # Settings that are only valid together with another one.
 VIDEO, VC2 = dict(task="t2v"), dict(task="t2v", video_model="videocrafter2")
@@ -152,7 +154,12 @@ NEEDS = dict(j=dict(j_sampling="fixed"), j_window=dict(j_sampling="window"), j_t
              k=dict(estimator="truncated"), memory_budget=dict(estimator="auto"),
              time_budget=dict(estimator="auto", memory_budget="2GiB"),
              plan_pilots=dict(estimator="auto", memory_budget="2GiB"), reinforce_window=dict(estimator="reinforce"),
-             ema_decay=dict(ema=True))
+             ema_decay=dict(ema=True), reward_kwargs=dict(reward="brightness"), global_std=dict(baseline="grpo"),
+             **{name: dict(estimator="reinforce") for name in ("clip_range", "updates_per_rollout", "kl_beta",
+                                                                "step_fraction", "window_length")},
+             window_position=dict(estimator="reinforce", window_length=2),
+             window_every=dict(estimator="reinforce", window_length=2, window_position="sliding"),
+             step_weighting=dict(estimator="reinforce", step_fraction=0.5))
 FIELDS = [f.name for f in dataclasses.fields(TrainConfig)]
 
 

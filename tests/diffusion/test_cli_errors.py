@@ -104,7 +104,7 @@ def test_a_prompt_file_that_does_not_decode_is_named(tmp_path, capsys, flag):
     (["--preset", "tiny-wan", "--task", "t2i", "--num-frames", "16", "--frames", "random", "--gif-fps", "8",
       "--reward", "brightness"], "Wan is a text-to-video model"),
     (["--preset", "tiny-flux", "--no-t5"], "no_t5 applies to SD3"),
-    (["--noise", "cps"], "apply to flow-matching models only"),
+    (["--noise", "cps"], "noise 'cps' is for flow-matching models (SD3, FLUX, Wan)"),
     (["--shift", "2"], "shift applies to flow-matching models"),
     (["--preset", "tiny-flux", "--scheduler", "dpm"], "FlowMatchEulerDiscreteScheduler"),
     (["--preset", "tiny-sd3", "--noise", "cps", "--eta", "1.5", "--eta-plan", "0.1"], "CPS etas must lie in [0, 1]"),
@@ -127,3 +127,43 @@ def test_a_launchers_mixed_precision_is_honoured_or_refused(tmp_path, capsys, mo
     assert main(["--preset", "tiny", "--steps", "1", "--mixed-precision", "bf16", "--output-dir", str(out),
                  "--no-progress"]) == 0
     assert json.load(open(out / "config.json"))["mixed_precision"] == "bf16"
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--lr-warmup-steps", "100"], "lr_warmup_steps=100 is not shorter than the run (steps=6)"),
+    (["--memory-budget", "2GiB"], "applies only with estimator auto, which trains the plan that fits the budget: "
+                                  "add --estimator auto"),
+    (["--estimator", "reinforce", "--reinforce-window", "5", "2"], "needs a <= b"),
+])
+def test_settings_that_cannot_work_say_what_to_do(tmp_path, capsys, args, match):
+    _fails(tmp_path, capsys, args, match)
+
+
+def test_a_mistyped_config_key_or_value_names_the_file_and_the_closest_keys(tmp_path, capsys):
+    path = tmp_path / "run.yaml"
+    path.write_text("lrr: 0.001\nstep: 5\nlearning_rate: 0.001\n")
+    err = _fails(tmp_path, capsys, ["--config", str(path)], f"unknown option(s) in config file {str(path)!r}: "
+                                                             "'lrr' (did you mean lr?), 'step' (did you mean steps")
+    assert "'learning_rate' (did you mean lr?)" in err                # diffusers' name for it
+    assert len(err) < 300 and "zo_sigma" not in err                    # not every field
+    path.write_text("lr: fast\n")
+    _fails(tmp_path, capsys, ["--config", str(path)],
+           f"lr must be of type float, got 'fast' (in config file {str(path)!r})")
+
+
+def test_an_unreachable_hub_fails_fast_in_one_line(tmp_path, capsys, monkeypatch):
+    """Without HF_HUB_OFFLINE, a hub that cannot be reached (here a closed local port: no network
+    is touched) is found by one short probe, not by the hub client's retries (most of a minute)."""
+    import time
+
+    from halforder.diffusion import hub
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setattr(hub, "_probed", {})
+    start = time.perf_counter()
+    err = _fails(tmp_path, capsys, ["--reward", "clipscore", "--reward-kwargs", '{"model": "nobody/no-such-clip"}'],
+                 "could not load the CLIP score from 'nobody/no-such-clip': the hub at http://127.0.0.1:9 cannot be "
+                 "reached")
+    assert "nobody/no-such-clip is not in the local cache" in err and "HF_HUB_OFFLINE=1" in err
+    assert time.perf_counter() - start < 15, err

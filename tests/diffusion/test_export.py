@@ -102,6 +102,19 @@ def test_export_refuses_what_it_cannot_do(run, tmp_path, capsys):
         assert err.startswith("halforder export: error: ") and message in err and err.count("\n") == 1, err
 
 
+def test_a_run_folder_exports_its_newest_checkpoint(run, tmp_path, capsys):
+    _, out = run
+    assert main(["export", str(out), str(tmp_path / "lora")]) == 0
+    said = capsys.readouterr().out.splitlines()
+    assert said[0] == f"{out} is a run folder: exporting its newest checkpoint, {out / 'checkpoints' / 'step_00000003'}"
+    assert (tmp_path / "lora" / LORA_FILE).read_bytes() == (out / "checkpoints" / "step_00000003" / "lora" /
+                                                            LORA_FILE).read_bytes()
+    (tmp_path / "empty" / "checkpoints").mkdir(parents=True)
+    assert main(["export", str(tmp_path / "empty"), str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "holds no checkpoint yet" in err and "corrupted" not in err, err
+
+
 def test_a_video_unet_exports_its_lora_file_but_cannot_fuse(tmp_path, capsys):
     out = tmp_path / "video"
     assert main(["train", "--preset", "tiny-video", "--steps", "1", "--eval-every", "0", "--output-dir", str(out),

@@ -194,3 +194,21 @@ def test_building_and_adapting_leave_the_global_rng_alone():
     assert torch.equal(torch.random.get_rng_state(), before)
     b = add_lora(tiny_components(3).unet, rank=2, seed=5)
     assert all(torch.equal(a[k], b[k]) for k in a)  # reproducible from the seeds alone
+
+
+def test_the_saved_file_does_not_depend_on_the_order_of_the_targets(tmp_path):
+    """Identical adapters give identical files: the target modules are saved sorted (peft keeps
+    them in a set) and so are the header's metadata entries (safetensors writes a hash order)."""
+    import json
+
+    from safetensors import safe_open
+
+    names, files = [*DEFAULT_TARGETS, "proj_in", "proj_out"], []
+    for i, targets in enumerate([names, names[::-1]]):
+        unet = tiny_components(0).unet
+        add_lora(unet, rank=2, target_modules=targets, init=False, seed=0)
+        files.append(save_lora(unet, tmp_path / str(i)))
+    with safe_open(files[0], "pt") as f:
+        saved = json.loads(f.metadata()["lora_adapter_metadata"])["unet.target_modules"]
+    assert saved == sorted(names)
+    assert open(files[0], "rb").read() == open(files[1], "rb").read()

@@ -1,5 +1,6 @@
 """`halforder plan` and `halforder train --estimator auto`: bad budgets end with exit status 2
 and a one-line message; an auto run trains the searched plan and records the choice."""
+import importlib
 import json
 import os
 
@@ -112,6 +113,8 @@ def test_plan_takes_an_ordinary_rlr_config(tmp_path, capsys):
     assert main(["plan", "--config", str(path), "--memory", "64MiB", "--plan-pilots", "4", "--top", "3"]) == 0
     out = capsys.readouterr().out
     assert "chosen: " in out and "lowest variance x time" in out
+    # the search of this short run (6 updates) costs more than the run, and the last line says why
+    assert "times the" in out.splitlines()[-1] and "1,000 chain evaluations, however short the run" in out
     assert os.listdir(tmp_path) == ["run.yaml"]
 
 
@@ -173,3 +176,37 @@ def test_the_search_at_T50_on_tiny_sd_stays_under_its_evaluation_budget(monkeypa
     notes = [s.note for s in result.measured.scored]
     assert "budget" in notes and notes.count("") > 0
     assert result.best.candidate.plan.fo_steps == 50     # full backprop wins by orders of magnitude here
+
+
+def _never(*args, **kwargs):
+    raise AssertionError("the search timed probes or ran pilots")
+
+
+@pytest.mark.parametrize("argv", [
+    ["plan", "--preset", "tiny", "--memory", "1KiB"],
+    ["train", "--preset", "tiny", "--estimator", "auto", "--memory-budget", "1KiB", "--no-progress"],
+])
+def test_no_plan_within_the_memory_is_answered_before_any_timing_or_pilot(tmp_path, capsys, monkeypatch, argv):
+    """From the memory model alone: exit status 2 and one line once the memory is measured,
+    with no timing probe and no pilot."""
+    search = importlib.import_module("halforder.planning.search")   # the package exports a function of that name
+    monkeypatch.setattr(search, "fit_time_model", _never)
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no plan fits in 1 KiB: the least memory any plan needs is" in err
+    assert not os.listdir(tmp_path)
+
+
+def test_no_plan_within_the_time_budget_is_answered_before_any_pilot(tmp_path, capsys, monkeypatch):
+    search = importlib.import_module("halforder.planning.search")
+
+    monkeypatch.setattr(search, "_fo_zo_parts", _never)
+    monkeypatch.setattr(search, "pilot_ho_parts", _never)
+    (tmp_path / "run.yaml").write_text("preset: tiny\nT: 2\nh: 1\n")    # fewer steps: quicker timing probes
+    monkeypatch.chdir(tmp_path)
+    assert main(["plan", "--config", "run.yaml", "--memory", "2GiB", "--time", "1us"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert "no plan fits in 2 GiB and 1e-06 s per estimate: the fastest that fits the memory takes " in err
+    assert os.listdir(tmp_path) == ["run.yaml"]

@@ -17,7 +17,7 @@ from typing import Any
 
 from .. import __version__
 from ..training.checkpoints import latest_checkpoint
-from .config import TrainConfig, load_config
+from .config import OTHER_NAMES, TrainConfig, load_config
 
 
 def _json_mapping(text: str) -> dict:
@@ -28,13 +28,6 @@ def _json_mapping(text: str) -> dict:
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError("must be a JSON object, e.g. '{\"target\": 0.5}'")
     return value
-
-
-#: the names diffusers' training scripts and trl give settings that halforder spells otherwise
-OTHER_NAMES = {"learning_rate": "lr", "train_batch_size": "batch-size", "gradient_accumulation_steps": "grad-accum",
-               "resume_from_checkpoint": "resume", "checkpointing_steps": "checkpoint-every",
-               "checkpoints_total_limit": "keep-checkpoints", "num_inference_steps": "T",
-               "pretrained_model_name_or_path": "model", "max_train_steps": "steps"}
 
 
 class Switch(argparse.BooleanOptionalAction):
@@ -103,7 +96,7 @@ def _metavar(action: argparse.Action, default: Any) -> str:
     """A short placeholder: the choices if they are few, else the kind of value."""
     if action.choices is not None:
         shown = "{" + ",".join(map(str, action.choices)) + "}"
-        return shown if len(shown) <= 16 else "NAME"
+        return shown if len(shown) <= 14 else "NAME"
     if action.metavar == "JSON":
         return "JSON"
     kind = action.type if action.type in (int, float) else type(default) if default is not None else str

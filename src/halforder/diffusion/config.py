@@ -18,16 +18,19 @@ from typing import Any, ClassVar, Mapping
 
 import torch
 
-from ..estimators.samplers import FAMILIES, J_SAMPLING, PlanSampler, make_sampler
+from ..estimators.families import FAMILIES, J_SAMPLING, SETTINGS, make_sampler
+from ..estimators.samplers import PlanSampler
+from ..estimators.step_sets import POSITIONS, WEIGHTINGS
 from ..planning.units import parse_bytes, parse_seconds
-from ..training.config import ConfigError, LoopConfig, field_default, from_mapping, knob, need, read_mapping_file
+from ..training.config import (ConfigError, LoopConfig, coerced, from_mapping, knob, layered, need,
+                               read_mapping_file)
 from .denoiser import BATCHING
 from .lora import DEFAULT_TARGETS
-from .rewards import REWARDS
+from .rewards import REWARDS, check_reward_options, differentiable
 from .solvers import FLOW_NOISE
 from .video.components import VIDEOCRAFTER2_BASE, VIDEOCRAFTER2_UNET, check_videocrafter2_scheduler
 from .video.frames import FRAME_MODES, parse_frames
-from .video.rewards import VIDEO_REWARDS
+from .video.rewards import VIDEO_REWARDS, check_video_reward_options
 
 PRECISIONS = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 COMPILE_MODES = ("no", "default", "reduce-overhead", "max-autotune")
@@ -69,8 +72,14 @@ PRESETS: dict[str, dict[str, Any]] = {
                           output_dir=os.path.join("runs", "videocrafter2")),
 }
 
-#: The settings of the fixed estimator families, which estimator auto replaces by its search.
-SAMPLER_FIELDS = ("h", "k", "j_sampling", "j", "j_window", "j_temperature", "j_decay")
+#: the names diffusers' training scripts and trl give settings that halforder spells otherwise (as flags)
+OTHER_NAMES = {"learning_rate": "lr", "train_batch_size": "batch-size", "gradient_accumulation_steps": "grad-accum",
+               "resume_from_checkpoint": "resume", "checkpointing_steps": "checkpoint-every",
+               "checkpoints_total_limit": "keep-checkpoints", "num_inference_steps": "T",
+               "pretrained_model_name_or_path": "model", "max_train_steps": "steps"}
+
+#: The settings of the estimator families, which estimator auto replaces by its search.
+SAMPLER_FIELDS = SETTINGS
 
 TINY_PROMPTS = {"t2i": ("a red square", "a blue circle", "a green field", "a yellow sun",
                         "a white cloud", "a black cat", "an orange fox", "a purple flower"),
@@ -127,14 +136,19 @@ class TrainConfig(LoopConfig):
     time_budget: str | None = knob(None, "estimator auto: seconds per estimate, e.g. 1s")
     plan_pilots: int = knob(64, "estimator auto: pilots per part of a plan")
     reinforce_window: list[int] | None = knob(None, "reinforce: a b, REINFORCE on steps a..b only")
-    h: int = knob(2, "RLR: half-order block length (the paper: 2)")
-    k: int = knob(1, "truncated backprop: first-order steps K")
+    step_fraction: float = knob(1.0, "reinforce: share of steps")
+    window_length: int | None = knob(None, "reinforce: a window of N steps")
+    window_position: str = knob("random", "window: random or sliding", choices=POSITIONS)
+    window_every: int = knob(1, "sliding window: updates a move")
+    step_weighting: str = knob("unbiased", "unbiased (1/P) or field", choices=WEIGHTINGS)
+    h: int = knob(2, "RLR: HO block length")
+    k: int = knob(1, "truncated: first-order steps")
     j_sampling: str = knob("uniform", f"RLR, law of j: {', '.join(J_SAMPLING)}", choices=J_SAMPLING)
-    j: int | None = knob(None, "RLR, j_sampling fixed: the block start")
+    j: int | None = knob(None, "RLR, j fixed: the block start")
     j_window: list[int] | None = knob(None, "RLR, j_sampling window: a b")
     j_temperature: float = knob(1.0, "RLR, j_sampling softmax: temperature")
-    j_decay: float = knob(0.9, "RLR, j_sampling softmax: norms' decay")
-    zo_sigma: float = knob(1e-3, "std tau of the parameter noise on ZO steps")
+    j_decay: float = knob(0.9, "RLR softmax: norms' decay")
+    zo_sigma: float = knob(1e-3, "tau on ZO steps")
     eta: str = knob("plan", "'plan' (eta_plan where HO blocks end) or a number")
     eta_plan: float = knob(0.1, "eta where HO blocks end (DDIM: 0.1)")
 
@@ -144,7 +158,7 @@ class TrainConfig(LoopConfig):
     lora_targets: list[str] = knob(list(DEFAULT_TARGETS), "module names that get LoRA", factory=True)
 
     # ------------------------------------------------------------------ video (task t2v)
-    num_frames: int = knob(16, "video: frames per video (Wan: 4 k + 1)")
+    num_frames: int = knob(16, "video: frames (Wan: 4 k + 1)")
     frames: str = knob("random", f"video: {', '.join(FRAME_MODES)} or indices 0,8,15")
     latent_size: list[int] | None = knob(None, "latent height and width")
     video_model: str = knob("t2v", "video: t2v (a diffusers folder) or videocrafter2",
@@ -169,8 +183,20 @@ class TrainConfig(LoopConfig):
             except ValueError as e:
                 raise ConfigError(str(e)) from None
             need(self.plan_pilots >= 2, f"plan_pilots must be >= 2, got {self.plan_pilots}")
+            first_order = True                      # the search times plans with first-order steps
         else:
             self.sampler()                          # h, k, j and the window, by the samplers' own rules
+            first_order = FAMILIES[self.estimator].reward_gradient
+        what = "searches plans that backpropagate" if self.estimator == "auto" else "backpropagates"
+        need(not first_order or differentiable(self.reward), f"the reward {self.reward!r} has no gradient, but "
+             f"estimator {self.estimator} {what} through it (first-order steps): use estimator reinforce or "
+             "zeroth_order")
+        reuse = [n for n, on in (("clip_range", self.clip_range is not None),
+                                 ("updates_per_rollout", self.updates_per_rollout > 1), ("kl_beta", self.kl_beta > 0))
+                 if on]
+        need(not reuse or self.estimator == "reinforce",
+             f"{', '.join(reuse)} act on likelihood-ratio steps (PPO's ratio on a recorded rollout), but estimator "
+             f"{self.estimator} has pathwise or zeroth-order steps: use estimator reinforce")
         need(self.zo_sigma > 0, f"zo_sigma must be > 0, got {self.zo_sigma}")
         need(self.eta_plan > 0, f"eta_plan must be > 0, got {self.eta_plan}")
         need(self.eta_value() == "plan" or self.eta_value() >= 0, f"eta must be 'plan' or a number >= 0, "
@@ -184,14 +210,22 @@ class TrainConfig(LoopConfig):
         need(bool(self.lora_targets), "lora_targets must name at least one module")
         need(self.latent_size is None or (len(self.latent_size) == 2 and min(self.latent_size) >= 1),
              f"latent_size must be two positive integers (h w), got {self.latent_size!r}")
-        for name, (applies, when) in self.conditional().items():
-            v, default = getattr(self, name), field_default(self.__dataclass_fields__[name])
-            need(applies or v == default, f"{name}={v!r} has no effect here: it applies only with {when} "
-                                          f"(leave it at its default {default!r})")
         try:
             parse_frames(self.frames)
             if self.task == "t2v" and self.video_model == "videocrafter2":
                 check_videocrafter2_scheduler(self.scheduler)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        self.check_rewards()
+
+    def check_rewards(self) -> None:
+        """``ConfigError`` unless the reward and every evaluation reward take their options (their
+        factories' signatures), before any model is loaded."""
+        check = check_video_reward_options if self.task == "t2v" else check_reward_options
+        try:
+            check(self.reward, self.reward_kwargs)
+            for name, options in self.eval_rewards.items():
+                check(name, options)
         except ValueError as e:
             raise ConfigError(str(e)) from None
 
@@ -199,20 +233,15 @@ class TrainConfig(LoopConfig):
         """The settings that only some configurations use: ``name -> (used here, when it is
         used)``. :meth:`check` refuses a value other than the default where it is not used,
         rather than ignore it."""
-        rlr = self.estimator in ("rlr", "rlr_no_zo")
         video = self.task == "t2v"
         vc2 = video and self.video_model == "videocrafter2"
         auto = (self.estimator == "auto", "estimator auto (with a memory_budget)")
-        return {"h": (rlr, "estimator rlr or rlr_no_zo"),
-                "k": (self.estimator in ("truncated", "truncated_random"), "estimator truncated or truncated_random"),
-                "reinforce_window": (self.estimator == "reinforce", "estimator reinforce"),
-                "memory_budget": auto, "time_budget": auto, "plan_pilots": auto,
+        return {**super().conditional(),
+                **self.estimator_settings_used(),
+                "memory_budget": (auto[0], "estimator auto, which trains the plan that fits the budget: add "
+                                           "--estimator auto"),
+                "time_budget": auto, "plan_pilots": auto,
                 "eta_plan": (self.eta == "plan", "eta 'plan'"),
-                "j_sampling": (rlr, "estimator rlr or rlr_no_zo"),
-                "j": (rlr and self.j_sampling == "fixed", "j_sampling fixed"),
-                "j_window": (rlr and self.j_sampling == "window", "j_sampling window"),
-                "j_temperature": (rlr and self.j_sampling == "softmax", "j_sampling softmax"),
-                "j_decay": (rlr and self.j_sampling == "softmax", "j_sampling softmax"),
                 "dcot_split": (self.dcot is not None, "a DCoT prompt file (dcot)"),
                 **{name: (video, "task t2v (video)") for name in ("num_frames", "frames", "video_model", "gif_fps")},
                 **{name: (vc2, "task t2v and video_model videocrafter2") for name in ("video_base", "fps")}}
@@ -228,14 +257,24 @@ class TrainConfig(LoopConfig):
         need(math.isfinite(value), f"eta must be 'plan' or a finite number, got {self.eta!r}")
         return value
 
+    def estimator_settings_used(self) -> dict[str, tuple[bool, str]]:
+        """Each estimator setting, and whether this estimator uses it (from its family's
+        description, :data:`~halforder.estimators.families.FAMILIES`)."""
+        family = FAMILIES.get(self.estimator)
+        values = {k: getattr(self, k) for k in SETTINGS}
+        out = {}
+        for name in SETTINGS:
+            users = [f for f in FAMILIES.values() if name in f.used]
+            when = {f.used[name][1] for f in users} - {""}
+            needs = f"estimator {' or '.join(f.name for f in users)}" + (f" with {' or '.join(when)}" if when else "")
+            used = family is not None and name in family.used and family.uses(name, values)
+            out[name] = (used, needs)
+        return out
+
     def sampler(self) -> PlanSampler:
         """The plan sampler of the estimator settings."""
         try:
-            window = self.reinforce_window if self.estimator == "reinforce" else self.j_window
-            need(window is None or len(window) == 2, f"a window is two steps a b, got {window!r}")
-            return make_sampler(self.estimator, self.T, h=self.h, k=self.k, j_sampling=self.j_sampling, j=self.j,
-                                window=None if window is None else tuple(window),
-                                temperature=self.j_temperature, decay=self.j_decay)
+            return make_sampler(self.estimator, self.T, **{k: getattr(self, k) for k in SETTINGS})
         except ValueError as e:
             raise ConfigError(str(e)) from None
 
@@ -245,14 +284,16 @@ def load_config(path: str | None = None, overrides: Mapping[str, Any] | None = N
     """Defaults, then ``preset`` (or the file's or the overrides' ``preset``), then the file
     (``.yaml``, ``.yml``, ``.toml`` or ``.json``), then ``overrides`` (entries with value
     None are ignored). Values are coerced to the fields' types; unknown names raise
-    :class:`~halforder.training.config.ConfigError`."""
+    :class:`~halforder.training.config.ConfigError`. A value that a later source makes unused
+    (a preset's ``eta_plan`` under ``eta=0.7``) gives way to its default
+    (:func:`~halforder.training.config.layered`)."""
     data = read_mapping_file(path) if path else {}
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    source = f"config file {path!r}" if path else "config"
+    data = coerced(TrainConfig, data, source, {k: v.replace("-", "_") for k, v in OTHER_NAMES.items()})
     preset = overrides.get("preset", data.get("preset", preset))
-    values: dict[str, Any] = {}
+    layers: list[Mapping[str, Any]] = []
     if preset is not None:
         need(preset in PRESETS, f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
-        values.update(PRESETS[preset], preset=preset)
-    values.update(data)
-    values.update(overrides)
-    return from_mapping(TrainConfig, values, f"config file {path!r}" if path else "config")
+        layers.append(dict(PRESETS[preset], preset=preset))
+    return from_mapping(TrainConfig, layered(TrainConfig, [*layers, data, overrides]), "config")

@@ -16,7 +16,7 @@ import os
 import shutil
 import sys
 
-from ..training.checkpoints import load_checkpoint
+from ..training.checkpoints import latest_checkpoint, load_checkpoint
 from ..training.config import from_mapping
 from ..training.files import atomic_dir
 from .config import TrainConfig
@@ -29,7 +29,8 @@ def parser() -> argparse.ArgumentParser:
     """The parser of ``halforder export``."""
     p = argparse.ArgumentParser(prog="halforder export", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", help="a checkpoint directory of a run (runs/NAME/checkpoints/step_XXXXXXXX)")
+    p.add_argument("checkpoint", help="a checkpoint directory of a run (runs/NAME/checkpoints/step_XXXXXXXX), "
+                                      "or a run folder (runs/NAME: its newest checkpoint)")
     p.add_argument("out", help="the directory to write (it must not exist yet)")
     p.add_argument("--fuse", action="store_true", help="fuse the LoRA weights into the base model and write a "
                                                        "pipeline folder (builds the run's model)")
@@ -69,10 +70,30 @@ def export(checkpoint: str, out: str, fuse: bool = False) -> str:
     return out
 
 
+def run_checkpoint(path: str) -> str | None:
+    """The newest checkpoint of ``path`` where it is a run's folder (holding ``checkpoints/``) or
+    its ``checkpoints`` folder, rather than a checkpoint; None otherwise. ``ValueError`` for a
+    run folder without a checkpoint."""
+    if not os.path.isdir(path) or os.path.isfile(os.path.join(path, "meta.json")):
+        return None
+    root = os.path.join(path, "checkpoints")
+    for folder in (root, path):
+        found = latest_checkpoint(folder) if os.path.isdir(folder) else None
+        if found is not None:
+            return found
+    if os.path.isdir(root):
+        raise ValueError(f"run folder {path!r} holds no checkpoint yet ({root!r} is empty)")
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``halforder export``; returns the exit status (2 on bad input)."""
     args = parser().parse_args(sys.argv[1:] if argv is None else argv)
     try:
+        found = run_checkpoint(args.checkpoint)
+        if found is not None:
+            print(f"{args.checkpoint} is a run folder: exporting its newest checkpoint, {found}")
+            args.checkpoint = found
         export(args.checkpoint, args.out, args.fuse)
     except (ValueError, OSError) as e:
         print(f"halforder export: error: {e}", file=sys.stderr)

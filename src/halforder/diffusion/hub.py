@@ -1,21 +1,49 @@
 """Loading from the Hugging Face hub or a local directory, and the one message for when
 that fails offline.
 
-Every loader asks :func:`offline` (``HF_HUB_OFFLINE``) whether it may touch the network,
-:func:`looks_local` whether a name is a path, :func:`local_dir` whether such a path holds
-what it needs, and raises :func:`load_error` when loading fails.
+Every loader asks :func:`offline` whether it may touch the network (not with
+``HF_HUB_OFFLINE=1``, nor where the hub cannot be reached: one short probe, instead of the
+hub client's retries, which take most of a minute), :func:`looks_local` whether a name is a
+path, :func:`local_dir` whether such a path holds what it needs, and raises
+:func:`load_error` when loading fails.
 """
 from __future__ import annotations
 
 import os
+import urllib.error
+import urllib.request
 from typing import Sequence
 
 _TRUE = ("1", "on", "true", "yes")
+PROBE_TIMEOUT_S = 3.0
+_probed: dict[str, str | None] = {}
 
 
 def offline() -> bool:
-    """Whether ``HF_HUB_OFFLINE`` forbids downloads (read now, not at import)."""
-    return os.environ.get("HF_HUB_OFFLINE", "0").strip().lower() in _TRUE
+    """Whether loaders must use local files only: ``HF_HUB_OFFLINE`` is set (read now, not at
+    import), or the hub cannot be reached (:func:`unreachable`)."""
+    return os.environ.get("HF_HUB_OFFLINE", "0").strip().lower() in _TRUE or unreachable() is not None
+
+
+def endpoint() -> str:
+    """The hub's address: ``HF_ENDPOINT``, or huggingface.co."""
+    return os.environ.get("HF_ENDPOINT", "").strip().rstrip("/") or "https://huggingface.co"
+
+
+def unreachable() -> str | None:
+    """None where the hub answers, else why it does not; asked once per process and endpoint,
+    within about :data:`PROBE_TIMEOUT_S` seconds (through the proxies the environment sets)."""
+    url = endpoint()
+    if url not in _probed:
+        try:
+            urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=PROBE_TIMEOUT_S).close()
+            _probed[url] = None
+        except urllib.error.HTTPError:              # it answered, if only with an error status
+            _probed[url] = None
+        except (urllib.error.URLError, OSError, ValueError) as e:
+            reason = getattr(e, "reason", e)
+            _probed[url] = f"the hub at {url} cannot be reached ({' '.join(str(reason).split())})"
+    return _probed[url]
 
 
 def looks_local(name: str) -> bool:
@@ -39,8 +67,14 @@ def local_dir(path: str, what: str, subfolders: Sequence[str] = ()) -> str:
 
 
 def load_error(what: str, source: str, err: Exception) -> OSError:
-    """The error for a model that could not be loaded, saying how to use a local copy."""
-    return OSError(f"could not load {what} from {source!r}: {err}\n"
-                   f"Without internet access, download it on a machine that has it "
-                   f"(`hf download <id> --local-dir DIR`), copy DIR here and pass its path instead of the hub id, "
-                   f"or set HF_HOME to a cache that holds it (and HF_HUB_OFFLINE=1).")
+    """The error for a model that could not be loaded from ``source`` (one or more names joined by
+    `` + ``), in one line, saying how to use a local copy; where the hub cannot be reached, that
+    is the reason it gives for the hub ids among them."""
+    hub_ids = [p for p in source.split(" + ") if not looks_local(p) and not os.path.isfile(p)]
+    down = (isinstance(err, OSError) and hub_ids and os.environ.get("HF_HUB_OFFLINE", "0").strip().lower() not in _TRUE
+            and unreachable())
+    why = (f"{down}, and {' and '.join(hub_ids)} {'is' if len(hub_ids) == 1 else 'are'} not in the local cache"
+           if down else " ".join(str(err).split()))
+    return OSError(f"could not load {what} from {source!r}: {why}. Without internet access, download it on a "
+                   f"machine that has it (`hf download <id> --local-dir DIR`), copy DIR here and pass its path "
+                   f"instead of the hub id, or set HF_HOME to a cache that holds it (and HF_HUB_OFFLINE=1).")

@@ -125,10 +125,29 @@ def save_lora(unet: torch.nn.Module, directory: str | os.PathLike, adapter_name:
     state = get_peft_model_state_dict(unet, adapter_name=adapter_name)
     state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     metadata = unet.peft_config[adapter_name].to_dict()
+    metadata = {k: sorted(v) if isinstance(v, (set, frozenset)) else v for k, v in metadata.items()}  # same bytes
     writer = StableDiffusionLoraLoaderMixin if prefix == "unet" else SD3LoraLoaderMixin   # same file format as FLUX's
     writer.save_lora_weights(directory, safe_serialization=True, **{f"{prefix}_lora_layers": state,
                                                                     f"{prefix}_lora_adapter_metadata": metadata})
-    return os.path.join(os.fspath(directory), LORA_FILE)
+    path = os.path.join(os.fspath(directory), LORA_FILE)
+    _sort_header_metadata(path)
+    return path
+
+
+def _sort_header_metadata(path: str) -> None:
+    """Rewrite the header of the safetensors file ``path`` in place with its ``__metadata__``
+    entries sorted by name: safetensors writes them in a hash order that varies from one process
+    to the next, so that identical adapters would give files that differ."""
+    with open(path, "r+b") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+        if "__metadata__" not in header:
+            return
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) <= size:                       # the same entries: the same length, padded as safetensors pads
+            f.seek(8)
+            f.write(text.ljust(size))
 
 
 def load_lora(unet: torch.nn.Module, path: str | os.PathLike,

@@ -93,7 +93,8 @@ def choose(cfg, task, prompts, *, progress: bool = False):
                            bool(best.checkpoint) or cfg.gradient_checkpointing)
     run = expected_evaluations(sampler.plan, cfg.batch_size, checkpointed=task.gradient_checkpointing)
     cost = SearchCost(meter.forward, meter.backward, time.perf_counter() - t0,
-                      cfg.steps * cfg.grad_accum * (run["forward"] + run["backward"]), cfg.T, evaluation_budget(cfg))
+                      cfg.steps * cfg.grad_accum * (run["forward"] + run["backward"]), cfg.T, evaluation_budget(cfg),
+                      SEARCH_EVALUATIONS)
     return task, sampler, dataclasses.replace(result, cost=cost)
 
 

@@ -1,8 +1,9 @@
-"""Differentiable rewards on decoded images: a registry of small factories.
+"""Rewards on decoded images: a registry of small factories.
 
 Every reward is a callable ``reward(images, prompts) -> [N]`` with ``images`` of shape
 ``[N, 3, H, W]`` in [0, 1] and ``prompts`` a list of N strings, differentiable in the
-images. ``make_reward(name, **kwargs)`` builds one from :data:`REWARDS`.
+images unless the reward (and its factory) says ``differentiable = False``: read it with
+:func:`differentiable`. ``make_reward(name, **kwargs)`` builds one from :data:`REWARDS`.
 
 Built-in, CPU-cheap (tests and demos): ``brightness``, ``color``, ``random_cnn``.
 Learned (loaded with ``from_pretrained`` from a hub id or a local directory; offline, a
@@ -18,10 +19,13 @@ missing model raises ``OSError`` saying how to point at a local copy):
 * ``clipscore`` — text-image alignment: 100 * cos(CLIP image embedding, prompt embedding) with
   OpenAI's CLIP ViT-L/14 (the CLIPScore of Hessel et al. without its clipping at 0), the usual
   check against reward hacking beside an aesthetic reward.
-* ``hpsv2`` — HPS v2 / v2.1: an open_clip ViT-H/14 checkpoint; score = cos(image, prompt), on
+* ``hpsv2`` — HPS v2 / v2.1: an open_clip ViT-H/14 checkpoint, renamed into transformers'
+  CLIPModel (:mod:`.open_clip_weights`; the architecture and tokenizer from the files of
+  ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K``); score = cos(image, prompt), as HPSv2 scores, on
   images preprocessed as HPSv2 does (longest edge to 224, padded to a square: a non-square video
-  frame is scored whole, not cropped). Needs the ``open_clip_torch`` package, which needs
-  torchvision (README, "Rewards").
+  frame is scored whole, not cropped).
+* ``ocr`` — Flow-GRPO's OCR reward (:mod:`.ocr`): 1 minus the normalised edit distance between
+  the text the prompt quotes and the text RapidOCR reads. No gradient; needs the ``ocr`` extra.
 * ``imagereward`` — not available: the ``image-reward`` package (1.5, its latest) imports helpers
   that transformers removed after 4.55 (``apply_chunking_to_forward``, ``prune_linear_layer``, ...)
   while halforder needs transformers >= 4.56 (``from_pretrained(dtype=...)``), and its BLIP
@@ -30,20 +34,24 @@ missing model raises ``OSError`` saying how to point at a local copy):
 The default hub ids and file names below were taken from public code that uses them
 (TRL's DDPO config, the PickScore model card, HPSv2's version map, ImageReward's README)
 but could not be opened here (no internet): the real weights were never loaded. The
-hpsv2 code path is untested (open_clip is not installed in the test environment); the
-aesthetic, PickScore and CLIP-score code paths are tested end to end on tiny random CLIP models
-saved to local directories.
+aesthetic, PickScore, CLIP-score and HPSv2 code paths are tested end to end on tiny random CLIP
+models saved to local directories (HPSv2's as an open_clip state dict).
 """
 from __future__ import annotations
 
+import inspect
 import os
-from typing import Callable, Sequence
+import pickle
+import re
+from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from .clip_preprocess import ClipPreprocess, clip_preprocess
 from .hub import load_error, local_dir, looks_local, offline
+from .ocr import OcrReward
+from .open_clip_weights import clip_from_open_clip
 
 Reward = Callable[[torch.Tensor, Sequence[str]], torch.Tensor]
 REWARDS: dict[str, Callable[..., Reward]] = {}
@@ -54,6 +62,7 @@ PICKSCORE_MODEL = "yuvalkirstain/PickScore_v1"
 PICKSCORE_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
 CLIPSCORE_MODEL = "openai/clip-vit-large-patch14"
 HPSV2_CHECKPOINT = "xswu/HPSv2:HPS_v2.1_compressed.pt"
+HPSV2_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"   # the config and tokenizer of HPSv2's ViT-H/14
 IMAGEREWARD_MODEL = "ImageReward-v1.0"
 
 
@@ -66,10 +75,49 @@ def register(name: str):
 
 
 def make_reward(name: str, **kwargs) -> Reward:
-    """The reward ``name`` from :data:`REWARDS`, built with ``kwargs``."""
+    """The reward ``name`` from :data:`REWARDS`, built with ``kwargs``; ``ValueError`` on an
+    unknown name, option or value."""
+    check_reward_options(name, kwargs)
+    try:
+        return REWARDS[name](**kwargs)
+    except TypeError as e:
+        raise ValueError(f"reward {name!r} cannot take the options {kwargs}: {e}") from None
+
+
+def check_options(name: str, factory: Callable, options) -> None:
+    """``ValueError`` unless ``options`` is a mapping whose names the reward factory ``factory``
+    (of the reward ``name``) accepts, read from its signature; the message lists them."""
+    if not isinstance(options, Mapping):
+        raise ValueError(f"the options of reward {name!r} must be a mapping of names to values (JSON object), "
+                         f"got {options!r}")
+    params = inspect.signature(factory).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return
+    accepted = [k for k, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    unknown = [k for k in options if k not in accepted]
+    if unknown:
+        raise ValueError(f"reward {name!r} has no option {', '.join(map(repr, unknown))}; its options: "
+                         f"{', '.join(accepted) or 'none'}")
+
+
+def check_reward_options(name: str, options) -> None:
+    """``ValueError`` unless ``name`` is in :data:`REWARDS` and takes ``options`` (checked
+    before anything is built)."""
     if name not in REWARDS:
         raise ValueError(f"unknown reward {name!r}; known rewards: {', '.join(sorted(REWARDS))}")
-    return REWARDS[name](**kwargs)
+    check_options(name, REWARDS[name], options)
+
+
+def _number(value, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{what} must be a number, got {value!r}")
+    return float(value)
+
+
+def _integer(value, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{what} must be an integer, got {value!r}")
+    return value
 
 
 def _check(images: torch.Tensor):
@@ -81,6 +129,8 @@ def _check(images: torch.Tensor):
 @register("brightness")
 def brightness(target: float | None = None) -> Reward:
     """Mean pixel value, or -(mean - target)^2 when ``target`` is given."""
+    target = None if target is None else _number(target, "the brightness target")
+
     def reward(images, prompts=None):
         _check(images)
         m = images.mean((1, 2, 3))
@@ -91,9 +141,9 @@ def brightness(target: float | None = None) -> Reward:
 @register("color")
 def color(target: Sequence[float] = (1.0, 0.0, 0.0)) -> Reward:
     """Minus the mean squared distance of every pixel to the RGB colour ``target``."""
-    t = torch.as_tensor(target, dtype=torch.float32)
-    if t.shape != (3,):
-        raise ValueError(f"color target must be 3 numbers (RGB), got {tuple(target)}")
+    if not isinstance(target, (list, tuple)) or len(target) != 3:
+        raise ValueError(f"the color target must be 3 numbers (RGB in [0, 1], e.g. [0, 1, 0]), got {target!r}")
+    t = torch.tensor([_number(v, "each number of the color target") for v in target])
 
     def reward(images, prompts=None):
         _check(images)
@@ -124,7 +174,7 @@ class RandomCNN(nn.Module):
 @register("random_cnn")
 def random_cnn(seed: int = 0, width: int = 8) -> Reward:
     """:class:`RandomCNN` with weights drawn from ``seed``."""
-    return RandomCNN(seed, width)
+    return RandomCNN(_integer(seed, "the random_cnn seed"), _integer(width, "the random_cnn width"))
 
 
 # ----------------------------------------------------------------------------- loading
@@ -254,34 +304,33 @@ def load_clipscore(model: str = CLIPSCORE_MODEL, *, local_files_only: bool = Fal
 
 
 @register("hpsv2")
-def load_hpsv2(checkpoint: str = HPSV2_CHECKPOINT, *, arch: str = "ViT-H-14", local_files_only: bool = False,
-               device="cpu") -> Reward:
-    """HPS v2(.1): an open_clip model ``arch`` (HPSv2's: ViT-H-14) with the HPS checkpoint (a
-    local ``.pt`` or ``"hub_repo_id:filename"``); score = cos(image, prompt) on HPSv2's padded
-    224-pixel preprocessing. Needs ``open_clip_torch``."""
+def load_hpsv2(checkpoint: str = HPSV2_CHECKPOINT, processor: str = HPSV2_PROCESSOR, *, local_files_only: bool = False,
+               dtype: torch.dtype = torch.float32, device="cpu") -> Reward:
+    """HPS v2(.1): the open_clip checkpoint ``checkpoint`` (a local ``.pt`` or
+    ``"hub_repo_id:filename"``) in transformers' CLIPModel, whose architecture (``config.json``)
+    and tokenizer come from ``processor`` (a hub id or a local directory; no weights are read
+    there); score = cos(image, prompt) on HPSv2's padded 224-pixel preprocessing."""
+    from transformers import AutoTokenizer, CLIPConfig
     try:
-        import open_clip
-    except ImportError as e:
-        raise ImportError("the hpsv2 reward needs open_clip: pip install open_clip_torch") from e
-    try:
-        path = _resolve_file(checkpoint, local_files_only)
-        model = open_clip.create_model(arch, pretrained=None)
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        model.load_state_dict(state.get("state_dict", state))
-    except (OSError, ValueError) as e:
-        raise load_error("HPSv2", checkpoint, e) from e
-    model = model.eval().requires_grad_(False).to(device)
-    tokenizer = open_clip.get_tokenizer(arch)
-    preprocess = ClipPreprocess(fit="pad")
+        source = local_dir(processor, "CLIP config and tokenizer") if looks_local(processor) else processor
+        kw = dict(local_files_only=local_files_only or offline())
+        config, tokenizer = CLIPConfig.from_pretrained(source, **kw), AutoTokenizer.from_pretrained(source, **kw)
+        state = torch.load(_resolve_file(checkpoint, local_files_only), map_location="cpu", weights_only=True)
+        clip = clip_from_open_clip(state.get("state_dict", state), config, dtype)
+    except (OSError, ValueError, pickle.UnpicklingError) as e:
+        raise load_error("HPSv2", f"{checkpoint} + {processor}", e) from e
+    size = config.vision_config.image_size   # HPSv2's ResizeMaxSize: to the model's image size (224)
+    return ClipScoreReward(clip, tokenizer, ClipPreprocess(size, size, fit="pad"), scale=1.0).to(device)
 
-    def reward(images, prompts):
-        _check(images)
-        img = model.encode_image(clip_preprocess(images, preprocess))
-        with torch.no_grad():
-            txt = model.encode_text(tokenizer(list(prompts)).to(images.device))
-        img, txt = img / img.norm(dim=-1, keepdim=True), txt / txt.norm(dim=-1, keepdim=True)
-        return (img * txt).sum(-1)
-    return reward
+
+register("ocr")(OcrReward)
+
+
+def differentiable(spec: str) -> bool:
+    """Whether the reward ``spec`` (a name of :data:`REWARDS`, or a video reward's weighted sum of
+    names) has a gradient in the images: none of its rewards' factories says
+    ``differentiable = False``. Plans with first-order steps need it."""
+    return all(getattr(REWARDS.get(name), "differentiable", True) for name in re.findall(r"[A-Za-z_]\w*", spec))
 
 
 @register("imagereward")

@@ -171,6 +171,8 @@ def prepare(cfg: TrainConfig, device="cpu") -> Prepared:
     if checkpoint is not None:
         check_resume(cfg, checkpoint)
     reward = build_reward(cfg, device)
+    if hasattr(reward, "check_prompts"):     # e.g. ocr: each prompt quotes the text to render
+        reward.check_prompts([*prompts, *(eval_prompts or ())])
     eval_rewards = {name: build_reward(cfg, device, name, kw) for name, kw in cfg.eval_rewards.items()}
     task = build_task(cfg, build_components(cfg, device), reward, device, step_prompts)
     search = None

@@ -348,8 +348,11 @@ def make_solver(scheduler, T: int, etas: Schedule = 0.0, latent_scale: LatentSca
         if latent_scale is not None:
             raise ValueError("a latent scale applies to DDIM only, not to a flow-matching scheduler")
         return FlowMatchSolver.from_scheduler(scheduler, T, etas, noise=noise, mu=mu, sigmas=sigmas)
-    if noise != "sde" or mu is not None or sigmas is not None:
-        raise ValueError(f"noise={noise!r}, mu and sigmas apply to flow-matching models only, not to {name}")
+    if noise != "sde":
+        raise ValueError(f"noise {noise!r} is for flow-matching models (SD3, FLUX, Wan), not for this model's {name}: "
+                         "leave noise at its default, sde")
+    if mu is not None or sigmas is not None:
+        raise ValueError(f"mu and sigmas apply to flow-matching models only, not to {name}")
     if name == "DDIMScheduler":
         return DDIMSolver.from_scheduler(scheduler, T, etas, latent_scale)
     if name == "DPMSolverMultistepScheduler":

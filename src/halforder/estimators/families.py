@@ -124,7 +124,8 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            _reinforce, {"reinforce_window": ALWAYS, "step_fraction": ALWAYS, "window_length": ALWAYS,
                         "window_position": (lambda s: s["window_length"] is not None, "a window_length"),
                         "window_every": (lambda s: s["window_length"] is not None
-                                         and s["window_position"] == "sliding", "window_position sliding"),
+                                         and s["window_position"] == "sliding",
+                                         "a window_length and window_position sliding"),
                         "step_weighting": _RANDOM_STEPS}),
     Family("zeroth_order", "parameter-noise likelihood ratio on every step (evolution strategies)", "no",
            lambda T: FixedPlan(Plan.zeroth_order(T))),

@@ -9,7 +9,9 @@ class SearchCost:
     """What a search spent, counted by the compute meter: model evaluations per sample, forward
     and backward, wall-clock seconds, and the evaluations of the run it plans (0: not known);
     with the chain's ``T`` and the search's ``budget`` of chain evaluations (0: not known),
-    its chain evaluations (forward / T) against that budget."""
+    its chain evaluations (forward / T) against that budget; ``floor``: the chain evaluations
+    a search may take however short the run (0: none), which is why the search of a short run
+    can cost more than the run."""
 
     forward: int
     backward: int
@@ -17,6 +19,7 @@ class SearchCost:
     run_evaluations: int = 0
     T: int = 0
     budget: float = 0.0
+    floor: float = 0.0
 
     @property
     def evaluations(self) -> int:
@@ -39,10 +42,16 @@ class SearchCost:
                 "chain_evaluations": self.chain_evaluations, "chain_evaluation_budget": self.budget or None}
 
     def line(self) -> str:
-        """One line for the report."""
+        """One line for the report; where the search costs more than the run, how many times
+        more, and why."""
         share = self.share()
+        if share is not None and share > 1:
+            why = (f" (a search may take {self.floor:,.0f} chain evaluations, however short the run)"
+                   if self.floor else "")
+            of_run = f"; {share:.3g} times the {self.run_evaluations:,} of the run it plans{why}"
+        else:
+            of_run = "" if share is None else f"; {share:.1%} of the {self.run_evaluations:,} of the run it plans"
         return (f"search cost: {self.evaluations:,} model evaluations ({self.forward:,} forward, {self.backward:,} "
-                f"backward; one per sample and step), {self.seconds:.1f} s"
-                + ("" if share is None else f"; {share:.1%} of the {self.run_evaluations:,} of the run it plans")
+                f"backward; one per sample and step), {self.seconds:.1f} s{of_run}"
                 + ("" if not (self.T and self.budget) else
                    f"; {self.chain_evaluations:,.0f} chain evaluations of its budget of {self.budget:,.0f}"))

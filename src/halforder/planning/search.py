@@ -102,7 +102,7 @@ class SearchResult:
         """One line: why the best candidate was chosen."""
         b = self.best
         others = len(self.ranked) - 1
-        runner = (f"; next {self.ranked[1].candidate.name} at {self.ranked[1].score / b.score:.2f}x"
+        runner = (f"; next {self.ranked[1].candidate.name} at {_ratio(self.ranked[1].score, b.score):.2f}x"
                   if others and not self.ranked[1].note else "")
         unpiloted = sum(1 for s in self.ranked if s.note)
         return (f"lowest variance x time among {len(self.ranked)} candidates within memory "
@@ -117,11 +117,16 @@ class SearchResult:
         rows = [head, "-" * len(head)]
         best = self.ranked[0].score if self.ranked else 1.0
         for i, s in enumerate(self.ranked[:top], 1):
-            cols = (f"{s.variance:>11.4g} {s.score:>11.4g} {s.score / best:>7.3g}x" if not s.note
+            cols = (f"{s.variance:>11.4g} {s.score:>11.4g} {_ratio(s.score, best):>7.3g}x" if not s.note
                     else f"{'not piloted: ' + s.note:>32}")
             rows.append(f"{i:>4}  {s.candidate.name:<34} {format_bytes(s.memory):>10} {s.time:>11.4g} {cols}  "
                         f"{'yes' if s.unbiased else 'NO'}")
         return "\n".join(rows)
+
+
+def _ratio(score: float, best: float) -> float:
+    """``score`` / ``best`` (1 where both are 0: a plan whose pilots all gave one gradient)."""
+    return score / best if best > 0 else 1.0 if score <= best else float("inf")
 
 
 def rank(scored: Sequence[Scored], memory_budget: float, time_budget: float | None = None,
@@ -210,11 +215,8 @@ def measure(chain, params, *, generator: torch.Generator, n: int = 4, space: Spa
     with ComputeMeter() as meter:
         memory = measure_memory(chain, params, n, generator=generator, chain_for=chain_for)
         limit = float("inf") if probe_memory is None else probe_memory
-        least = min(cands, key=lambda c: predicted_memory(memory, c.plan, c.checkpoint_steps), default=None)
-        if least is not None and predicted_memory(memory, least.plan, least.checkpoint_steps) > limit:
-            raise ValueError(f"no plan fits in {format_bytes(limit)}: the least memory any plan needs is "
-                             f"{format_bytes(predicted_memory(memory, least.plan, least.checkpoint_steps))} "
-                             f"({least.name})")
+        budgets = tuple(budgets) if budgets is not None else ((limit, None),)
+        _check_memory(cands, memory, min(limit, max(m for m, _ in budgets)))
         timing = fit_time_model(chain, params, n, generator=generator, chain_for=chain_for, repeats=repeats,
                                 admit=lambda plan, ck: predicted_memory(memory, plan, ck) <= limit)
 
@@ -223,6 +225,14 @@ def measure(chain, params, *, generator: torch.Generator, n: int = 4, space: Spa
             return steps if predicted_memory(memory, plan) > limit else ()
 
         fits = [c for c in cands if predicted_memory(memory, c.plan, c.checkpoint_steps) <= limit]
+        seconds = {c: timing.predict(c.plan, c.checkpoint_steps, chain_for(c.plan), c.pairing) for c in fits}
+
+        def within(c, i, timed=True):
+            m, t = budgets[i]
+            return (space.biased or c.is_unbiased) and predicted_memory(memory, c.plan, c.checkpoint_steps) <= m \
+                and (not timed or t is None or seconds[c] <= t)
+
+        _check_time(fits, seconds, budgets, within)
         zo_keys = {zo_key(c) for c in fits if Role.ZO in c.plan.roles}
         marks = [(meter.forward, meter.backward)]
         fo, zo = _fo_zo_parts(chain, params, fits, zo_keys, memory, limit, shared, chain_for=chain_for,
@@ -230,18 +240,10 @@ def measure(chain, params, *, generator: torch.Generator, n: int = 4, space: Spa
                               checkpoint=checkpoint, chunk=n if probe_memory is not None else 1 << 14,
                               progress=progress)
         marks.append((meter.forward, meter.backward))
-        seconds = {c: timing.predict(c.plan, c.checkpoint_steps, chain_for(c.plan), c.pairing) for c in fits}
 
         def base(c):    # G (V_FO + V_ZO): the variance without the HO part
             G = Pairing.parse(c.pairing).size
             return G * (fo.get(c.plan.fo_steps, 0.0) + (zo[zo_key(c)] if Role.ZO in c.plan.roles else 0.0))
-
-        budgets = tuple(budgets) if budgets is not None else ((limit, None),)
-
-        def within(c, i):
-            m, t = budgets[i]
-            return (space.biased or c.is_unbiased) and predicted_memory(memory, c.plan, c.checkpoint_steps) <= m \
-                and (t is None or seconds[c] <= t)
 
         bounds = {}
         for c in fits:
@@ -273,6 +275,28 @@ def measure(chain, params, *, generator: torch.Generator, n: int = 4, space: Spa
     scored = tuple(score(c, memory, timing, parts, chain_for,
                          "over the probe memory" if c in over else skipped.get(ho_key(c), "")) for c in cands)
     return Measured(scored, memory, timing, parts, space.biased, budgets if skipped else None, spent)
+
+
+def _check_memory(cands, memory: MemoryCosts, room: float) -> None:
+    """``ValueError`` if no candidate fits ``room`` bytes: answered from the memory model, before
+    any timing probe or pilot."""
+    need = {c: predicted_memory(memory, c.plan, c.checkpoint_steps) for c in cands}
+    least = min(need, key=need.get, default=None)
+    if least is not None and need[least] > room:
+        raise ValueError(f"no plan fits in {format_bytes(room)}: the least memory any plan needs is "
+                         f"{format_bytes(need[least])} ({least.name})")
+
+
+def _check_time(fits, seconds, budgets, within) -> None:
+    """``ValueError`` if no candidate of ``fits`` is within any of the budgets (with the fastest
+    plan's time where a time budget is what rules them out): answered before any pilot."""
+    if not fits or any(within(c, i) for c in fits for i in range(len(budgets))):
+        return
+    m, t = budgets[0]
+    fastest = min((c for c in fits if within(c, 0, timed=False)), key=seconds.get, default=None)
+    raise ValueError(f"no plan fits in {format_bytes(m)}" + (f" and {t:g} s per estimate" if t is not None else "")
+                     + (f": the fastest that fits the memory takes {seconds[fastest]:.3g} s ({fastest.name})"
+                        if fastest is not None and t is not None else ""))
 
 
 def zo_key(c: Candidate) -> tuple:

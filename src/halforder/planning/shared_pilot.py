@@ -65,9 +65,11 @@ class Moments:
     mean: torch.Tensor
 
     def sum_variance(self, steps: Collection[int]) -> float:
-        """tr Cov(sum_{t in steps} z_t) of one row (unbiased over the rows)."""
+        """tr Cov(sum_{t in steps} z_t) of one row (unbiased over the rows); a difference of
+        moments, taken no lower than its rounding error, so never negative."""
         m = self._indicator(steps) @ self.mean
-        return self.rows / (self.rows - 1) * (self.second_moment(steps) - float(m @ m))
+        second = self.second_moment(steps)
+        return self.rows / (self.rows - 1) * max(second - float(m @ m), torch.finfo(self.gram.dtype).eps * second)
 
     def second_moment(self, steps: Collection[int]) -> float:
         """E|sum_{t in steps} z_t|^2."""

@@ -1,5 +1,5 @@
-"""What a plan costs in time on a chain: seconds per estimate, fitted to wall-clock
-measurements of the engine on probe plans (docs/plan-search.md).
+"""What a plan costs in time on a chain: seconds per estimate, fitted to timings of the
+engine on probe plans (docs/plan-search.md).
 
 The time of one estimate is modelled as a non-negative combination of counts,
 
@@ -13,10 +13,13 @@ The time of one estimate is modelled as a non-negative combination of counts,
 whose coefficients (seconds per unit) are fitted by non-negative least squares to the
 median time (over ``repeats`` rounds; :func:`median_seconds`: wall clock on a GPU, the
 process's CPU time on a CPU) of :func:`~halforder.estimators.estimate` on a set of probe
-plans chosen to vary every count. Timing on a shared machine is noisy; CPU time, blocks of
-calls long enough for the clock, rounds that interleave the probes (a slow spell slows
-them all alike), medians and the fit over several probes damp that, and
-:attr:`TimeModel.probes` keeps the measured and fitted time of each probe.
+plans chosen to vary every count. Timing on a shared machine is noisy, and other jobs
+change the CPU time too (they compete for caches, memory bandwidth and clock frequency):
+blocks of calls long enough for the clock, rounds that interleave the probes (a slow spell
+slows them all alike), medians and the fit over several probes damp that without removing
+it, and :attr:`TimeModel.probes` keeps the measured and fitted time of each probe. No
+prediction is below the clock's resolution, so no plan is free (the fit can give a plan's
+counts zero seconds each).
 """
 from __future__ import annotations
 
@@ -65,16 +68,20 @@ class TimeModel:
       probes: (probe name, measured seconds, fitted seconds) for each probe.
       n: samples per estimate.
       repeats: timing rounds per probe (their median is used).
+      floor: the least seconds a prediction may be, the resolution of the clock that timed
+        the probes (> 0).
     """
 
     coef: tuple[float, ...]
     probes: tuple[tuple[str, float, float], ...]
     n: int
     repeats: int
+    floor: float = 1e-9
 
     def predict(self, plan: Plan, checkpoint: Collection[int], chain, pairing: str | Pairing | None = None) -> float:
-        """Seconds per estimate of ``plan`` with ``checkpoint`` and ``pairing`` on its chain ``chain``."""
-        return float(np.dot(self.coef, features(plan, checkpoint, chain, pairing)))
+        """Seconds per estimate of ``plan`` with ``checkpoint`` and ``pairing`` on its chain
+        ``chain``, at least :attr:`floor`."""
+        return max(float(np.dot(self.coef, features(plan, checkpoint, chain, pairing))), self.floor)
 
 
 Probe = tuple[Plan, frozenset[int], str]
@@ -126,10 +133,28 @@ def fit_time_model(chain, params, n: int, *, generator: torch.Generator, chain_f
         names.append(f"{plan}" + (" ckpt" if ck else "") + (f" [{pairing}]" if G > 1 else ""))
     if not rows:
         raise ValueError("no probe plan could be timed on this chain")
-    A, b = np.array(rows), np.array(median_seconds(calls, repeats, device, seconds=seconds))
+    measured = median_seconds(calls, repeats, device, seconds=seconds)
+    return fit_probes(names, rows, measured, n, repeats, timer(device)[1])
+
+
+def fit_probes(names: Sequence[str], rows: Sequence[np.ndarray], measured: Sequence[float], n: int, repeats: int,
+        resolution: float) -> TimeModel:
+    """The :class:`TimeModel` fitted to the probes' counts ``rows`` (of :func:`features`) and
+    ``measured`` seconds, none of them taken below the clock's ``resolution`` (> 0)."""
+    if not resolution > 0:
+        raise ValueError(f"the clock's resolution must be > 0 seconds, got {resolution}")
+    A, b = np.array(rows), np.maximum(np.array(measured, dtype=float), resolution)
     coef, _ = nnls(A, b)
     fitted = A @ coef
-    return TimeModel(tuple(float(c) for c in coef), tuple(zip(names, map(float, b), map(float, fitted))), n, repeats)
+    return TimeModel(tuple(float(c) for c in coef), tuple(zip(names, map(float, b), map(float, fitted))), n, repeats,
+                     resolution)
+
+
+def timer(device) -> tuple[Callable[[], float], float]:
+    """The clock that times the engine on ``device`` and its resolution in seconds: wall clock
+    on a GPU (with the device synchronised around it), the process's CPU time on a CPU."""
+    name = "perf_counter" if torch.device(device).type == "cuda" else "process_time"
+    return getattr(time, name), time.get_clock_info(name).resolution
 
 
 def median_seconds(calls: Sequence[Callable[[], object]], repeats: int, device, block: float = 0.05,
@@ -146,8 +171,9 @@ def round_seconds(calls: Sequence[Callable[[], object]], repeats: int, device,
     alike), as a block of calls lasting about ``block`` seconds, divided by its length; the
     warm-up sizes the blocks, doubling from one call while a block is under half of
     ``block`` (so a coarse clock cannot ask for millions). Wall-clock time with the device
-    synchronised around each block on a GPU, the process's CPU time on a CPU (robust to
-    other processes sharing the machine; with one thread it is the time). With ``seconds``,
+    synchronised around each block on a GPU, the process's CPU time on a CPU (:func:`timer`:
+    it leaves out the time other processes hold the cores, not the slowdown they cause by
+    sharing caches and memory bandwidth). With ``seconds``,
     fewer rounds where ``repeats`` of them would take longer (at least one), and none
     after the warm-up where the warm-up (one call each, after the search's memory
     measurement has run the model) already took longer: the warm-up is then the one
@@ -155,7 +181,7 @@ def round_seconds(calls: Sequence[Callable[[], object]], repeats: int, device,
     cost too much to repeat."""
     cuda = torch.device(device).type == "cuda"
     sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
-    clock = time.perf_counter if cuda else time.process_time
+    clock = timer(device)[0]
 
     def timed(fn, k):
         sync()

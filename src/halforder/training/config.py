@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 import math
 import os
 from dataclasses import dataclass
@@ -52,21 +53,26 @@ class LoopConfig:
                                                      "resume", "output_dir", "progress", "report_to"})
 
     steps: int = knob(100, "optimiser updates")
-    lr: float = knob(5e-4, "Adam learning rate (the paper: 5e-4)")
+    lr: float = knob(5e-4, "Adam learning rate")
     adam_betas: list[float] = knob([0.9, 0.999], "Adam betas (two numbers)", factory=True)
     adam_eps: float = knob(1e-8, "Adam epsilon")
     weight_decay: float = knob(0.0, "decoupled weight decay (AdamW)")
-    batch_size: int = knob(4, "samples per micro-batch and process")
+    batch_size: int = knob(4, "samples per micro-batch, process")
     grad_accum: int = knob(2, "micro-batches per update")
-    lr_scheduler: str = knob("constant", f"{', '.join(LR_SCHEDULES)} (the last two reach 0 at steps)",
+    lr_scheduler: str = knob("constant", "linear/cosine: 0 at steps",
                              choices=LR_SCHEDULES)
     lr_warmup_steps: int = knob(0, "updates of learning-rate warmup")
     ema: bool = knob(False, "evaluate and export a moving average of the weights")
     ema_decay: float = knob(0.99, "ema: the average's decay")
     clip_norm: float = knob(1.0, "gradient norm clip (0: none)")
-    baseline: str = knob("loo", "LR-term control variate: loo, none, grpo (biased)", choices=("loo", "none", "grpo"))
+    baseline: str = knob("loo", "loo, none or grpo (biased)", choices=("loo", "none", "grpo"))
+    group_size: int | None = knob(None, "samples per prompt group")
+    global_std: bool = knob(False, "grpo: the batch's std")
+    clip_range: float | None = knob(None, "PPO's ratio clip range")
+    updates_per_rollout: int = knob(1, "updates per rollout (PPO reuse)")
+    kl_beta: float = knob(0.0, "KL weight to the initial model")
     pairing: str = knob(AUTO, f"antithetic groups: {', '.join(PAIRINGS)}, {AUTO}", choices=(AUTO, *PAIRINGS))
-    seed: int = knob(0, "seed of every draw (process r: seed + r)")
+    seed: int = knob(0, "seed (process r: seed + r)")
     output_dir: str | None = knob(os.path.join("runs", "halforder"),
                                   "where metrics, checkpoints and outputs go")
     eval_every: int = knob(50, "updates between evaluations (0: none)")
@@ -92,8 +98,6 @@ class LoopConfig:
             v = getattr(self, name)
             need(isinstance(v, int) and v >= 1, f"{name} must be a positive integer, got {v!r}")
         need(0 < self.ema_decay < 1, f"ema_decay must lie in (0, 1), got {self.ema_decay}")
-        need(self.ema or self.ema_decay == field_default(LoopConfig.__dataclass_fields__["ema_decay"]),
-             f"ema_decay={self.ema_decay} has no effect without ema (leave it at its default)")
         for name in ("eval_every", "checkpoint_every", "keep_checkpoints", "seed", "lr_warmup_steps"):
             v = getattr(self, name)
             need(isinstance(v, int) and v >= 0, f"{name} must be an integer >= 0, got {v!r}")
@@ -107,10 +111,36 @@ class LoopConfig:
         G = 2 if self.pairing == AUTO else Pairing.parse(self.pairing).size
         need(self.batch_size % G == 0, f"pairing {self.pairing} draws groups of {G} samples: batch_size must be a "
                                        f"multiple of {G}, got {self.batch_size} (pairing none draws single samples)")
-        need(self.baseline != "grpo" or self.batch_size >= 2,
-             f"the 'grpo' advantage normalises over the batch: batch_size >= 2, got {self.batch_size}")
-        need(self.baseline != "loo" or self.batch_size >= 2 * G,
-             f"the 'loo' baseline needs at least 2 groups: batch_size >= {2 * G} with pairing {self.pairing}")
+        P = self.group_size
+        need(P is None or (isinstance(P, int) and P >= 1 and self.batch_size % P == 0),
+             f"group_size must divide batch_size={self.batch_size}, got {P!r}")
+        need(P is None or P % G == 0, f"pairing {self.pairing} draws groups of {G} samples: group_size must be a "
+                                      f"multiple of {G}, got {P}")
+        size, where = (self.batch_size, "batch_size") if P is None else (P, "group_size")
+        need(self.baseline != "grpo" or size >= 2,
+             f"the 'grpo' advantage normalises over each group: {where} >= 2, got {size}")
+        need(self.baseline != "loo" or size >= 2 * G,
+             f"the 'loo' baseline needs at least 2 groups: {where} >= {2 * G} with pairing {self.pairing}")
+        need(self.clip_range is None or (math.isfinite(self.clip_range) and self.clip_range > 0),
+             f"clip_range must be > 0, got {self.clip_range}")
+        need(isinstance(self.updates_per_rollout, int) and self.updates_per_rollout >= 1,
+             f"updates_per_rollout must be an integer >= 1, got {self.updates_per_rollout!r}")
+        need(self.kl_beta >= 0, f"kl_beta must be >= 0, got {self.kl_beta}")
+        need(self.lr_warmup_steps < self.steps,
+             f"lr_warmup_steps={self.lr_warmup_steps} is not shorter than the run (steps={self.steps}): the learning "
+             f"rate would never reach lr; warm up over fewer updates than steps")
+        for name, (applies, when) in self.conditional().items():
+            v, default = getattr(self, name), field_default(self.__dataclass_fields__[name])
+            need(applies or v == default, f"{name}={v!r} has no effect here: it applies only with {when}; "
+                                          f"otherwise leave it at its default {default!r}")
+
+    def conditional(self) -> dict[str, tuple[bool, str]]:
+        """The settings that only some configurations use: ``name -> (used here, when it is
+        used)``. :meth:`check` refuses a value other than the default where it is not used,
+        rather than ignore it; :func:`layered` lets such a value give way where a later layer
+        of settings (flags over a preset) made it unused."""
+        return {"ema_decay": (self.ema, "ema"),
+                "global_std": (self.baseline == "grpo", "baseline grpo")}
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values (lists for tuples), as written to ``output_dir/config.json``."""
@@ -188,6 +218,9 @@ def coerce(tp: Any, value: Any, name: str) -> Any:
         need(isinstance(value, (list, tuple)), f"{name} must be a list, got {value!r}")
         item = typing.get_args(tp)[0] if typing.get_args(tp) else Any
         return [coerce(item, v, name) for v in value]
+    if tp is dict or origin is dict:
+        need(isinstance(value, dict), f"{name} must be a mapping of names to values, got {value!r}")
+        return value
     try:
         if tp is bool:
             if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
@@ -211,11 +244,58 @@ def coerce(tp: Any, value: Any, name: str) -> Any:
     return value
 
 
+def coerced(cls, values: Mapping[str, Any], source: str = "config",
+            other_names: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """``values`` each coerced to the declared type of its field of the config dataclass ``cls``.
+    ``ConfigError`` naming ``source`` on an unknown name (with the closest known names, or the one
+    ``other_names`` gives it, e.g. diffusers' ``learning_rate`` for ``lr``) or on a value of the
+    wrong type."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in values if k not in names]
+    if unknown:
+        def near(name):
+            close = ([other_names[name]] if name in (other_names or {}) else
+                     difflib.get_close_matches(name, names, n=3, cutoff=0.6))
+            return f"{name!r} (did you mean {' or '.join(close)}?)" if close else repr(name)
+        raise ConfigError(f"unknown option(s) in {source}: {', '.join(map(near, unknown))}; "
+                          "`halforder train --help` lists every setting")
+    try:
+        return {k: coerce(hints[k], v, k) for k, v in values.items()}
+    except ConfigError as e:
+        raise ConfigError(f"{e} (in {source})") from None
+
+
 def from_mapping(cls, values: Mapping[str, Any], source: str = "config"):
     """An instance of the config dataclass ``cls`` from ``values``, each coerced to its field's
-    declared type; unknown names are refused."""
+    declared type (:func:`coerced`); unknown names are refused."""
+    return cls(**coerced(cls, values, source))
+
+
+def layered(cls, layers: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The settings of ``layers`` (e.g. a preset, a config file, flags) merged in increasing
+    precedence. A value that a later layer makes unused (``cls.conditional``: e.g. a preset's
+    ``eta_plan`` under a flag's numeric ``eta``) gives way to its default, so that the check
+    for settings without effect sees only values given together with what makes them unused."""
+    values: dict[str, Any] = {}
+    for layer in layers:
+        used_before = _uses(cls, values)
+        values.update(layer)
+        used_now = _uses(cls, values)
+        for name in [n for n in values if n not in layer and used_before.get(n) and used_now.get(n) is False]:
+            del values[name]
+    return values
+
+
+def _uses(cls, values: Mapping[str, Any]) -> dict[str, bool]:
+    """Which conditional settings a config of ``values`` uses, without checking it; {} where
+    the values cannot be read (the full check reports that)."""
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
-    need(not unknown, f"unknown option(s) in {source}: {', '.join(unknown)}; known: {', '.join(sorted(names))}")
-    return cls(**{k: coerce(hints[k], v, k) for k, v in values.items()})
+    unchecked = object.__new__(cls)
+    try:
+        for f in dataclasses.fields(cls):
+            v = coerce(hints[f.name], values[f.name], f.name) if f.name in values else field_default(f)
+            object.__setattr__(unchecked, f.name, v)
+        return {name: bool(used) for name, (used, _) in unchecked.conditional().items()}
+    except (TypeError, ValueError, LookupError, AttributeError):
+        return {}

@@ -55,13 +55,28 @@ def check_resume(cfg: LoopConfig, ck: Checkpoint) -> None:
                               + f". A resume may change only {', '.join(sorted(type(cfg).RESUMABLE))}; "
                                 "start a new run (another --output-dir) to change the others")
         old_steps = ck.config.get("steps", cfg.steps)
-        if getattr(cfg, "lr_scheduler", "constant") != "constant" and old_steps != cfg.steps:
+        if _decays(cfg) and old_steps != cfg.steps:
+            finish = f"resume with --steps {old_steps} to finish it; " if ck.step < old_steps else ""
             raise ConfigError(f"cannot resume {ck.path!r} with steps={cfg.steps}: its {cfg.lr_scheduler} learning-rate "
-                              f"schedule runs over steps={old_steps}; resume with that, or start a new run")
+                              f"schedule runs over steps={old_steps}; {finish}{extend_hint(cfg, ck)}")
     if ck.step >= cfg.steps:
         where = f"past steps={cfg.steps}" if ck.step > cfg.steps else f"so the run of steps={cfg.steps} is complete"
-        raise ConfigError(f"nothing to resume: checkpoint {ck.path!r} is at update {ck.step}, {where}; pass "
-                          f"--steps N with N > {ck.step} to train further")
+        further = extend_hint(cfg, ck) if _decays(cfg) else f"pass --steps N with N > {ck.step} to train further"
+        raise ConfigError(f"nothing to resume: checkpoint {ck.path!r} is at update {ck.step}, {where}; {further}")
+
+
+def _decays(cfg: LoopConfig) -> bool:
+    """Whether the run's learning-rate schedule depends on its steps (it reaches 0 at the end)."""
+    return getattr(cfg, "lr_scheduler", "constant") != "constant"
+
+
+def extend_hint(cfg: LoopConfig, ck: Checkpoint) -> str:
+    """How to train a run with a decaying learning-rate schedule beyond its steps, which a resume
+    cannot (the schedule is fixed to them): a new run, over the new total or from ``ck``'s weights."""
+    n = cfg.steps if cfg.steps > ck.step else "N"
+    return (f"to train beyond update {ck.step}, start a new run (another --output-dir), either over the new total "
+            f"from the start (--steps {n}: the schedule then spans them all) or from this checkpoint's weights "
+            f"(halforder export {ck.path} DIR --fuse, then --model DIR)")
 
 
 def check_fits(ck: Checkpoint, params: Mapping[str, torch.Tensor], sampler_state: Mapping[str, torch.Tensor]) -> None:

@@ -3,9 +3,11 @@
 Both are diffusers' (``diffusers.optimization.get_scheduler``, ``diffusers.training_utils.EMAModel``),
 as its training scripts use them:
 
-- ``lr_scheduler`` ``constant``, ``linear`` or ``cosine`` with ``lr_warmup_steps`` of linear
+- ``lr_scheduler`` ``constant``, ``linear`` or ``cosine`` with ``lr_warmup_steps`` = w of linear
   warmup: the learning rate of update k + 1 is lr * f(k), a function of the update index alone,
-  so a resumed run recomputes it exactly from the step it resumes at.
+  so a resumed run recomputes it exactly from the step it resumes at. The warmup starts at its
+  first non-zero rate, f(k) = (k + 1) / w for k < w (diffusers' starts at 0, so that its first
+  update would be spent for nothing); from update w + 1 on, f is diffusers'.
 - ``ema`` keeps theta_ema <- d theta_ema + (1 - d) theta after every optimiser step, with
   diffusers' warmup d = min(ema_decay, (1 + n) / (10 + n)) at its n-th step; evaluations and
   the exported LoRA files then use the averaged weights (as Flow-GRPO evaluates), the raw ones
@@ -29,7 +31,12 @@ def lr_schedule(name: str, optimizer: torch.optim.Optimizer, warmup: int, steps:
     if name not in LR_SCHEDULES:
         raise ValueError(f"lr_scheduler must be one of {', '.join(LR_SCHEDULES)}, got {name!r}")
     kind = "constant_with_warmup" if name == "constant" and warmup else name
-    return get_scheduler(kind, optimizer, num_warmup_steps=warmup, num_training_steps=steps, last_epoch=start - 1)
+    if not warmup:
+        return get_scheduler(kind, optimizer, num_warmup_steps=0, num_training_steps=steps, last_epoch=start - 1)
+    probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)   # diffusers' factor, read off a probe
+    factor = get_scheduler(kind, probe, num_warmup_steps=warmup, num_training_steps=steps).lr_lambdas[0]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: (k + 1) / warmup if k < warmup else factor(k),
+                                             last_epoch=start - 1)
 
 
 def make_ema(params: Iterable[torch.nn.Parameter], decay: float):

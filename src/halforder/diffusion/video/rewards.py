@@ -26,7 +26,7 @@ from torch import nn
 
 from ..clip_preprocess import ClipPreprocess, clip_preprocess
 from ..hub import load_error, local_dir, looks_local, offline
-from ..rewards import REWARDS, make_reward
+from ..rewards import REWARDS, check_options, make_reward
 
 VideoReward = Callable[[torch.Tensor, Sequence[str]], torch.Tensor]
 VIDEO_REWARDS: dict[str, Callable[..., VideoReward]] = {}
@@ -186,14 +186,11 @@ def weighted(terms: Sequence[tuple[float, VideoReward]] | Mapping[float, VideoRe
 _TERM = re.compile(r"^\s*(?:([-+]?[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*\*\s*)?([A-Za-z_][A-Za-z0-9_]*)\s*$")
 
 
-def make_video_reward(spec: str, **kwargs) -> VideoReward:
-    """A video reward from a spec: a name in :data:`VIDEO_REWARDS` (``temporal``), an image
-    reward name of :data:`~halforder.diffusion.rewards.REWARDS` (averaged over frames), or a
-    sum of weighted terms ``"w1*name1+w2*name2"``. ``kwargs`` go to a single name's factory;
-    for a sum, ``kwargs[name]`` (a dict) goes to that term's factory."""
-    terms = [t for t in spec.split("+")] if spec else []
+def parse_spec(spec: str) -> list[tuple[float, str]]:
+    """The terms ``[(weight, name), ...]`` of a video reward spec (see :func:`make_video_reward`);
+    ``ValueError`` on a term that cannot be read or an unknown name."""
     parsed = []
-    for t in terms:
+    for t in (spec.split("+") if spec else []):
         m = _TERM.match(t)
         if m is None:
             raise ValueError(f"cannot read reward term {t!r} of {spec!r}; write e.g. 'aesthetic+0.5*temporal'")
@@ -204,9 +201,41 @@ def make_video_reward(spec: str, **kwargs) -> VideoReward:
     for _, name in parsed:
         if name not in known:
             raise ValueError(f"unknown reward {name!r}; known rewards: {', '.join(known)}")
+    return parsed
+
+
+def check_video_reward_options(spec: str, options) -> None:
+    """``ValueError`` unless the video reward ``spec`` takes ``options``: a single name's options
+    are checked against its factory's signature; a sum's must be ``{term name: {options}}``."""
+    parsed = parse_spec(spec)
+    factory = {**REWARDS, **VIDEO_REWARDS}
+    if len(parsed) == 1 and parsed[0][0] == 1.0:
+        return check_options(parsed[0][1], factory[parsed[0][1]], options)
+    if not isinstance(options, Mapping):
+        raise ValueError(f"the options of reward {spec!r} must be a mapping of names to values, got {options!r}")
+    names = [name for _, name in parsed]
+    for key, value in options.items():
+        if key not in names:
+            raise ValueError(f"reward {spec!r} is a sum: its options are given per term, as {{term: {{option: "
+                             f"value}}}} with a term of {', '.join(names)}; got {key!r}")
+        check_options(key, factory[key], value)
+
+
+def make_video_reward(spec: str, **kwargs) -> VideoReward:
+    """A video reward from a spec: a name in :data:`VIDEO_REWARDS` (``temporal``), an image
+    reward name of :data:`~halforder.diffusion.rewards.REWARDS` (averaged over frames), or a
+    sum of weighted terms ``"w1*name1+w2*name2"``. ``kwargs`` go to a single name's factory;
+    for a sum, ``kwargs[name]`` (a dict) goes to that term's factory."""
+    check_video_reward_options(spec, kwargs)
+    parsed = parse_spec(spec)
 
     def one(name, kw):
-        return VIDEO_REWARDS[name](**kw) if name in VIDEO_REWARDS else per_frame(make_reward(name, **kw))
+        if name not in VIDEO_REWARDS:
+            return per_frame(make_reward(name, **kw))
+        try:
+            return VIDEO_REWARDS[name](**kw)
+        except TypeError as e:
+            raise ValueError(f"reward {name!r} cannot take the options {kw}: {e}") from None
 
     if len(parsed) == 1 and parsed[0][0] == 1.0:
         return one(parsed[0][1], kwargs)
