@@ -324,8 +324,19 @@ def main(argv=None) -> dict:
                "lr_position": where, "table": table, "wall_seconds": time.perf_counter() - t0, "jobs": args.jobs,
                "sweep": [{k: v for k, v in r.items() if k != "final_samples"} for r in swept],
                "runs": [{k: v for k, v in r.items() if k != "final_samples"} for r in results]}
-    write_json(os.path.join(out, "finetune_results.json"), summary)
+    write_json(os.path.join(out, "finetune_results.json"), _finite(summary))
     return summary
+
+
+def _finite(v):
+    """``v`` with every NaN (an interval of one seed) as None: JSON has no NaN."""
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if isinstance(v, dict):
+        return {k: _finite(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_finite(x) for x in v]
+    return v
 
 
 @contextlib.contextmanager

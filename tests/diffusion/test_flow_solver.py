@@ -112,6 +112,6 @@ def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match="give mu"):
         make_solver(_scheduler(**SCHEDULES[2]), 4)
     from halforder.diffusion.components import SD_SCHEDULER_CONFIG, make_scheduler
-    with pytest.raises(ValueError, match="flow-matching models only"):
+    with pytest.raises(ValueError, match="is for flow-matching models"):
         make_solver(make_scheduler("ddim", SD_SCHEDULER_CONFIG), 4, noise="cps")
     assert isinstance(make_solver(sched, 4).with_etas(0.5), FlowMatchSolver)

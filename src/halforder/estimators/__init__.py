@@ -5,8 +5,11 @@
     est = estimate(chain, plan, params, x_T, generator=g)
     est.grad, est.reward, est.parts
 
-:mod:`.protocol` is the chain protocol, :mod:`.plan` the roles, :mod:`.engine` how each
-role's estimate is computed, :mod:`.samplers` which plan each training step uses,
+:mod:`.protocol` is the chain protocol, :mod:`.plan` the roles and weights, :mod:`.rollout` the
+one noise draw and rollout, :mod:`.engine` how each role's estimate is computed,
+:mod:`.baselines` the advantages (per-prompt groups), :mod:`.samplers` which plan each
+training step uses, :mod:`.step_sets` random step sets, :mod:`.families` each estimator
+family once, :mod:`.clipped_ratio` PPO's clipped ratio with reuse and a KL,
 :mod:`.draws` many per-sample estimates, :mod:`.pairing` antithetic groups, :mod:`.memory` the activation-memory meter,
 :mod:`.compute` the compute meter (model evaluations per sample),
 :mod:`.gradient_checkpointing` per-step recomputation, :mod:`.theory` the paper's theory.
