@@ -20,6 +20,8 @@ REPO = Path(__file__).resolve().parents[1]
     ("-m experiments.e1_unbiasedness --quick", "matplotlib", "plots"),
     ("experiments/finetune_cpu.py --quick", "matplotlib", "plots"),
     ("experiments/step_gradients.py --quick", "diffusers", "diffusion"),
+    ("-m experiments.e9_field_estimators --quick", "diffusers", "diffusion"),
+    ("experiments/diagnose_cpu.py --quick", "matplotlib", "plots"),
 ])
 def test_a_missing_extra_ends_the_experiment_at_once(tmp_path, command, blocked, extras):
     site = tmp_path / "site"

@@ -19,9 +19,9 @@ from halforder.training.checkpoints import latest_checkpoint
 
 STEMS = ["e1_unbiasedness", "e2_variance", "e2_prop62_cosine", "e3_truncation", "e4_hstar", "e4_variance_by_h",
          "e5_convergence", "e6_compute", "e7_pairing", "e7_pairing_cosine", "e7_pairing_tau", "e8_plan_search", "e8_plan_search_candidates",
-         "e8_model_error", "e8_search_cost", "e8_search_cost_T50"]
+         "e8_model_error", "e8_search_cost", "e8_search_cost_T50", "e9_field_kl"]
 FIGURES = ["e1_unbiasedness", "e2_variance", "e3_truncation", "e4_hstar", "e5_convergence", "e6_compute", "e7_pairing",
-           "e8_plan_search"]
+           "e8_plan_search", "e9_field_estimators"]
 
 
 @pytest.fixture(scope="module")
@@ -98,3 +98,52 @@ def test_quick_tables_are_consistent(quick_out):
     # e4: the solver's h* is the largest affordable h and never exceeds it
     for r in _rows(quick_out / "e4_hstar.csv"):
         assert int(r["solver h*"]) == int(r["largest feasible h"])
+
+
+def test_diagnose_cpu_quick(tmp_path, monkeypatch):
+    """experiments/diagnose_cpu.py --quick (a tiny model, a few seconds) writes its table, csv and
+    figure: a prediction, a measurement and a formula value for every method diagnose covers,
+    and the methods it does not cover listed as such."""
+    pytest.importorskip("diffusers")
+    pytest.importorskip("matplotlib")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.syspath_prepend(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from experiments import diagnose_cpu
+
+    out = tmp_path / "out"
+    summary = diagnose_cpu.main(["--quick", "--out", str(out), "--cache", str(tmp_path / "cache")])
+    assert set(summary["rows"]) == set(diagnose_cpu.COVERED)
+    for r in summary["rows"].values():
+        assert r["pilot_spent"] <= r["pilot_budget"] and r["batches"] == diagnose_cpu.QUICK_CFG.batches
+        assert -1 <= r["measured"] <= 1 and r["spent"] > 0
+    assert {"zeroth_order", "rlr_h2", "rlr_h2_noZO"} <= set(summary["not_covered"])
+    assert summary["spearman"]["n"] == len(diagnose_cpu.COVERED)
+    assert len(_rows(out / "diagnose_cpu.csv")) == len(diagnose_cpu.COVERED)
+    assert "## Not covered" in (out / "diagnose_cpu.md").read_text()
+    assert (out / "diagnose_cpu.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_quick_field_estimators(quick_out):
+    """e9 --quick: every chain, the recipes' command lines, counts and exact figures that do not
+    depend on the sample size."""
+    rows = _rows(quick_out / "e9_field_estimators.csv")
+    assert (quick_out / "e9_field_estimators.md").read_text().count("\n## ") >= 4
+    by = {(r["chain"], r["estimator"]): r for r in rows}
+    assert {r["chain"] for r in rows} == {"linear", "tanh", "tiny SD3"}
+    # DRaFT-1 costs T forward evaluations and one backward per sample, counted by the meter
+    assert float(by[("linear", "DRaFT-1")]["evals/sample"]) == 9
+    assert float(by[("tiny SD3", "DRaFT-1")]["evals/sample"]) == 5
+    assert by[("linear", "DRaFT-1")]["flags"] == "--estimator truncated --k 1"
+    assert by[("linear", "Flow-GRPO, 2nd update")]["flags"] == (
+        "--estimator reinforce --reinforce-window 2 8 --baseline grpo --group-size 24 --global-std "
+        "--clip-range 0.0001 --updates-per-rollout 2 --kl-beta 0.04")
+    # the plan laws' unbiasedness as the samplers state it; intervals that hold their estimate
+    full = by[("linear", "halforder: full backprop")]
+    assert full["plan law unbiased"] == "True" and by[("linear", "DRaFT-1")]["plan law unbiased"] == "False"
+    for r in rows:
+        lo, b, hi = float(r["bias lo"]), float(r["bias"]), float(r["bias hi"])
+        assert 0 <= lo <= b <= hi and -1 <= float(r["cos"]) <= 1 and float(r["var/sample"]) >= 0
+        assert r["clip fraction"] == "" or 0 <= float(r["clip fraction"]) <= 1
+    # the field's KL gradient misses part of the path KL's, exactly (no sampling)
+    kl = _rows(quick_out / "e9_field_kl.csv")
+    assert abs(float(kl[0]["direct part: relative error"]) - 0.0336) < 1e-3

@@ -57,6 +57,7 @@ HOW = {
      "--output-dir runs/wan21"): "not run: needs a GPU and the model's download",
     "halforder train": "not run: the layout list naming the command, not a command line",
     "halforder plan": "not run: the prose naming the command, not a command line",
+    "halforder diagnose": "not run: the prose naming the command, not a command line",
     "halforder export CHECKPOINT OUT": "not run: placeholders (tests/diffusion/test_export.py)",
     "halforder export": "not run: the layout list naming the command, not a command line",
     "torchrun --standalone --nproc_per_node 2 -m halforder train ...": "not run: elided (tests/diffusion/test_multiprocess.py)",

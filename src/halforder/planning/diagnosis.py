@@ -18,6 +18,11 @@ estimator; a biased one, such as GRPO's normalised advantage, has mu != m and a 
 stays below 1 at any B). m comes from an unbiased estimator on the same rows (leave-one-out
 within the groups, or full backprop). Intervals are percentile intervals of a bootstrap over
 observations, computed from their Gram matrices (no copy of the P-dimensional rows).
+
+A random set of steps is drawn here once per observation, while training draws one set per
+update for the whole batch; the variance between sets that a batch then carries is left out,
+so for random sets (AlignProp's truncation, step fractions, windows) the predicted cosine is
+optimistic (docs/why-my-reward-does-not-rise.md gives the measured gap).
 """
 from __future__ import annotations
 
@@ -117,12 +122,12 @@ class BatchCurve:
         return _cos(self.dot, self.truth, self.own, self.spread, self.group, B)
 
     def interval(self, B: int, level: float = 0.95) -> tuple[float, float]:
-        """A bootstrap percentile interval of :meth:`cosine` at level ``level``."""
+        """A bootstrap percentile interval of :meth:`cosine` at level ``level``. A replicate in
+        which the gradient's signal |m|^2 is not positive (not resolved) counts as cosine 0,
+        so that an unresolved gradient widens the interval towards 0 instead of leaving it."""
         d, t, o, s = self.boot.unbind(1)
         vals = torch.tensor([_cos(*map(float, v), self.group, B) for v in zip(d, t, o, s)])
-        vals = vals[torch.isfinite(vals)]
-        if len(vals) == 0:
-            return (math.nan, math.nan)
+        vals = torch.where(torch.isfinite(vals), vals, torch.zeros_like(vals))
         q = torch.quantile(vals.double(), torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64))
         return float(q[0]), float(q[1])
 
