@@ -47,6 +47,7 @@ def test_diagnose_a_backprop_run_finds_the_steps_that_carry_the_gradient(tmp_pat
     (["--estimator", "zeroth_order", "--budget", "5000"], "use halforder plan"),
     (["--estimator", "full", "--reward", "ocr", "--budget", "5000"], "has no gradient"),
     (["--estimator", "reinforce", "--target", "1.5"], "--target must lie in (0, 1)"),
+    (["--estimator", "bogus"], "argument --estimator: invalid choice: 'bogus'"),
 ])
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys, args, match):
     out = tmp_path / "diag"

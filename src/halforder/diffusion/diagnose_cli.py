@@ -58,6 +58,12 @@ def summary(d: Diagnosis) -> str:
         per = d.cost.get(c.name, math.nan)
         lines.append(f"  {c.name}, group {c.group}: " + (f"B = {B} ({B * per:,.0f} evaluations)" if B else
                                                         _never(c)))
+    reach = [(c.smallest_batch(d.target) * d.cost.get(c.name, math.nan), c) for c in d.curves
+             if c.smallest_batch(d.target)]
+    if reach:
+        cost, c = min(reach, key=lambda x: x[0])
+        lines.append(f"  cheapest: {c.name} with groups of {c.group} and B = {c.smallest_batch(d.target)} "
+                     f"({cost:,.0f} evaluations per update)")
     for name, rows in d.ratio.items():
         worst = max((max(r[p]["log_ratio"] for p in r if isinstance(r[p], dict)) for r in rows), default=0.0)
         lines.append(f"ratio check ({name}): largest |log r| at theta = theta_old over all steps and passes: "
@@ -164,17 +170,21 @@ def draw(d: Diagnosis, folder: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``halforder diagnose``; returns the exit status (2 on bad input)."""
-    from .cli import parser
+    from .cli import did_you_mean, parser
     from .config import load_config
 
     p = parser()
     p.prog, p.description = "halforder diagnose", __doc__.split("\n\n")[0]
+    p.error = lambda message: p.exit(2, f"{p.prog}: error: {did_you_mean(message)}\n")   # one line
     p.usage = "halforder diagnose [--config FILE] [--preset NAME] [--budget N] [--out DIR] [--FLAG VALUE ...]"
     p.add_argument("--budget", type=int, default=None,
                    help=f"evaluations the diagnosis may spend (default: {RUN_SHARE:.0%} of the run's)")
     p.add_argument("--target", type=float, default=0.5, help="the cosine the smallest batch must reach (default 0.5)")
     p.add_argument("--out", default=os.path.join("runs", "diagnosis"), help="where diagnosis.md and .json go")
-    given = vars(p.parse_args(sys.argv[1:] if argv is None else argv))
+    try:
+        given = vars(p.parse_args(sys.argv[1:] if argv is None else argv))
+    except SystemExit as e:                  # --help, or a flag argparse refuses (one line)
+        return int(e.code or 0)
     path, budget, target, out = given.pop("config", None), given.pop("budget"), given.pop("target"), given.pop("out")
     try:
         if not 0 < target < 1:
