@@ -1,6 +1,9 @@
 """Fixtures shared by the test modules."""
+import os
+import shlex
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -33,3 +36,29 @@ def clone(tmp_path_factory):
 def clone_status(clone):
     """``git status --porcelain`` of :func:`clone`, untracked files included, as a function."""
     return lambda: git(clone, "status", "--porcelain", "--untracked-files=all")
+
+
+@pytest.fixture(scope="session")
+def run_in_clone(clone, clone_status):
+    """``run_in_clone(command)``: a command line of the README (``halforder ...`` or
+    ``python ...``) run in :func:`clone` as a new user would run it (a fresh process, offline,
+    umask 022), once a session: the tests that check the same command's outputs share its
+    one run. Its ``subprocess.CompletedProcess``, with ``status``: the clone's ``git
+    status`` right after it."""
+    done = {}
+
+    def run(command: str) -> subprocess.CompletedProcess:
+        if command not in done:
+            argv = shlex.split(command)
+            if argv[0] == "halforder":
+                argv = [sys.executable, "-m", "halforder.cli", *argv[1:]]
+            elif argv[0] in ("python", "python3"):
+                argv = [sys.executable, *argv[1:]]
+            env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(clone / "src"), str(clone)]), HF_HUB_OFFLINE="1",
+                       OMP_NUM_THREADS="1", MPLBACKEND="Agg")
+            proc = subprocess.run(argv, cwd=clone, env=env, capture_output=True, text=True, timeout=600,
+                                  preexec_fn=lambda: os.umask(0o022))
+            proc.status = clone_status()
+            done[command] = proc
+        return done[command]
+    return run

@@ -1,6 +1,8 @@
 """Smoke test of experiments/finetune_cpu.py --quick: every method runs through the
 library's training loop at (nearly) equal compute and every output is written. Nothing is
-downloaded: the tiny base model and classifiers are trained in a temporary cache."""
+downloaded: the tiny base model and classifiers are trained in the cache of the run (runs/cache).
+The run is the README's command, run once in the clone (``run_in_clone``), which
+tests/test_readme_commands.py also checks; so is step_gradients.py's."""
 import importlib
 import json
 import math
@@ -21,11 +23,13 @@ def _load():
     return importlib.import_module("experiments.finetune_cpu")
 
 
-def test_quick_run_writes_every_output(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+def test_quick_run_writes_every_output(clone, run_in_clone):
+    proc = run_in_clone("python experiments/finetune_cpu.py --quick")
+    assert proc.returncode == 0, proc.stderr[-3000:]
     mod = _load()
-    out, cache = tmp_path / "out", tmp_path / "cache"
-    summary = mod.main(["--quick", "--out", str(out), "--cache", str(cache)])
+    out = clone / "runs" / "finetune-quick"
+    with open(out / "finetune_results.json") as fh:
+        summary = json.load(fh)
     for name in ("finetune_reward_vs_compute.png", "finetune_samples.png", "finetune_table.md",
                  "finetune_results.json"):
         assert (out / name).stat().st_size > 0, name
@@ -66,8 +70,7 @@ def test_quick_run_writes_every_output(tmp_path, monkeypatch):
     md = (out / "finetune_table.md").read_text()
     assert all(f"| {m} |" in md for m in cfg.methods)
     assert "## Headroom" in md and "## Learning-rate sweep" in md
-    with open(out / "finetune_results.json") as fh:
-        assert json.load(fh)["config"]["budget"] == cfg.budget
+    assert summary["config"]["budget"] == cfg.budget
 
 
 def test_a_wrong_count_stops_the_run():
@@ -80,14 +83,15 @@ def test_a_wrong_count_stops_the_run():
         mod.check_count(method, [dict(rec, evaluations_forward=4)], 8, 0)   # a batch of 8 counted as 1
 
 
-def test_step_gradients_quick(tmp_path, monkeypatch):
-    """experiments/step_gradients.py --quick writes its table, figure and numbers; the per-step
-    gradients add up to the whole gradient and the floor is m times the shared one, or more."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    _load()
-    mod = importlib.import_module("experiments.step_gradients")
-    out = tmp_path / "out"
-    result = mod.main(["--quick", "--out", str(out), "--cache", str(tmp_path / "cache")])
+def test_step_gradients_quick(clone, run_in_clone):
+    """experiments/step_gradients.py --quick (the README's command, with --quick) writes its
+    table, figure and numbers; the per-step gradients add up to the whole gradient and the
+    floor is m times the shared one, or more."""
+    proc = run_in_clone("python experiments/step_gradients.py --out runs/step-gradients --quick")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = clone / "runs" / "step-gradients"
+    with open(out / "step_gradients.json") as fh:
+        result = json.load(fh)
     for name in ("step_gradients.md", "step_gradients.png", "step_gradients.json"):
         assert (out / name).stat().st_size > 0, name
     assert len(result["steps"]) == result["T"] and result["d"] > 0

@@ -5,12 +5,11 @@ places that state them, and it says how to get the CPU build of torch.
 The commands run in a copy of the working tree that is its own git repository (so that the
 developer's own ``runs/`` does not interfere). Each command found in the README must be
 listed in ``HOW``: run as written, run with extra flags that make it cheaper (same outputs,
-same places), or not run, with the reason.
+same places), or not run, with the reason. A command runs once a session (``run_in_clone``):
+the tests that check its outputs read that one run.
 """
 import doctest
-import os
 import re
-import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -38,10 +37,10 @@ HOW = {
     "python -m experiments.run_all --quick": "not run here: tests/test_experiments_smoke.py runs it as written in the "
                                              "same copy of the tree, checks its outputs and that git status stays clean",
     "python experiments/finetune_cpu.py --jobs 2 --out runs/finetune": "not run: 42 min (its --quick form is run)",
-    "python experiments/step_gradients.py --out runs/step-gradients": "--quick",
-    "python experiments/finetune_cpu.py --quick": "--methods full --seeds 0 --lrs 0.01",
-    "halforder train --preset tiny --output-dir runs/tiny": RUN,
-    "halforder train --preset tiny-video --output-dir runs/tiny-video": RUN,
+    "python experiments/step_gradients.py --out runs/step-gradients": "--quick",  # outputs in test_finetune_quick.py
+    "python experiments/finetune_cpu.py --quick": RUN,  # outputs in test_finetune_quick.py
+    "halforder train --preset tiny --output-dir runs/tiny": RUN,  # outputs in diffusion/test_cli_output.py
+    "halforder train --preset tiny-video --output-dir runs/tiny-video": RUN,  # outputs in diffusion/test_video_cli.py
     ("halforder train --model CompVis/stable-diffusion-v1-4 --prompts prompts.txt --reward aesthetic --estimator rlr "
      "--h 2 --j-sampling uniform --zo-sigma 1e-3 --T 50 --steps 2000 --lr 5e-4 --batch-size 4 --grad-accum 2 "
      "--mixed-precision bf16 --output-dir runs/sd14-aesthetic"): "not run: needs a GPU and the model's download",
@@ -65,7 +64,7 @@ HOW = {
     "python benchmarks/toy_throughput.py": "--n 256 --repeats 1",
     "python benchmarks/diffusion_memory.py --out runs/diffusion_memory.md": "--T 5 6 --repeats 1",
     "python benchmarks/video_memory.py --out runs/video_memory.md": "--T 4 --num-frames 2",
-    "python benchmarks/sd_scale.py --tiny": RUN,
+    "python benchmarks/sd_scale.py --tiny": RUN,  # outputs in test_sd_scale_smoke.py
     "halforder plan --preset tiny --memory 2GiB": "--plan-pilots 8",
 }
 
@@ -100,17 +99,11 @@ def test_every_readme_command_is_listed():
 
 
 @pytest.mark.parametrize("command", [c for c in HOW if not HOW[c].startswith("not run")])
-def test_readme_command_leaves_git_status_clean(clone, clone_status, command):
-    argv = shlex.split(command) + shlex.split(HOW[command])
-    if argv[0] == "halforder":
-        argv = [sys.executable, "-m", "halforder.cli", *argv[1:]]
-    elif argv[0] in ("python", "python3"):
-        argv = [sys.executable, *argv[1:]]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(clone / "src"), str(clone)]), HF_HUB_OFFLINE="1",
-               OMP_NUM_THREADS="1", MPLBACKEND="Agg")
-    proc = subprocess.run(argv, cwd=clone, env=env, capture_output=True, text=True, timeout=600)
+def test_readme_command_leaves_git_status_clean(run_in_clone, command):
+    """The command's one run in the clone (shared with the tests that check its outputs)."""
+    proc = run_in_clone(f"{command} {HOW[command]}".strip())
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert clone_status() == ""
+    assert proc.status == ""
 
 
 def test_setup_outputs_are_ignored(clone):

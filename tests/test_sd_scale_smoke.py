@@ -1,5 +1,7 @@
 """Smoke test of benchmarks/sd_scale.py --tiny: every plan's row and the agreement checks are
-written (no timing is asserted; the memory goal is checked on the tiny chain)."""
+written (no timing is asserted; the memory goal is checked on the tiny chain). The run is the
+README's command, run once in the clone (``run_in_clone``), which
+tests/test_readme_commands.py also checks."""
 import re
 import sys
 from pathlib import Path
@@ -10,15 +12,15 @@ pytest.importorskip("diffusers")
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_sd_scale_tiny_writes_every_plan_and_meets_the_memory_goal(tmp_path):
+def test_sd_scale_tiny_writes_every_plan_and_meets_the_memory_goal(clone, run_in_clone):
+    proc = run_in_clone("python benchmarks/sd_scale.py --tiny")
+    assert proc.returncode == 0, proc.stderr[-3000:]
     sys.path.insert(0, str(REPO / "benchmarks"))
     try:
         import sd_scale
     finally:
         sys.path.remove(str(REPO / "benchmarks"))
-    out = tmp_path / "sd_scale.md"
-    sd_scale.main(["--tiny", "--out", str(out)])
-    text = out.read_text()
+    text = (clone / "runs" / "sd_scale" / "tiny_cpu.md").read_text()
     names = [name for name, _, _ in sd_scale.plans(6)]
     rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in text.splitlines()
             if line.startswith("| ") and line.split("|")[1].strip() in names}

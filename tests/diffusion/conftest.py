@@ -1,4 +1,9 @@
-"""Tiny random Stable Diffusion components for the diffusion tests (no downloads)."""
+"""Tiny random Stable Diffusion components for the diffusion tests (no downloads), and the
+one 2-process run they share."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -49,3 +54,22 @@ def sd_pipeline():
         pipe.set_progress_bar_config(disable=True)
         return pipe
     return make
+
+
+TWO_PROCESS_FLAGS = dict(preset="tiny", steps=1, T=4, eval_every=0)
+
+
+@pytest.fixture(scope="session")
+def two_process_run(tmp_path_factory):
+    """``halforder train --preset tiny --steps 1 --T 4 --eval-every 0`` (the preset's RLR)
+    started as 2 CPU processes with torchrun (gloo), once a session: its output folder, for
+    the tests of what the processes share (test_multiprocess.py, test_compute.py), and its
+    settings as ``load_config`` overrides."""
+    out = tmp_path_factory.mktemp("two_processes") / "mp"
+    args = [a for k, v in TWO_PROCESS_FLAGS.items() for a in (f"--{k.replace('_', '-')}", str(v))]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "halforder.diffusion.cli", *args, "--output-dir", str(out), "--no-progress"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, dict(TWO_PROCESS_FLAGS)

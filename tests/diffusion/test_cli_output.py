@@ -1,20 +1,18 @@
-"""One `halforder train --preset tiny` run in a fresh process, as a user starts it: its stderr
-holds none of the warnings the libraries used to print on every run, the summary line
-rounds the reward, and every output (config.json, samples, lora/, checkpoints) follows the
-umask (022: files 0644, directories 0755)."""
+"""One `halforder train --preset tiny` run in a fresh process, as a user starts it (the
+README's ``halforder train --preset tiny --output-dir runs/tiny``, run once in the clone by
+``run_in_clone`` and shared with tests/test_readme_commands.py): its stderr holds none of
+the warnings the libraries used to print on every run, the summary line rounds the reward,
+and every output (config.json, samples, lora/, checkpoints) follows the umask (022: files
+0644, directories 0755)."""
 import json
 import os
 import re
 import stat
-import subprocess
-import sys
 
 import pytest
 
 pytest.importorskip("diffusers")
 pytest.importorskip("peft")
-
-import halforder  # noqa: E402
 
 # What a train run used to print on stderr: torch's vmap fallback warning (the UNet's CPU
 # attention inside vmap) and transformers' warnings when diffusers' pipeline module imports
@@ -24,16 +22,10 @@ KNOWN = ("There is a performance drop because we have not yet implemented the ba
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("cli") / "run"
-    src = os.path.dirname(os.path.dirname(os.path.abspath(halforder.__file__)))
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")])))
-    proc = subprocess.run([sys.executable, "-m", "halforder", "train", "--preset", "tiny", "--steps", "2",
-                           "--output-dir", str(out), "--no-progress"], env=env, capture_output=True, text=True,
-                          timeout=300, preexec_fn=lambda: os.umask(0o022))
+def tiny_run(clone, run_in_clone):
+    proc = run_in_clone("halforder train --preset tiny --output-dir runs/tiny")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return out, proc
+    return clone / "runs" / "tiny", proc
 
 
 def test_no_known_warnings_on_stderr(tiny_run):

@@ -5,8 +5,6 @@ backpropagated step when checkpointed, as exact integers; the training loop writ
 ``metrics.jsonl``, across a resume and across processes."""
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -131,17 +129,19 @@ def test_the_loop_writes_the_running_count_and_resume_keeps_it(tmp_path, estimat
     assert [r["evaluations"] for r in _metrics(tmp_path / "b")] == [r["evaluations"] for r in recs]
 
 
-def test_two_processes_sum_their_counts(tmp_path):
-    """Under torchrun each process counts its own samples; the record holds their sum."""
-    out = tmp_path / "mp"
-    args = ["--preset", "tiny", "--steps", "1", "--T", "4", "--estimator", "reinforce", "--eval-every", "0",
-            "--output-dir", str(out), "--no-progress"]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "-m", "halforder.diffusion.cli", *args], env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def test_two_processes_sum_their_counts(two_process_run):
+    """Under torchrun each process counts its own samples; the record holds their sum. The
+    run (the preset's RLR, shared with test_multiprocess.py) drew its plan from the seed."""
+    from halforder.diffusion.config import load_config
+    from halforder.training.loop import TrainRNG
+
+    out, flags = two_process_run
     rec, = _metrics(out)
+    cfg = load_config(None, dict(flags, output_dir=None))
+    sampler = cfg.sampler()
+    plan = sampler.sample(sampler.init(), TrainRNG.seeded(cfg.seed).plan)
+    assert rec["plan"] == str(plan) and plan.fo_steps and plan.blocks      # forward and backward counts
     config = json.load(open(out / "config.json"))
-    want = expected_evaluations(Plan.reinforce(4), 2 * config["batch_size"] * config["grad_accum"])
+    want = expected_evaluations(plan, 2 * config["batch_size"] * config["grad_accum"],
+                                checkpointed=config["gradient_checkpointing"])
     assert (rec["evaluations_forward"], rec["evaluations_backward"]) == (want["forward"], want["backward"])

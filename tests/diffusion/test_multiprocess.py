@@ -3,9 +3,6 @@ gradient averaged over both processes. The test recomputes each process's own es
 this process (same seeds), averages them, and checks the logged norms, the rewards and
 the LoRA weights after one Adam step against the 2-process run."""
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -25,16 +22,8 @@ def _norm(d):
     return float(torch.sqrt(sum((v.double() ** 2).sum() for v in d.values())))
 
 
-def test_two_processes_average_gradients(tmp_path):
-    out = tmp_path / "mp"
-    flags = dict(preset="tiny", steps=1, T=4, eval_every=0, output_dir=str(out))
-    args = ["--preset", "tiny", "--steps", "1", "--T", "4", "--eval-every", "0", "--output-dir", str(out),
-            "--no-progress"]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "-m", "halforder.diffusion.cli", *args], env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def test_two_processes_average_gradients(tmp_path, two_process_run):
+    out, flags = two_process_run     # shared with test_compute.py's count across processes
     rec, = [json.loads(line) for line in open(out / "metrics.jsonl")]
     ck = load_checkpoint(latest_checkpoint(str(out / "checkpoints")))
     assert ck.num_processes == 2 and ck.step == 1

@@ -3,6 +3,7 @@ and a one-line message; an auto run trains the searched plan and records the cho
 import importlib
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -37,11 +38,21 @@ def test_bad_budgets_exit_2_with_one_line(tmp_path, capsys, argv, message):
     assert not os.listdir(tmp_path)
 
 
-def test_auto_trains_the_searched_plan_and_records_it(tmp_path, capsys):
-    out = tmp_path / "auto"
-    assert main(["train", "--preset", "tiny", "--T", "2", "--steps", "1", "--estimator", "auto",
-                 "--memory-budget", "64MiB", "--plan-pilots", "4", "--output-dir", str(out), "--no-progress"]) == 0
-    capsys.readouterr()
+AUTO = ["train", "--preset", "tiny", "--T", "2", "--estimator", "auto", "--memory-budget", "64MiB",
+        "--plan-pilots", "4", "--no-progress", "--checkpoint-every", "1"]
+
+
+@pytest.fixture(scope="module")
+def auto_run(tmp_path_factory):
+    """One update of ``halforder train --estimator auto`` (T = 2, 64 MiB, a checkpoint after
+    it), shared by the test of what it records and the test of its resume: its folder."""
+    out = tmp_path_factory.mktemp("auto") / "auto"
+    assert main([*AUTO, "--steps", "1", "--output-dir", str(out)]) == 0
+    return out
+
+
+def test_auto_trains_the_searched_plan_and_records_it(auto_run):
+    out = auto_run
     rec = next(r for r in map(json.loads, open(out / "metrics.jsonl")) if "reward_mean" in r)
     assert rec["plan"].startswith("auto: ")
     table = (out / "plan_search.txt").read_text()
@@ -118,15 +129,14 @@ def test_plan_takes_an_ordinary_rlr_config(tmp_path, capsys):
     assert os.listdir(tmp_path) == ["run.yaml"]
 
 
-def test_a_resumed_auto_run_trains_the_plan_it_chose_without_searching(tmp_path, capsys, monkeypatch):
+def test_a_resumed_auto_run_trains_the_plan_it_chose_without_searching(tmp_path, capsys, monkeypatch, auto_run):
     """The choice is stored in the run (plan.json); a resume reuses it and does not search
     again (a timing-dependent search could switch the estimator mid-run); without it the
-    resume is refused with one line."""
+    resume is refused with one line. The run resumed is a copy of :func:`auto_run`."""
     import halforder.diffusion.plan_choice as planning
     out = tmp_path / "auto"
-    args = ["train", "--preset", "tiny", "--T", "2", "--estimator", "auto", "--memory-budget", "64MiB",
-            "--plan-pilots", "4", "--output-dir", str(out), "--no-progress", "--checkpoint-every", "1"]
-    assert main([*args, "--steps", "1"]) == 0
+    shutil.copytree(auto_run, out)
+    args = [*AUTO, "--output-dir", str(out)]
     chosen = json.load(open(out / "plan.json"))
     table = (out / "plan_search.txt").read_text()
     monkeypatch.setattr(planning, "measure", lambda *a, **k: pytest.fail("searched again on resume"))

@@ -1,4 +1,6 @@
-"""`halforder train --preset tiny-video` (task t2v): offline, writes metrics, grids and a GIF."""
+"""`halforder train --preset tiny-video` (task t2v): offline, writes metrics, grids and a GIF
+(the README's command, run once in the clone by ``run_in_clone`` and shared with
+tests/test_readme_commands.py)."""
 import json
 
 import pytest
@@ -8,19 +10,17 @@ pytest.importorskip("diffusers")
 from halforder.diffusion.cli import main  # noqa: E402
 
 
-@pytest.mark.filterwarnings("ignore::UserWarning")
-def test_tiny_video_cli_run(tmp_path, monkeypatch, capsys):
+def test_tiny_video_cli_run(clone, run_in_clone):
     import imageio
 
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    out = tmp_path / "run"
-    assert main(["--preset", "tiny-video", "--steps", "2", "--eval-every", "2",
-                 "--output-dir", str(out), "--no-progress"]) == 0
+    proc = run_in_clone("halforder train --preset tiny-video --output-dir runs/tiny-video")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = clone / "runs" / "tiny-video"
     recs = [json.loads(line) for line in open(out / "metrics.jsonl") if "plan" in json.loads(line)]
-    assert [r["step"] for r in recs] == [1, 2] and all(r["plan"].startswith("rlr") for r in recs)
-    assert (out / "samples" / "step_00000002.png").exists() and (out / "lora").is_dir()
+    assert [r["step"] for r in recs] == [1, 2, 3, 4] and all(r["plan"].startswith("rlr") for r in recs)   # 4 updates
+    assert (out / "samples" / "step_00000002.png").exists() and (out / "lora").is_dir()   # evaluated every 2
     assert len(imageio.mimread(out / "samples" / "final.gif")) == 4      # the preset's 4 frames
-    assert "trained 2 updates" in capsys.readouterr().out
+    assert "trained 4 updates" in proc.stdout
 
 
 def test_video_cli_bad_input(tmp_path, capsys):
