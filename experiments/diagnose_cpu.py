@@ -134,10 +134,17 @@ def reference(setup, cfg: DiagnoseConfig) -> dict:
         for _ in range(cfg.reference // cfg.chunk):
             chain = task.chain(plan, UNCONDITIONAL * cfg.chunk, g)
             rows.append(flatten(estimate(chain, plan, task.params, chain.sample_start(cfg.chunk, g), generator=g).grad))
-    Y = torch.stack(rows).double()
+    return reference_stats(torch.stack(rows), cfg.chunk, meter.total)
+
+
+def reference_stats(Y: torch.Tensor, chunk: int, spent: int) -> dict:
+    """A reference gradient from its chunk means ``Y`` [chunks, P] (``chunk`` samples each): the
+    mean m, |m|^2 without the noise (U-statistic over the chunks), the mean's own squared error
+    and its cosine with the true gradient (about sqrt(|m|^2 / (|m|^2 + error)))."""
+    Y = Y.double()
     signal, error = float(unbiased_dot(Y, Y)), float(trace_covariance(Y)) / len(Y)
-    return {"m": Y.mean(0), "signal": signal, "error": error, "samples": len(Y) * cfg.chunk,
-            "cosine": math.sqrt(signal / (signal + error)) if signal > 0 else math.nan, "spent": meter.total}
+    return {"m": Y.mean(0), "signal": signal, "error": error, "samples": len(Y) * chunk,
+            "cosine": math.sqrt(signal / (signal + error)) if signal > 0 else math.nan, "spent": spent}
 
 
 def measure(setup, cfg: DiagnoseConfig, name: str, ref: dict, seed: int) -> dict:
@@ -156,7 +163,15 @@ def measure(setup, cfg: DiagnoseConfig, name: str, ref: dict, seed: int) -> dict
             chain = task.chain(plan, UNCONDITIONAL * B, g)
             est = estimate(chain, plan, task.params, chain.sample_start(B, g), generator=g, baseline=method.baseline)
             rows.append(flatten(est.grad))
-    X, m = torch.stack(rows).double(), ref["m"]
+    return {**compare(torch.stack(rows), ref, seed), "spent": meter.total}
+
+
+def compare(X: torch.Tensor, ref: dict, seed: int) -> dict:
+    """Independent batch estimates ``X`` [batches, P] against a reference (:func:`reference_stats`):
+    their mean cosine with it (its standard error, and divided by the reference's own cosine),
+    the formula mean <g_B, m_ref> / (|m| RMS |g_B|) on them with a bootstrap standard error
+    (200 resamples, seeded by ``seed + 1``), and their RMS norm over their median norm."""
+    X, m = X.double(), ref["m"]
     dots, sq = X @ m, X.pow(2).sum(1)
     cos = dots / (sq.sqrt() * m.norm())
     norm = math.sqrt(ref["signal"]) if ref["signal"] > 0 else math.nan
@@ -167,7 +182,7 @@ def measure(setup, cfg: DiagnoseConfig, name: str, ref: dict, seed: int) -> dict
     return {"measured": float(cos.mean()), "measured_se": float(cos.std() / math.sqrt(len(cos))),
             "corrected": float(cos.mean()) / ref["cosine"],
             "norm_tail": float(norms.pow(2).mean().sqrt() / norms.median()),
-            "formula": formula(dots, sq), "formula_se": float(boot.std()), "batches": len(X), "spent": meter.total}
+            "formula": formula(dots, sq), "formula_se": float(boot.std()), "batches": len(X)}
 
 
 def learning(path: Path) -> tuple[dict, dict | None]:

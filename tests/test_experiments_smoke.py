@@ -147,3 +147,24 @@ def test_quick_field_estimators(quick_out):
     # the field's KL gradient misses part of the path KL's, exactly (no sampling)
     kl = _rows(quick_out / "e9_field_kl.csv")
     assert abs(float(kl[0]["direct part: relative error"]) - 0.0336) < 1e-3
+
+
+def test_diagnose_tiny_quick(tmp_path, monkeypatch):
+    """experiments/diagnose_tiny.py --quick (the tiny presets, small sizes, a few seconds) writes
+    its table and csv: a prediction, a measurement and a formula value for every preset,
+    estimator and batch size, each pilot within its budget."""
+    pytest.importorskip("diffusers")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.syspath_prepend(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from experiments import diagnose_tiny
+
+    cfg = diagnose_tiny.QUICK_CFG
+    out = tmp_path / "out"
+    summary = diagnose_tiny.main(["--quick", "--out", str(out)])
+    assert len(summary["rows"]) == len(cfg.presets) * len(cfg.estimators) * len(cfg.batches)
+    for r in summary["rows"]:
+        assert r["pilot_spent"] <= r["pilot_budget"] and r["batches"] == dict(cfg.batches)[r["B"]]
+        assert -1 <= r["measured"] <= 1 and r["spent"] > 0
+    assert set(summary["references"]) == set(cfg.presets)
+    assert len(_rows(out / "diagnose_tiny.csv")) == len(summary["rows"])
+    assert "## The reference gradients" in (out / "diagnose_tiny.md").read_text()
