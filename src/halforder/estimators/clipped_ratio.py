@@ -21,7 +21,8 @@ The KL penalty to the reference parameters, on the steps the plan trains, is per
 |mu_theta(x_t) - mu_ref(x_t)|^2 / (2 sigma_t^2) for Gaussian steps of equal sigma; its
 gradient is taken at the recorded states, as Flow-GRPO and DDPO take it (the path KL's
 dependence through the law of x_t is left out: docs/field-estimators.md measures that).
-Each step's terms carry its plan weight.
+Each step's terms carry its plan weight. Where the chain puts parameter noise on a trained
+step, the step is recomputed at the recorded perturbed parameters, as the engine's HO term is.
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ from .engine import Estimate, _grad, _Named, weighted
 from .pairing import Pairing
 from .plan import Plan, Role
 from .protocol import latent
-from .rollout import Rollout, roll_out
+from .rollout import Rollout, perturb, roll_out
 
 
 @dataclass(frozen=True)
@@ -103,7 +104,7 @@ def clipped_surrogate(recorded: Recorded, params: Mapping[str, torch.Tensor], *,
     with torch.enable_grad():
         for t in plan.steps(Role.HO):
             s = recorded.rollout.steps[t]
-            mean = latent(chain.step(t, s.x, weighted(leaves, plan.weight(t))))
+            mean = latent(chain.step(t, s.x, perturb(weighted(leaves, plan.weight(t)), s.noise.dtheta)))
             d = (mean - s.mean).flatten(1)
             eps, sig = s.noise.eps.flatten(1), s.noise.sigma
             log_r = (eps * d).sum(1) / sig - d.pow(2).sum(1) / (2 * sig ** 2)
@@ -117,7 +118,7 @@ def clipped_surrogate(recorded: Recorded, params: Mapping[str, torch.Tensor], *,
             log2.append(log_r.detach().pow(2) / 2)
             if kl_beta:
                 with torch.no_grad():
-                    ref = latent(chain.step(t, s.x, _Named(dict(reference))))
+                    ref = latent(chain.step(t, s.x, perturb(_Named(dict(reference)), s.noise.dtheta)))
                 kl = kl + (mean - ref).flatten(1).pow(2).sum(1) / (2 * sig ** 2)
         reduce = (lambda g: g) if per_sample else (lambda g: g / N)
         grad = _grad((policy - kl_beta * kl).sum(), leaves, reduce)   # one backward pass for both terms
