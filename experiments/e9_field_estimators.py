@@ -38,7 +38,7 @@ from halforder.toy import linear_chain, reference_gradient, tanh_chain
 
 from . import e9_measure as m
 from .e9_report import write_outputs
-from .e9_specs import B, BETAS, GROUPS, UPDATES, Spec, sd3_specs, specs
+from .e9_specs import B, BETAS, UPDATES, Spec, sd3_specs, specs
 
 REF_OFFSET = 0.1
 LOG_RATIO_RMS = 0.01

@@ -12,7 +12,6 @@ ends with one line and exit status 2, before anything is written.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math

@@ -17,7 +17,7 @@ generator)``) with its number of steps ``T``. The pilot's per-step terms are hel
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import torch
@@ -59,7 +59,6 @@ class Diagnosis:
     spent: int
     budget: int
     target: float = 0.5
-    extra: dict = field(default_factory=dict)
 
 
 def kind_of(estimator: str) -> str:
@@ -240,11 +239,6 @@ def ratio_check(task, items: Sequence, n: int, generator: torch.Generator) -> li
             row[name] = {"gap": float((d.pow(2).mean(1).sqrt() / sig).max()), "log_ratio": float(log_r.abs().max())}
         rows.append(row)
     return rows
-
-
-def smallest(curves: Sequence[BatchCurve], target: float) -> dict[str, int | None]:
-    """Each curve's smallest batch reaching ``target``."""
-    return {f"{c.name} (G={c.group})": c.smallest_batch(target) for c in curves}
 
 
 def finite(x: float) -> float | None:

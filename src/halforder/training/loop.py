@@ -161,7 +161,6 @@ def train(task: Task, sampler: PlanSampler, batches: Sequence, cfg: LoopConfig, 
     params = task.trainable()
     if not params:
         raise ValueError("the task has no trainable parameters")
-    names = list(params)
     opt = torch.optim.AdamW(params.values(), lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps,
                             weight_decay=cfg.weight_decay)
     ema = make_ema(params.values(), cfg.ema_decay) if cfg.ema else None
