@@ -19,6 +19,7 @@ from halforder.estimators.baselines import GroupNormalised, LeaveOneOut
 from halforder.estimators.clipped_ratio import check_reusable, clipped_surrogate, record
 from halforder.estimators.step_sets import RandomSubset, RandomTruncation, RandomWindow
 from halforder.estimators.theory import step_gradients
+from halforder.planning.diagnose import coefficients
 from halforder.toy import linear_chain, mean_test
 
 ALPHA = 1e-3          # per assertion; the 12 calibrated assertions together: <= 1.2%
@@ -44,12 +45,6 @@ def step_terms(chain):
     return lr, g.transpose(0, 1).double()
 
 
-def _coefficients(plan: Plan) -> torch.Tensor:
-    """w_t where step t keeps its term, 0 where it is dropped."""
-    return torch.tensor([w if r.value != "NONE" else 0.0 for r, w in zip(plan.roles, plan.weights)],
-                        dtype=torch.float64)
-
-
 def _block_means(sampler, terms, seed=2):
     """One plan drawn per block of rows; the block's mean of sum_t c_t term_t: i.i.d. rows."""
     gen, state = torch.Generator().manual_seed(seed), sampler.init()
@@ -57,7 +52,7 @@ def _block_means(sampler, terms, seed=2):
     for _ in range(BLOCKS):
         plan = sampler.sample(state, gen)
         state = sampler.update(state, plan, None)
-        coef.append(_coefficients(plan))
+        coef.append(coefficients(plan))
     per_row = terms.view(T, BLOCKS, ROWS // BLOCKS, -1)
     return torch.einsum("bt,tbrp->brp", torch.stack(coef), per_row).mean(1)
 

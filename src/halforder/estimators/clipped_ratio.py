@@ -32,7 +32,7 @@ from typing import Mapping
 import torch
 
 from .baselines import Baseline, advantage
-from .engine import Estimate, _grad, _Named, weighted
+from .engine import Estimate, _grad, _Named, gradient_leaves, weighted
 from .pairing import Pairing
 from .plan import Plan, Role
 from .protocol import latent
@@ -93,11 +93,7 @@ def clipped_surrogate(recorded: Recorded, params: Mapping[str, torch.Tensor], *,
         raise ValueError("a KL penalty needs the reference parameters")
     chain, plan, A = recorded.chain, recorded.plan, recorded.advantage
     N = A.shape[0]
-    if per_sample:
-        leaves = _Named({k: v.detach().unsqueeze(0).repeat(N, *([1] * v.dim())).requires_grad_()
-                         for k, v in params.items()})
-    else:
-        leaves = _Named({k: v.detach().requires_grad_() for k, v in params.items()})
+    leaves = gradient_leaves(params, N if per_sample else None)
     policy = torch.zeros((N,), dtype=A.dtype, device=A.device)
     kl = torch.zeros_like(policy)
     ratios, clipped, log2 = [], [], []

@@ -138,11 +138,7 @@ def _estimate(chain, plan, params, x_T, generator, per_sample, baseline, pairing
     N = latent(x_T).shape[0]
     if N % G:
         raise ValueError(f"pairing {pairing.name!r} draws groups of {G} samples, but x_T has {N} rows")
-    if per_sample:
-        leaves = _Named({k: v.detach().unsqueeze(0).repeat(N, *([1] * v.dim())).requires_grad_()
-                         for k, v in params.items()})
-    else:
-        leaves = _Named({k: v.detach().requires_grad_() for k, v in params.items()})
+    leaves = gradient_leaves(params, N if per_sample else None)
     frozen = _Named({k: v.detach() for k, v in leaves.items()})
     K = plan.fo_steps
     zo_steps = set(plan.steps(Role.ZO))
@@ -182,6 +178,14 @@ def _estimate(chain, plan, params, x_T, generator, per_sample, baseline, pairing
 
     grad = {k: fo[k] + ho[k] + zo[k] for k in params}
     return Estimate(grad=grad, reward=R.detach(), parts={"FO": fo, "HO": ho, "ZO": zo})
+
+
+def gradient_leaves(params, n: int | None = None):
+    """``params`` as autograd leaves to differentiate: shared by all samples, or with ``n``
+    per-sample copies ``[n, *shape]`` (per-sample gradients)."""
+    if n is None:
+        return _Named({k: v.detach().requires_grad_() for k, v in params.items()})
+    return _Named({k: v.detach().unsqueeze(0).repeat(n, *([1] * v.dim())).requires_grad_() for k, v in params.items()})
 
 
 def block_score(chain, plan: Plan, leaves, steps: Mapping[int, RecordedStep], j: int, h: int) -> torch.Tensor:

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from .draws import draw_estimates, flatten
-from .engine import _grad
+from .engine import _grad, block_score, gradient_leaves
 from .rollout import roll_out
 from .pairing import Pairing
 from .plan import Plan
@@ -241,8 +241,7 @@ def step_gradients(chain, params, x_T, *, generator: torch.Generator, pairing: P
     flattened in order), R ``[N]`` and the parameter noise eps'_t ``[N, T, P]`` (zeros where
     tau_t = 0). With ``pairing`` the rows come in its groups (give grouped ``x_T``)."""
     N, T = latent(x_T).shape[0], chain.T
-    leaves = [{k: v.detach().unsqueeze(0).repeat(N, *([1] * v.dim())).requires_grad_() for k, v in params.items()}
-              for _ in range(T)]
+    leaves = [gradient_leaves(params, N) for _ in range(T)]
     noise = [{k: torch.zeros((N, *v.shape), dtype=v.dtype, device=v.device) for k, v in params.items()}
              for _ in range(T)]
 
@@ -273,15 +272,10 @@ def step_scores(chain, params, x_T, *, generator: torch.Generator, pairing: Pair
         out = roll_out(chain, x_T, {k: v.detach() for k, v in params.items()}, generator=generator, pairing=pairing,
                        record=noisy)
         R = chain.reward(latent(out.x)).detach()
-    leaves = {t: {k: v.detach().unsqueeze(0).repeat(N, *([1] * v.dim())).requires_grad_() for k, v in params.items()}
-              for t in noisy}
+    leaves = {t: gradient_leaves(params, N) for t in noisy}
+    unit = Plan.reinforce(T)             # weight 1 on every step: the engine's score of each step
     with torch.enable_grad():
-        total = 0.0
-        for t in noisy:
-            s = out.steps[t]
-            mean = latent(chain.step(t, s.x, {k: v + s.noise.dtheta[k] for k, v in leaves[t].items()}
-                                     if s.noise.dtheta else leaves[t]))
-            total = total + (mean * s.noise.eps).flatten(1).sum(1).sum() / s.noise.sigma
+        total = sum(block_score(chain, unit, leaves[t], out.steps, t, 1).sum() for t in noisy)
         grads = _grad(total, {(t, k): v for t, leaf in leaves.items() for k, v in leaf.items()}, lambda g: g)
     zero = torch.zeros((N, sum(v.numel() for v in params.values())), dtype=next(iter(params.values())).dtype)
     S = torch.stack([flatten({k: grads[(t, k)] for k in params}, sample_axis=True) if t in leaves else zero
