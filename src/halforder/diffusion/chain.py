@@ -23,7 +23,7 @@ from ..estimators.plan import Plan, Role
 from ..estimators.protocol import State, latent, per_step
 from ..estimators.rollout import roll_out
 from .denoiser import Denoiser, Params
-from .solvers import DDIMSolver, DPMSolver, Schedule
+from .solvers import Schedule, Solver
 
 
 @dataclass(frozen=True, eq=False)
@@ -37,7 +37,7 @@ class DiffusionChain:
     Attributes:
       denoiser: ``(x, t, params) -> model output`` (e.g. a
         :class:`~halforder.diffusion.denoiser.ModuleDenoiser`).
-      solver: a :class:`~halforder.diffusion.solvers.DDIMSolver` or ``DPMSolver``.
+      solver: a :class:`~halforder.diffusion.solvers.Solver` (DDIM, DPM-Solver or flow matching).
       taus: per-step parameter-noise scales (one number: the same at every step).
       reward_fn: final latent ``[N, ...]`` -> reward ``[N]``.
       latent_shape: the shape of one latent, for :meth:`sample_start`.
@@ -46,7 +46,7 @@ class DiffusionChain:
     """
 
     denoiser: Denoiser
-    solver: DDIMSolver | DPMSolver
+    solver: Solver
     taus: tuple[float, ...] | float
     reward_fn: Callable[[torch.Tensor], torch.Tensor]
     latent_shape: tuple[int, ...]
