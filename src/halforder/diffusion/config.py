@@ -101,7 +101,7 @@ class TrainConfig(LoopConfig):
     # ------------------------------------------------------------------ model
     task: str = knob("t2i", "t2i (image) or t2v (video: Wan 2.1, UNet3D)", choices=("t2i", "t2v"))
     model: str = knob("CompVis/stable-diffusion-v1-4",
-                      "hub id or local folder; tiny, tiny-sd3, tiny-flux, tiny-wan")
+                      "hub id or local folder; tiny, tiny-sd3, tiny-flux, tiny-wan, tiny-qwen-image")
     revision: str | None = knob(None, "hub revision of the model")
     scheduler: str = knob("ddim", "a UNet model's sampler (flow models keep theirs)",
                           choices=("ddim", "dpm"))

@@ -45,6 +45,8 @@ Denoiser = Callable[[torch.Tensor, int, Params], torch.Tensor]
 Conditioning = Union[torch.Tensor, Mapping[str, torch.Tensor]]
 #: ``call(module, params, x, timestep, conditioning or None) -> network output`` for one kind of network
 NetworkCall = Callable[[torch.nn.Module, Params, torch.Tensor, torch.Tensor, Optional[Conditioning]], torch.Tensor]
+#: ``guidance(uncond, cond, w) -> output``: how classifier-free guidance combines the two branches
+Guidance = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
 BATCHING = ("vmap", "loop")
 # torch warns when vmap falls back to a loop for an operator without a batching rule (the CPU
 # flash attention of diffusers' attention processors): the result is right, only slower.
@@ -76,6 +78,11 @@ def unet_call(module, params: Params, x: torch.Tensor, timestep: torch.Tensor, c
     return functional_call(module, params, (x, timestep), {"encoder_hidden_states": c}).sample
 
 
+def cfg(uncond: torch.Tensor, cond: torch.Tensor, w: float) -> torch.Tensor:
+    """Classifier-free guidance as the pipelines combine it: ``uncond + w * (cond - uncond)``."""
+    return uncond + w * (cond - uncond)
+
+
 def map_conditioning(f, c):
     """``f`` applied to every tensor of a conditioning (None stays None)."""
     if c is None:
@@ -101,8 +108,8 @@ class ModuleDenoiser:
         callable ``t -> tensor`` (per-step conditioning, e.g. different prompts for
         different step ranges).
       negative_context: the unconditional embedding ``[N or 1, L, D]`` for classifier-free guidance.
-      guidance_scale: CFG weight w: out = u + w (c - u), as ``StableDiffusionPipeline``
-        with ``guidance_rescale=0``; CFG is off when w <= 1 or no negative context is given.
+      guidance_scale: CFG weight w: out = ``guidance(u, c, w)``; CFG is off when w <= 1 or no
+        negative context is given.
       batching: how params with a leading sample axis (one copy per sample) are applied:
         ``"vmap"`` (``torch.func.vmap`` over samples, only the params batched) or ``"loop"``
         (one call per sample; slower, for modules that vmap cannot trace).
@@ -111,6 +118,9 @@ class ModuleDenoiser:
         the functional call, vmap and guidance.
       call: how the network is called (:data:`NetworkCall`): :func:`unet_call`, or a model
         family's; contexts are then that family's conditioning (a tensor or a dict of tensors).
+      guidance: how the unconditional and conditional outputs combine under CFG (:data:`Guidance`):
+        :func:`cfg` (u + w (c - u), as ``StableDiffusionPipeline`` with ``guidance_rescale=0``), or
+        a model family's.
     """
 
     module: torch.nn.Module
@@ -121,6 +131,7 @@ class ModuleDenoiser:
     batching: str = "vmap"
     compile: str | None = None
     call: NetworkCall = unet_call
+    guidance: Guidance = cfg
     _shapes: dict = field(init=False, repr=False)
     _dtype: torch.dtype = field(init=False, repr=False)
 
@@ -164,30 +175,30 @@ class ModuleDenoiser:
         with _attention(x.device.type) if how == "vmap" else contextlib.nullcontext(), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=VMAP_FALLBACK, category=UserWarning)
             out = run(self.module, dict(params), batched, how, x.to(self._dtype), timestep, c, u,
-                      self.guidance_scale if u is not None else None, self.call).to(x.dtype)
+                      self.guidance_scale if u is not None else None, self.call, self.guidance).to(x.dtype)
         record(n, out)
         return out
 
 
-def _call(module, params, x, timestep, c, u, w, call):
+def _call(module, params, x, timestep, c, u, w, call, guidance):
     if u is None:
         return call(module, params, x, timestep, c)
     both = {k: torch.cat([u[k], c[k]]) for k in c} if isinstance(c, Mapping) else torch.cat([u, c])
     out = call(module, params, torch.cat([x, x]), timestep, both)
     uncond, cond = out.to(torch.promote_types(out.dtype, torch.float32)).chunk(2)
-    return uncond + w * (cond - uncond)
+    return guidance(uncond, cond, w)
 
 
-def _apply(module, params, batched, how, x, timestep, c, u, w, call):
+def _apply(module, params, batched, how, x, timestep, c, u, w, call, guidance):
     """The network on a batch: one call (``how="plain"``), or per-sample parameters by
     ``vmap`` or a loop over samples."""
     if how == "plain":
-        return _call(module, params, x, timestep, c, u, w, call)
+        return _call(module, params, x, timestep, c, u, w, call, guidance)
 
     def one(p, xi, ci, ui):
         add = (lambda v: v.unsqueeze(0))
         return _call(module, p, xi.unsqueeze(0), timestep, map_conditioning(add, ci), map_conditioning(add, ui), w,
-                     call).squeeze(0)
+                     call, guidance).squeeze(0)
 
     if how == "loop":
         return torch.stack([one({k: v[i] if batched[k] else v for k, v in params.items()}, x[i],

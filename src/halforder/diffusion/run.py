@@ -77,8 +77,9 @@ def model_dtype(cfg: TrainConfig, device="cpu") -> torch.dtype:
 
 
 def build_components(cfg: TrainConfig, device="cpu") -> Components:
-    """The frozen parts ``cfg.model`` names (``"tiny"``, ``"tiny-sd3"``, ``"tiny-flux"``, ``"tiny-wan"``:
-    random tiny parts, no download), in the dtype of ``cfg.mixed_precision``, with ``cfg.shift``."""
+    """The frozen parts ``cfg.model`` names (``"tiny"``, ``"tiny-sd3"``, ``"tiny-flux"``, ``"tiny-wan"``,
+    ``"tiny-qwen-image"``: random tiny parts, no download), in the dtype of ``cfg.mixed_precision``, with
+    ``cfg.shift``."""
     video, dtype = cfg.task == "t2v", model_dtype(cfg, device)
     if video and cfg.model == "tiny":
         comp = tiny_video_components(cfg.seed, scheduler=cfg.scheduler).to(dtype=dtype)

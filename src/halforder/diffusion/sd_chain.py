@@ -21,10 +21,11 @@ from .views import ImageView, Reward, View
 
 
 def image_view(components: Components, latent_size=None) -> ImageView:
-    """The :class:`ImageView` of a text-to-image model at ``latent_size`` (None: its default)."""
+    """The :class:`ImageView` of a text-to-image model at ``latent_size`` (None: its default), with its
+    family's unpacking and decoder."""
     family = family_of(components)
     shape = family.latent_shape(components, latent_size)
-    return ImageView(components.vae, shape, family.unpack(components, shape))
+    return ImageView(components.vae, shape, family.unpack(components, shape), family.decode)
 
 
 def model_solver(components: Components, T: int, latent_shape: tuple[int, ...] | None = None, noise: str = "sde"):
@@ -66,7 +67,8 @@ def make_chain(components: Components, T: int, prompts: Prompts, reward: Reward,
         encoder = prompt_encoder(components)
     call, cfg_weight = family.network(components, view.latent_shape, guidance_scale)
     context, negative, final = text_conditioning(encoder, prompts, T, cfg_weight, negative_prompt)
-    denoiser = ModuleDenoiser(unet, solver.timesteps, context, negative, cfg_weight, batching, compile, call)
+    denoiser = ModuleDenoiser(unet, solver.timesteps, context, negative, cfg_weight, batching, compile, call,
+                              family.guidance)
     reward_fn = view.reward_fn(reward, list(reward_prompts) if reward_prompts is not None else list(final), generator)
     return DiffusionChain(denoiser, solver, 0.0, reward_fn, view.latent_shape,
                           float(getattr(components.scheduler, "init_noise_sigma", 1.0)), next(unet.parameters()).device)

@@ -1,17 +1,20 @@
 """Views: what the reward and the previews see of a chain's final latent.
 
-:class:`ImageView` decodes images (:func:`decode_latents`, as the image pipelines decode);
-the video view (:class:`halforder.diffusion.video.frames.VideoView`) decodes frames. A view
+:class:`ImageView` decodes images with its model family's decoder (by default
+:func:`decode_latents`, as the image pipelines decode); the video view (:class:`halforder.diffusion.video.frames.VideoView`) decodes frames. A view
 gives a chain its ``reward_fn`` for a batch of prompts.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Protocol, Sequence
+from typing import Callable, Optional, Protocol, Sequence
 
 import torch
 
 Reward = Callable[[torch.Tensor, list], torch.Tensor]
+#: ``decode(vae, z) -> images [N, 3, H, W]`` in [0, 1] of the VAE's latents ``z``, differentiably (``vae``
+#: None: a pixel-space model's images): :func:`decode_latents`, or a model family's
+Decoder = Callable[[Optional[torch.nn.Module], torch.Tensor], torch.Tensor]
 
 
 def decode_latents(vae, z: torch.Tensor) -> torch.Tensor:
@@ -28,19 +31,21 @@ def decode_latents(vae, z: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True, eq=False)
 class DecodedReward:
-    """``reward_fn`` for a chain: latents -> images in [0, 1] -> ``reward(images, prompts)``."""
+    """``reward_fn`` for a chain: latents -> (``unpack``) the VAE's latents -> (``decode``) images in
+    [0, 1] -> ``reward(images, prompts)``."""
 
     reward: Reward
     prompts: tuple[str, ...]
     vae: torch.nn.Module | None = None
     unpack: Callable[[torch.Tensor], torch.Tensor] | None = None
+    decode: Decoder = decode_latents
 
     def __call__(self, z: torch.Tensor) -> torch.Tensor:
         n, k = len(z), len(self.prompts)
         if k not in (1, n):
             raise ValueError(f"{k} reward prompts for {n} samples; give 1 or {n}")
         z = z if self.unpack is None else self.unpack(z)
-        return self.reward(decode_latents(self.vae, z), list(self.prompts) * (n // k))
+        return self.reward(self.decode(self.vae, z), list(self.prompts) * (n // k))
 
 
 class View(Protocol):
@@ -59,15 +64,17 @@ class View(Protocol):
 @dataclass(frozen=True, eq=False)
 class ImageView:
     """Images: the VAE's decoding of latents ``[C, H, W]`` (pixels when ``vae`` is None);
-    ``unpack`` first turns the chain's latents into the VAE's (FLUX's packed patches)."""
+    ``unpack`` first turns the chain's latents into the VAE's (packed patches), ``decode`` is the
+    model family's decoder (:data:`Decoder`)."""
 
     vae: torch.nn.Module | None
     latent_shape: tuple[int, ...]
     unpack: Callable[[torch.Tensor], torch.Tensor] | None = None
+    decode: Decoder = decode_latents
 
     def reward_fn(self, reward: Reward, prompts: Sequence[str], generator=None) -> DecodedReward:
-        return DecodedReward(reward, tuple(prompts), self.vae, self.unpack)
+        return DecodedReward(reward, tuple(prompts), self.vae, self.unpack, self.decode)
 
     def preview(self, z: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            return decode_latents(self.vae, z if self.unpack is None else self.unpack(z))
+            return self.decode(self.vae, z if self.unpack is None else self.unpack(z))

@@ -19,7 +19,7 @@ from ..components import Components, load_modules, tiny_clip_config, tiny_t5, ti
 from ..hub import local_dir, looks_local
 from ..solvers import make_solver
 from .protocol import (ModelFamily, dynamic_shift, flow_pipeline, flow_scheduler_only, latent_hw, t5_embeddings,
-                       tiny_vae)
+                       tiny_vae, unpack_patches)
 
 T5_LENGTH = 512      # the pipeline's max_sequence_length
 SUBFOLDERS = ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler")
@@ -84,10 +84,7 @@ def latent_shape(c: Components, size=None):
 
 def unpack(c: Components, shape):
     """Packed latents ``[N, h/2, w/2, 4C]`` -> ``[N, C, h, w]`` (``FluxPipeline._unpack_latents``)."""
-    def f(z):
-        n, h2, w2, ch = z.shape
-        return z.view(n, h2, w2, ch // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(n, ch // 4, 2 * h2, 2 * w2)
-    return f
+    return unpack_patches
 
 
 def solver(c: Components, T, shape, noise="sde"):

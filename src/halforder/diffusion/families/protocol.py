@@ -1,10 +1,11 @@
 """What a model family adds to the shared machinery: one frozen record of functions.
 
-A family is one kind of diffusers pipeline (SD 1/2, SD3, FLUX). The chain, the solvers, the
-estimators, the task, the training loop and the CLI are shared; a family says how its parts
-load, how prompts become conditioning, how its network is called, what its latents look like
-and which sampler schedule its pipeline uses. A new family is one module defining a
-:class:`ModelFamily` and one entry in the registry (:mod:`halforder.diffusion.families`).
+A family is one kind of diffusers pipeline (SD 1/2, SD3, FLUX, Wan, Qwen-Image). The chain, the
+solvers, the estimators, the task, the training loop and the CLI are shared; a family says how its
+parts load, how prompts become conditioning, how its network is called and its guidance combined,
+what its latents look like, how they decode and which sampler schedule its pipeline uses. A new
+family is one module defining a :class:`ModelFamily` and one entry in the registry
+(:mod:`halforder.diffusion.families`).
 Below it, the pieces the flow-matching families share.
 """
 from __future__ import annotations
@@ -12,10 +13,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
+import torch
 from torch.func import functional_call
 
 from ..components import Components
-from ..denoiser import Conditioning, NetworkCall
+from ..denoiser import Conditioning, Guidance, NetworkCall, cfg
+from ..views import Decoder, decode_latents
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,11 @@ class ModelFamily:
         model (:class:`~halforder.diffusion.video.frames.VideoView`); None for an image model.
       pipeline: ``components -> diffusers pipeline`` over the parts (e.g. to save a model
         folder with ``save_pretrained``).
+      guidance: ``(uncond, cond, w) -> output``: how classifier-free guidance combines the network's
+        two outputs (default: u + w (c - u)).
+      decode: ``(vae, z) -> what the reward sees`` of the VAE's latents (after ``unpack``),
+        differentiably: images ``[N, 3, H, W]`` in [0, 1] (default:
+        :func:`~halforder.diffusion.views.decode_latents`); a video model's frames ``[N, F, 3, H, W]``.
     """
 
     name: str
@@ -59,6 +67,8 @@ class ModelFamily:
     solver: Callable[..., Any]
     video_view: Callable[..., Any] | None = None
     pipeline: Callable[[Components], Any] | None = None
+    guidance: Guidance = cfg
+    decode: Decoder = decode_latents
 
 
 def transformer_call(module, params, x, timestep, c):
@@ -88,6 +98,22 @@ def t5_embeddings(tokenizer, encoder, prompts, length):
     ids = tokenizer(list(prompts), padding="max_length", max_length=length, truncation=True,
                     add_special_tokens=True, return_tensors="pt").input_ids
     return encoder(ids.to(encoder.device))[0]
+
+
+def unpack_patches(z):
+    """Packed 2x2 latent patches ``[N, h/2, w/2, 4C]`` -> the VAE's latents ``[N, C, h, w]`` (channel
+    ``4c + 2i + j`` of a patch is channel c at offset (i, j), as FLUX and Qwen-Image pack them)."""
+    n, h2, w2, ch = z.shape
+    return z.view(n, h2, w2, ch // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(n, ch // 4, 2 * h2, 2 * w2)
+
+
+def unnormalise(vae, z):
+    """Latents ``[N, C, F, h, w]`` of a video VAE (Wan's, Qwen-Image's) at the VAE's scale:
+    z * latents_std + latents_mean per channel, written as the pipelines compute it."""
+    shape = (1, vae.config.z_dim, 1, 1, 1)
+    mean = torch.tensor(vae.config.latents_mean).view(shape).to(z.device, z.dtype)
+    inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(shape).to(z.device, z.dtype)
+    return z / inv_std + mean
 
 
 def flow_scheduler_only(scheduler: str) -> None:

@@ -17,7 +17,7 @@ from ..components import Components, load_modules, tiny_t5
 from ..hub import local_dir, looks_local
 from ..solvers import make_solver
 from ..video.frames import VideoView
-from .protocol import ModelFamily, flow_pipeline, flow_scheduler_only, latent_hw, transformer_call
+from .protocol import ModelFamily, flow_pipeline, flow_scheduler_only, latent_hw, transformer_call, unnormalise
 
 T5_LENGTH = 226      # the pipeline's max_sequence_length
 LATENT_SIZE = (60, 104)   # 480 x 832 px, Wan 2.1's published resolution
@@ -43,10 +43,7 @@ def decode(vae, z: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tenso
     """Frames ``[N, k, 3, H, W]`` in [0, 1] of latent videos ``z`` ``[N, 16, F', h, w]``, differentiably:
     the pipeline's un-normalisation (latents_mean, latents_std), the whole video decoded, then
     the frames ``idx`` ``[N, k]`` (all if None)."""
-    shape = (1, vae.config.z_dim, 1, 1, 1)
-    mean = torch.tensor(vae.config.latents_mean).view(shape).to(z.device, z.dtype)
-    inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(shape).to(z.device, z.dtype)
-    video = vae.decode((z / inv_std + mean).to(vae.dtype)).sample.to(z.dtype)      # [N, 3, F, H, W]
+    video = vae.decode(unnormalise(vae, z).to(vae.dtype)).sample.to(z.dtype)      # [N, 3, F, H, W]
     video = (video / 2 + 0.5).clamp(0, 1).transpose(1, 2)
     if idx is None:
         return video
@@ -59,7 +56,7 @@ def video_view(c: Components, num_frames: int, frames="random", latent_size=None
     if F < 1 or (F - 1) % t:
         raise ValueError(f"Wan decodes {t} k + 1 frames per video (1, 5, ..., 81); got num_frames={num_frames}")
     h, w = latent_hw(latent_size, LATENT_SIZE)
-    return VideoView(c.vae, (c.vae.config.z_dim, (F - 1) // t + 1, h, w), frames, decode, F)
+    return VideoView(c.vae, (c.vae.config.z_dim, (F - 1) // t + 1, h, w), frames, FAMILY.decode, F)
 
 
 def image_only(c: Components, size=None):
@@ -130,4 +127,4 @@ FAMILY = ModelFamily(name="wan", pipelines={"WanPipeline": "t2v"}, tiny_model="t
                      lora_prefix="transformer",
                      load=load, tiny=tiny, encode=encode, network=lambda c, shape, w: (transformer_call, w),
                      latent_shape=image_only, unpack=lambda c, shape: None, solver=solver, video_view=video_view,
-                     pipeline=lambda c: flow_pipeline("WanPipeline", c))
+                     pipeline=lambda c: flow_pipeline("WanPipeline", c), decode=decode)
