@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 from halforder.estimators import ComputeMeter, Pairing, Plan, SavedTensorMeter, estimate, grouped, theory
 from halforder.planning import SearchCost
 from halforder.planning.memory_model import measure_memory, predicted_held, predicted_memory
-from halforder.planning.part_variances import measure_part_variances, variance_rows
+from halforder.planning.part_variances import HOKey, ZOKey, measure_part_variances, variance_rows
 from halforder.planning.search import Scored, measure, score
 from halforder.planning.space import Candidate, Space
 from halforder.planning.time_model import round_seconds
@@ -209,8 +209,8 @@ def toy_part(quick: bool):
         hs = theory.solve_h_star(cfg.T, sv.V_h, sv.V_z, B, unit, 0.03 * unit)
         h = hs.paper_h if hs.paper_h is not None and 0 <= hs.paper_h <= cfg.T - 1 else hs.h
         plan = Plan.rlr(cfg.T, h, None if h == 0 else 2 + (cfg.T - h - 1) // 2)
-        pilot = measure_part_variances(chain, params, ks=(1,), blocks=((plan.blocks, 1),),
-                                       zo=((1, plan.blocks, "none"),), n=measured.parts.n, batch=n,
+        pilot = measure_part_variances(chain, params, ks=(1,), blocks=(HOKey.of(plan),),
+                                       zo=(ZOKey(1, plan.blocks, "none"),), n=measured.parts.n, batch=n,
                                        generator=torch.Generator().manual_seed(6))
         parts = replace(measured.parts, ho={**pilot.ho, **measured.parts.ho}, zo={**pilot.zo, **measured.parts.zo})
         extra[name] = {"paper": score(Candidate(plan), measured.memory, measured.timing, parts, lambda p: chain),

@@ -62,8 +62,8 @@ def cost_part(quick: bool):
         cost, spent = prepared.search.cost, prepared.search.measured.spent
         m = prepared.search.measured
         old_fw, old_bw = exhaustive_pilots(m, T, cfg.batch_size, cfg.plan_pilots, cfg.baseline)
-        old_fw += spent["memory and timing"][0]
-        old_bw += spent["memory and timing"][1]
+        old_fw += spent.memory_and_timing[0]
+        old_bw += spent.memory_and_timing[1]
         notes = [s.note for s in m.scored]
         for variant, fw, bw, secs in (("shared + bound (run)", cost.forward, cost.backward, cost.seconds),
                                       ("exhaustive (counted)", old_fw, old_bw, None)):

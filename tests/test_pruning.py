@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from halforder.estimators import ComputeMeter
-from halforder.planning.pruning import halving_factor, pilot_ho_parts
+from halforder.planning.pruning import Bound, halving_factor, pilot_ho_parts
 from halforder.planning.search import measure
 from halforder.planning.space import Space
 from halforder.toy import linear_chain
@@ -31,7 +31,8 @@ def test_bound_prunes_what_cannot_beat_the_best_and_halving_what_its_first_rows_
     bound 0.55 and variance 1.0, pruned at its first stage or later since 0.55 + 1.0 > 0.6.
     The layouts are drawn best-bound first."""
     variances = {"a": 0.1, "b": 0.1, "c": 1e6, "d": 1.0}
-    bounds = {"a": [(0.5, 1.0, 0)], "b": [(2.0, 1.0, 0)], "c": [(0.1, 1.0, 0)], "d": [(0.55, 1.0, 0)]}
+    bounds = {"a": [Bound(0.5, 1.0, 0)], "b": [Bound(2.0, 1.0, 0)], "c": [Bound(0.1, 1.0, 0)],
+              "d": [Bound(0.55, 1.0, 0)]}
     draw, cost, log = _layouts(variances)
     with ComputeMeter() as meter:
         ho, skipped = pilot_ho_parts(bounds, [1.0], draw, cost, 64, meter=meter, T=1, max_evaluations=None, first=4)
@@ -44,7 +45,7 @@ def test_bound_prunes_what_cannot_beat_the_best_and_halving_what_its_first_rows_
 
 def test_without_pruning_every_layout_is_piloted_in_full():
     variances = {"a": 0.1, "b": 0.1, "c": 1e6}
-    bounds = {"a": [(0.5, 1.0, 0)], "b": [(2.0, 1.0, 0)], "c": [(0.1, 1.0, 0)]}
+    bounds = {"a": [Bound(0.5, 1.0, 0)], "b": [Bound(2.0, 1.0, 0)], "c": [Bound(0.1, 1.0, 0)]}
     draw, cost, log = _layouts(variances)
     with ComputeMeter() as meter:
         ho, skipped = pilot_ho_parts(bounds, [1.0], draw, cost, 64, meter=meter, T=1, max_evaluations=None,
@@ -57,7 +58,7 @@ def test_a_layout_is_kept_while_any_budget_needs_it():
     bound 1.0 under budget 1 only must be piloted."""
     draw, cost, log = _layouts({"a": 0.1})
     with ComputeMeter() as meter:
-        ho, skipped = pilot_ho_parts({"a": [(1.0, 1.0, 1)]}, [0.1, 10.0], draw, cost, 16, meter=meter, T=1,
+        ho, skipped = pilot_ho_parts({"a": [Bound(1.0, 1.0, 1)]}, [0.1, 10.0], draw, cost, 16, meter=meter, T=1,
                                      max_evaluations=None, first=4)
     assert "a" in ho and not skipped
 
@@ -70,8 +71,8 @@ def test_the_evaluation_budget_stops_stages_that_would_exceed_it():
         def counted(key, rows):
             meter.forward += rows
             return draw(key, rows)
-        ho, skipped = pilot_ho_parts({"a": [(0.0, 1.0, 0)], "b": [(0.0, 1.0, 0)]}, [1.0], counted, cost, 64,
-                                     meter=meter, T=1, max_evaluations=80, first=4)
+        ho, skipped = pilot_ho_parts({"a": [Bound(0.0, 1.0, 0)], "b": [Bound(0.0, 1.0, 0)]}, [1.0], counted, cost,
+                                     64, meter=meter, T=1, max_evaluations=80, first=4)
     assert len(ho) == 1 and list(skipped.values()) == ["budget"] and meter.forward <= 80
 
 

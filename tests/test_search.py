@@ -7,7 +7,7 @@ import torch
 from halforder.estimators import ComputeMeter, Plan, SavedTensorMeter, draw_estimates, estimate, grouped
 from halforder.planning.cost import SearchCost
 from halforder.planning.memory_model import measure_memory, predicted_saved
-from halforder.planning.part_variances import measure_part_variances, predicted_variance
+from halforder.planning.part_variances import HOKey, ZOKey, measure_part_variances, predicted_variance
 from halforder.planning.search import Scored, SearchResult, measure, rank, search
 from halforder.planning.shared_pilot import Moments
 from halforder.planning.space import Candidate, Space, k_grid, tiling
@@ -122,8 +122,8 @@ def test_variance_model_matches_direct_measurement(toy):
              Candidate(Plan.from_roles(["FO"] * 2 + ["HO"] * 6, tiling(T, 2, 2))),
              Candidate(Plan.from_roles(["HO"] * T, tiling(T, 0, 2)))]
     parts = measure_part_variances(chain, params, ks={c.plan.fo_steps for c in cands},
-                                   blocks={(c.plan.blocks, 2 if c.pairing == "param" else 1) for c in cands},
-                                   zo={(c.plan.fo_steps, c.plan.blocks, c.pairing) for c in cands},
+                                   blocks={HOKey.of(c.plan, c.pairing) for c in cands},
+                                   zo={ZOKey.of(c.plan, c.pairing) for c in cands},
                                    n=n, batch=N, generator=torch.Generator().manual_seed(5))
     for c in cands:
         G = 2 if c.pairing == "param" else 1
@@ -150,8 +150,8 @@ def test_variance_model_on_a_chain_whose_noise_depends_on_the_plan():
              Candidate(Plan.from_roles(["FO"] * 2 + ["ZO"] * 6), "param"),
              Candidate(Plan.from_roles(["FO", "ZO", "ZO", "HO", "ZO", "ZO", "ZO", "ZO"], [(4, 1)]), "param")]
     parts = measure_part_variances(chain, params, ks={c.plan.fo_steps for c in cands},
-                                   blocks={(c.plan.blocks, 2 if c.pairing == "param" else 1) for c in cands},
-                                   zo={(c.plan.fo_steps, c.plan.blocks, c.pairing) for c in cands}, n=n, batch=N,
+                                   blocks={HOKey.of(c.plan, c.pairing) for c in cands},
+                                   zo={ZOKey.of(c.plan, c.pairing) for c in cands}, n=n, batch=N,
                                    chain_for=chain_for, generator=torch.Generator().manual_seed(5))
     for c in cands:
         G = 2 if c.pairing == "param" else 1
@@ -163,7 +163,7 @@ def test_variance_model_on_a_chain_whose_noise_depends_on_the_plan():
 
 def test_the_variance_model_refuses_what_it_does_not_cover(toy):
     chain, params = toy
-    parts = measure_part_variances(chain, params, ks=(2,), blocks=(), zo={(2, (), "param")}, n=8, batch=N,
+    parts = measure_part_variances(chain, params, ks=(2,), blocks=(), zo={ZOKey(2, (), "param")}, n=8, batch=N,
                                    generator=torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match="not 'param\\+ho'"):
         predicted_variance(parts, Plan.from_roles(["FO"] * 2 + ["ZO"] * 6), "param+ho")
@@ -190,8 +190,8 @@ def test_variance_with_a_leave_one_out_baseline_is_that_of_the_training_batch(to
     (false failure rate below 0.3% for other seeds; these are fixed)."""
     chain, params = toy
     B, G = 1500, 2 if cand.pairing == "param" else 1
-    parts = measure_part_variances(chain, params, ks={cand.plan.fo_steps}, blocks={(cand.plan.blocks, G)},
-                                   zo={(cand.plan.fo_steps, cand.plan.blocks, cand.pairing)}, n=B * batch // G,
+    parts = measure_part_variances(chain, params, ks={cand.plan.fo_steps}, blocks={HOKey.of(cand.plan, cand.pairing)},
+                                   zo={ZOKey.of(cand.plan, cand.pairing)}, n=B * batch // G,
                                    batch=batch, baseline="loo",
                                    generator=torch.Generator().manual_seed(5))
     g = torch.Generator().manual_seed(6)

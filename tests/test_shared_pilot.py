@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from halforder.estimators import Plan, draw_estimates, estimate, flatten, grouped
-from halforder.planning.part_variances import layout, measure_part_variances, zo_pilot
+from halforder.planning.part_variances import ZOKey, layout, measure_part_variances, zo_pilot
 from halforder.estimators.theory import step_gradients
 from halforder.planning.shared_pilot import PAIR, measure_step_gradients
 from halforder.toy import linear_chain
@@ -65,12 +65,12 @@ def test_direct_zo_parts_equal_the_zo_pilots_on_a_chain_whose_noise_is_the_plans
     m = measure_step_gradients(lambda p: chain, params, T, 4000, N, generator=torch.Generator().manual_seed(0))
     noisy = {t: 0.2 for t in range(1, T + 1)}
     layouts = [(0, ()), (2, ()), (2, ((5, 2),)), (4, ((8, 1),))]
-    pilots = measure_part_variances(chain, params, ks=(), blocks=(), zo={(K, b, pairing) for K, b in layouts},
+    pilots = measure_part_variances(chain, params, ks=(), blocks=(), zo={ZOKey(K, b, pairing) for K, b in layouts},
                                     n=4000, batch=N, generator=torch.Generator().manual_seed(5))
     for K, b in layouts:
         S = zo_pilot(T, K, b).steps("ZO")
         shared = m.zo({t: 0.2 for t in S}, noisy, pairing, None)
-        assert shared == pytest.approx(pilots.zo[(K, b, pairing)], rel=0.2), (K, b)
+        assert shared == pytest.approx(pilots.zo[ZOKey(K, b, pairing)], rel=0.2), (K, b)
     other = "param" if pairing == "none" else "none"
     ratio = m.zo(noisy, noisy, pairing, None) / m.zo(noisy, noisy, other, None)
     assert not 1 / 3 < ratio < 3

@@ -199,8 +199,8 @@ def _never(*args, **kwargs):
 def test_no_plan_within_the_memory_is_answered_before_any_timing_or_pilot(tmp_path, capsys, monkeypatch, argv):
     """From the memory model alone: exit status 2 and one line once the memory is measured,
     with no timing probe and no pilot."""
-    search = importlib.import_module("halforder.planning.search")   # the package exports a function of that name
-    monkeypatch.setattr(search, "fit_time_model", _never)
+    stages = importlib.import_module("halforder.planning.stages")
+    monkeypatch.setattr(stages, "fit_time_model", _never)
     monkeypatch.chdir(tmp_path)
     assert main(argv) == 2
     err = capsys.readouterr().err
@@ -209,10 +209,10 @@ def test_no_plan_within_the_memory_is_answered_before_any_timing_or_pilot(tmp_pa
 
 
 def test_no_plan_within_the_time_budget_is_answered_before_any_pilot(tmp_path, capsys, monkeypatch):
-    search = importlib.import_module("halforder.planning.search")
+    stages = importlib.import_module("halforder.planning.stages")
 
-    monkeypatch.setattr(search, "_fo_zo_parts", _never)
-    monkeypatch.setattr(search, "pilot_ho_parts", _never)
+    for pilot in ("measure_step_gradients", "measure_part_variances", "pilot_ho_parts"):
+        monkeypatch.setattr(stages, pilot, _never)
     (tmp_path / "run.yaml").write_text("preset: tiny\nT: 2\nh: 1\n")    # fewer steps: quicker timing probes
     monkeypatch.chdir(tmp_path)
     assert main(["plan", "--config", "run.yaml", "--memory", "2GiB", "--time", "1us"]) == 2

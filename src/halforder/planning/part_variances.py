@@ -65,6 +65,35 @@ from .time_model import plan_chain
 Blocks = tuple[tuple[int, int], ...]
 
 
+@dataclass(frozen=True, order=True)
+class HOKey:
+    """The HO part a plan needs: its blocks ((j, h), ...) in order, and G, the samples of a
+    group of its pairing."""
+
+    blocks: Blocks
+    group: int
+
+    @classmethod
+    def of(cls, plan: Plan, pairing: str | Pairing | None = None) -> HOKey:
+        """The HO part of ``plan`` with ``pairing``."""
+        return cls(tuple(sorted(plan.blocks)), Pairing.parse(pairing).size)
+
+
+@dataclass(frozen=True, order=True)
+class ZOKey:
+    """The ZO part a plan needs: its FO prefix K, its blocks ((j, h), ...) in order, and the
+    name of its pairing."""
+
+    fo_steps: int
+    blocks: Blocks
+    pairing: str
+
+    @classmethod
+    def of(cls, plan: Plan, pairing: str | Pairing | None = None) -> ZOKey:
+        """The ZO part of ``plan`` with ``pairing``."""
+        return cls(plan.fo_steps, tuple(sorted(plan.blocks)), Pairing.parse(pairing).name)
+
+
 @dataclass(frozen=True)
 class PartVariances:
     """Pilot measurements (module docstring): traces of covariance of one row (the mean of
@@ -74,17 +103,17 @@ class PartVariances:
       n: pilot rows per part.
       batch: chain evaluations per estimate (the training batch n).
       fo: K -> tr Var of truncated(K).
-      ho: (blocks ((j, h), ...), G) -> tr Var of the plan with HO on the blocks only,
+      ho: :class:`HOKey` (blocks, G) -> tr Var of the plan with HO on the blocks only,
         in batches of batch/G.
-      zo: (K, blocks, pairing) -> tr Var of ZO on the steps after K outside the blocks,
-        on the chain of the plan with that layout.
+      zo: :class:`ZOKey` (K, blocks, pairing) -> tr Var of ZO on the steps after K outside
+        the blocks, on the chain of the plan with that layout.
     """
 
     n: int
     batch: int
     fo: Mapping[int, float]
-    ho: Mapping[tuple[Blocks, int], float]
-    zo: Mapping[tuple[int, Blocks, str], float]
+    ho: Mapping[HOKey, float]
+    zo: Mapping[ZOKey, float]
 
 
 def fo_pilot(T: int, K: int) -> Plan:
@@ -150,14 +179,14 @@ def trace_variance(rows: torch.Tensor) -> float:
     return float(rows.double().var(0).sum())
 
 
-def measure_part_variances(chain, params, *, ks: Iterable[int], blocks: Iterable[tuple[Blocks, int]],
-                           zo: Iterable[tuple[int, Blocks, str]], n: int, batch: int, generator: torch.Generator,
+def measure_part_variances(chain, params, *, ks: Iterable[int], blocks: Iterable[HOKey],
+                           zo: Iterable[ZOKey], n: int, batch: int, generator: torch.Generator,
                            chain_for: ChainFor | None = None, baseline=None, chunk: int = 1 << 14,
                            checkpoint: Callable[[Plan], Collection[int]] = lambda plan: (),
                            progress: bool = False) -> PartVariances:
     """Run the pilots (module docstring) for the prefixes ``ks``, the HO block sets with the
-    group sizes of the plans that use them ``blocks`` (pairs ``(blocks, G)``) and the ZO
-    layouts ``zo`` (triples ``(K, blocks, pairing)``): ``n`` rows each, for estimates from
+    group sizes of the plans that use them ``blocks`` (:class:`HOKey`) and the ZO layouts
+    ``zo`` (:class:`ZOKey`): ``n`` rows each, for estimates from
     batches of ``batch`` chain evaluations. ``chain_for(plan)`` gives each pilot its chain
     (default: ``chain``); ``checkpoint(plan)`` the pilot's steps to checkpoint (the values
     are the same; the memory is less); ``chunk`` bounds the chain evaluations per call where
@@ -174,12 +203,14 @@ def measure_part_variances(chain, params, *, ks: Iterable[int], blocks: Iterable
 
     ks = sorted(set(int(k) for k in ks))
     fo = {K: trace_var(fo_pilot(T, K), base=None) for K in ks if K >= 1}   # the FO part takes no baseline
-    ho = {(b, G): trace_var(ho_pilot(T, b), G) for b, G in sorted(set((tuple(sorted(b)), G) for b, G in blocks)) if b}
+    ho = {k: trace_var(ho_pilot(T, k.blocks), k.group)
+          for k in sorted({HOKey(tuple(sorted(k.blocks)), k.group) for k in blocks}) if k.blocks}
     zo_parts = {}
-    for K, b, p in sorted(set((int(K), tuple(sorted(b)), _modelled(p).name) for K, b, p in zo)):
-        pilot = zo_pilot(T, K, b)
+    for k in sorted({ZOKey(int(k.fo_steps), tuple(sorted(k.blocks)), _modelled(k.pairing).name) for k in zo}):
+        pilot = zo_pilot(T, k.fo_steps, k.blocks)
         if pilot.steps(Role.ZO):
-            zo_parts[(K, b, p)] = trace_var(pilot, Pairing.parse(p).size, p, on=layout(T, K, b))
+            zo_parts[k] = trace_var(pilot, Pairing.parse(k.pairing).size, k.pairing,
+                                    on=layout(T, k.fo_steps, k.blocks))
     return PartVariances(n, batch, fo, ho, zo_parts)
 
 
@@ -189,12 +220,12 @@ def predicted_variance(parts: PartVariances, plan: Plan, pairing: str | Pairing 
     pairing = _modelled(pairing)
     K, blocks = plan.fo_steps, tuple(sorted(plan.blocks))
     v = parts.fo[K] if K else 0.0
-    v += parts.ho[(blocks, pairing.size)] if blocks else 0.0
+    v += parts.ho[HOKey.of(plan, pairing)] if blocks else 0.0
     if plan.steps(Role.ZO):
         if plan.steps(Role.ZO) != zo_pilot(plan.T, K, blocks).steps(Role.ZO):
             raise ValueError(f"plan {plan}: the model needs ZO on every step after the FO prefix outside the HO "
                              "blocks")
-        v += parts.zo[(K, blocks, pairing.name)]
+        v += parts.zo[ZOKey.of(plan, pairing)]
     return pairing.size * v
 
 

@@ -28,7 +28,8 @@ measured. The layouts are piloted in the order of their candidates' least bound:
 """
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from dataclasses import dataclass
+from typing import Callable, Hashable, Mapping, Sequence
 
 import torch
 from scipy.stats import chi2
@@ -36,7 +37,18 @@ from scipy.stats import chi2
 from ..estimators.compute import ComputeMeter
 from .part_variances import trace_variance
 
-Key = tuple  # (blocks, G)
+Key = Hashable  # a layout: the search's are :class:`~.part_variances.HOKey`
+
+
+@dataclass(frozen=True)
+class Bound:
+    """One candidate that needs a layout, under one budget: its score is
+    ``base + scale * V_HO`` (base = G (V_FO + V_ZO) x time, scale = G x time), and
+    ``budget`` indexes the budgets' best scores."""
+
+    base: float
+    scale: float
+    budget: int
 
 
 def halving_factor(rows: int, alpha: float) -> float:
@@ -46,16 +58,15 @@ def halving_factor(rows: int, alpha: float) -> float:
     return float(chi2.ppf(alpha, rows - 1) / (rows - 1))
 
 
-def pilot_ho_parts(bounds: Mapping[Key, list[tuple[float, float, int]]], best: list[float],
+def pilot_ho_parts(bounds: Mapping[Key, Sequence[Bound]], best: list[float],
                    draw: Callable[[Key, int], torch.Tensor], cost: Callable[[Key, int], float], rows: int, *,
                    meter: ComputeMeter, T: int, max_evaluations: float | None, first: int = 2, alpha: float = 0.01,
                    prune: bool = True) -> tuple[dict[Key, float], dict[Key, str]]:
     """Pilot the HO parts by branch and bound (module docstring), for one or more budgets.
 
     Args:
-      bounds: per layout, one ``(base, scale, budget)`` per candidate that needs it and
-        budget it fits: the candidate's score is ``base + scale * V_HO`` (base =
-        G (V_FO + V_ZO) x time, scale = G x time); ``budget`` indexes ``best``.
+      bounds: per layout, one :class:`Bound` per candidate that needs it and budget it
+        fits (its ``budget`` indexes ``best``).
       best: per budget, the best score among the candidates without HO blocks that fit it
         (inf if none); a layout is pruned only where it is pruned for every budget.
       draw: ``draw(key, samples)``: the pilot rows (:func:`~.part_variances.pilot_rows`) of that
@@ -74,8 +85,8 @@ def pilot_ho_parts(bounds: Mapping[Key, list[tuple[float, float, int]]], best: l
     best = list(best)
 
     def gap(key, v=0.0):     # the least ratio of a candidate's score (V_HO = v) to its budget's best
-        return min((b + s * v) / best[i] if best[i] > 0 else (0.0 if b + s * v <= 0 else float("inf"))
-                   for b, s, i in bounds[key])
+        return min((b.base + b.scale * v) / best[b.budget] if best[b.budget] > 0
+                   else (0.0 if b.base + b.scale * v <= 0 else float("inf")) for b in bounds[key])
 
     order = sorted(bounds, key=gap)
     ho, skipped = {}, {}
@@ -97,8 +108,8 @@ def pilot_ho_parts(bounds: Mapping[Key, list[tuple[float, float, int]]], best: l
             drawn, taken = (new if drawn is None else torch.cat([drawn, new])), target
             if taken >= rows:
                 ho[key] = trace_variance(drawn)
-                for b, s, i in bounds[key]:
-                    best[i] = min(best[i], b + s * ho[key])
+                for b in bounds[key]:
+                    best[b.budget] = min(best[b.budget], b.base + b.scale * ho[key])
                 break
             if gap(key, halving_factor(drawn.shape[0], alpha) * trace_variance(drawn)) >= 1:
                 skipped[key] = "halving"

@@ -9,64 +9,27 @@ The candidates are :mod:`.space`'s. Each gets its activation memory from
 chain evaluation from the model of :mod:`.part_variances`, whose FO and ZO parts come from
 one shared pilot (:mod:`.shared_pilot`) and whose HO parts are piloted by branch and
 bound (:mod:`.pruning`); the feasible ones are ranked by variance x time, the variance of
-the estimate that one second of compute buys (lower is better).
+the estimate that one second of compute buys (lower is better). :func:`measure` is the
+composition of :mod:`.stages`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Sequence
 
 import torch
 
-from ..estimators.compute import ComputeMeter, expected_evaluations
-from ..estimators.pairing import Pairing
-from ..estimators.plan import ChainFor, Plan, Role
+from ..estimators.compute import ComputeMeter
+from ..estimators.plan import ChainFor
 from .cost import SearchCost
-from .memory_model import MemoryCosts, measure_memory, predicted_memory
-from .part_variances import (PartVariances, ho_pilot, layout, measure_part_variances, pilot_rows, predicted_variance,
-                             zo_pilot)
-from .pruning import pilot_ho_parts
-from .shared_pilot import measure_step_gradients
-from .space import Candidate, Space
-from .time_model import TimeModel, fit_time_model
+from .memory_model import MemoryCosts
+from .part_variances import PartVariances
+from .space import Space
+from .stages import Scored, SearchSettings, Spent, candidates, costs, pilot_fo_zo, prune_ho, score, score_all
+from .time_model import TimeModel
 from .units import format_bytes
 
-
-@dataclass(frozen=True)
-class Scored:
-    """A candidate with its predicted activation memory (bytes), time per estimate
-    (seconds) and variance (tr Cov per chain evaluation; inf where a part it needs was not
-    piloted, ``note`` saying why: ``"bound"``, ``"halving"``, ``"budget"``, ...)."""
-
-    candidate: Candidate
-    memory: int
-    time: float
-    variance: float
-    note: str = ""
-
-    @property
-    def score(self) -> float:
-        """variance x time: lower is better."""
-        return self.variance * self.time
-
-    @property
-    def unbiased(self) -> bool:
-        """Whether the candidate's plan is unbiased."""
-        return self.candidate.is_unbiased
-
-
-def score(candidate: Candidate, memory: MemoryCosts, timing: TimeModel, parts: PartVariances | None,
-          chain_for: ChainFor, note: str = "") -> Scored:
-    """Predicted memory, time and variance of ``candidate`` (variance inf where a part it
-    needs was not piloted, with the reason in ``note``)."""
-    plan, steps = candidate.plan, candidate.checkpoint_steps
-    try:
-        variance = float("inf") if parts is None else predicted_variance(parts, plan, candidate.pairing)
-    except KeyError:
-        variance, note = float("inf"), note or "not piloted"
-    seconds = timing.predict(plan, steps, chain_for(plan), candidate.pairing)
-    return Scored(candidate, predicted_memory(memory, plan, steps), seconds, variance,
-                  note if variance == float("inf") else "")
+__all__ = ["Measured", "Scored", "SearchResult", "measure", "rank", "score", "search"]
 
 
 @dataclass(frozen=True)
@@ -153,7 +116,8 @@ class Measured:
     scores; :meth:`choose` ranks them under budgets (measure once, choose for many).
     ``budgets``: where HO parts were pruned, the budgets the pruning kept the best for
     (:func:`measure`); None where every part was piloted. ``spent``: the model evaluations
-    (forward, backward) of each stage of the search, counted by the compute meter."""
+    (forward, backward) of each stage of the search, counted by the compute meter
+    (:class:`~.stages.Spent`)."""
 
     scored: tuple[Scored, ...]
     memory: MemoryCosts
@@ -161,7 +125,7 @@ class Measured:
     parts: PartVariances = field(repr=False)
     biased: bool = False
     budgets: tuple[tuple[float, float | None], ...] | None = None
-    spent: dict[str, tuple[int, int]] | None = None
+    spent: Spent | None = None
 
     def choose(self, memory_budget: float, time_budget: float | None = None) -> SearchResult:
         """The candidates within ``memory_budget`` (bytes) and ``time_budget`` (seconds per
@@ -208,134 +172,20 @@ def measure(chain, params, *, generator: torch.Generator, n: int = 4, space: Spa
         chosen under (:meth:`Measured.choose`); pruning keeps what is best under each one.
         Default: ``probe_memory`` (or no limit) and no time budget.
     """
-    chain_for = chain_for or (lambda plan: chain)
-    T = chain.T
-    cands = [c for c in space.candidates(T)
-             if _valid(c.plan, chain_for) and n % Pairing.parse(c.pairing).size == 0]
+    settings = SearchSettings.of(chain, n=n, space=space, chain_for=chain_for, pilot_samples=pilot_samples,
+                                 baseline=baseline, repeats=repeats, probe_memory=probe_memory, progress=progress,
+                                 shared=shared, prune=prune, max_evaluations=max_evaluations, budgets=budgets)
+    cands = candidates(chain, settings)
     with ComputeMeter() as meter:
-        memory = measure_memory(chain, params, n, generator=generator, chain_for=chain_for)
-        limit = float("inf") if probe_memory is None else probe_memory
-        budgets = tuple(budgets) if budgets is not None else ((limit, None),)
-        _check_memory(cands, memory, min(limit, max(m for m, _ in budgets)))
-        timing = fit_time_model(chain, params, n, generator=generator, chain_for=chain_for, repeats=repeats,
-                                admit=lambda plan, ck: predicted_memory(memory, plan, ck) <= limit)
-
-        def checkpoint(plan):   # a pilot's steps to checkpoint: all its gradient steps where it would not fit
-            steps = set(plan.steps(Role.FO)) | set(plan.steps(Role.HO))
-            return steps if predicted_memory(memory, plan) > limit else ()
-
-        fits = [c for c in cands if predicted_memory(memory, c.plan, c.checkpoint_steps) <= limit]
-        seconds = {c: timing.predict(c.plan, c.checkpoint_steps, chain_for(c.plan), c.pairing) for c in fits}
-
-        def within(c, i, timed=True):
-            m, t = budgets[i]
-            return (space.biased or c.is_unbiased) and predicted_memory(memory, c.plan, c.checkpoint_steps) <= m \
-                and (not timed or t is None or seconds[c] <= t)
-
-        _check_time(fits, seconds, budgets, within)
-        zo_keys = {zo_key(c) for c in fits if Role.ZO in c.plan.roles}
+        costed = costs(chain, params, settings, cands, generator)
         marks = [(meter.forward, meter.backward)]
-        fo, zo = _fo_zo_parts(chain, params, fits, zo_keys, memory, limit, shared, chain_for=chain_for,
-                              generator=generator, n=n, pilot_samples=pilot_samples, baseline=baseline,
-                              checkpoint=checkpoint, chunk=n if probe_memory is not None else 1 << 14,
-                              progress=progress)
+        fo_zo = pilot_fo_zo(chain, params, settings, costed, generator)
         marks.append((meter.forward, meter.backward))
-
-        def base(c):    # G (V_FO + V_ZO): the variance without the HO part
-            G = Pairing.parse(c.pairing).size
-            return G * (fo.get(c.plan.fo_steps, 0.0) + (zo[zo_key(c)] if Role.ZO in c.plan.roles else 0.0))
-
-        bounds = {}
-        for c in fits:
-            for i in range(len(budgets)):
-                if c.plan.blocks and within(c, i):
-                    G = Pairing.parse(c.pairing).size
-                    bounds.setdefault(ho_key(c), []).append((base(c) * seconds[c], G * seconds[c], i))
-        best = [min((base(c) * seconds[c] for c in fits if not c.plan.blocks and within(c, i)), default=float("inf"))
-                for i in range(len(budgets))]
-
-        def draw(key, rows):
-            plan = ho_pilot(T, key[0])
-            return pilot_rows(chain_for, plan, params, rows, n, generator=generator, group=key[1],
-                              baseline=baseline, checkpoint=checkpoint(plan),
-                              chunk=n if probe_memory is not None else 1 << 14, progress=progress)
-
-        def cost(key, rows):
-            plan, b = ho_pilot(T, key[0]), n // key[1]
-            drawn = max(2, rows // b) * b if isinstance(baseline, str) else rows
-            return expected_evaluations(plan, drawn, bool(checkpoint(plan)))["forward"] / T
-
-        ho, skipped = pilot_ho_parts(bounds, best, draw, cost, pilot_samples, meter=meter, T=T,
-                                     max_evaluations=max_evaluations, first=2 * n, prune=prune)
+        ho = prune_ho(chain, params, settings, costed, fo_zo, generator, meter)
         marks.append((meter.forward, meter.backward))
-    spent = {stage: (b[0] - a[0], b[1] - a[1]) for stage, a, b in
-             zip(("memory and timing", "FO and ZO parts", "HO parts"), [(0, 0)] + marks, marks)}
-    parts = PartVariances(pilot_samples, n, fo, ho, zo)
-    over = set(cands) - set(fits)
-    scored = tuple(score(c, memory, timing, parts, chain_for,
-                         "over the probe memory" if c in over else skipped.get(ho_key(c), "")) for c in cands)
-    return Measured(scored, memory, timing, parts, space.biased, budgets if skipped else None, spent)
-
-
-def _check_memory(cands, memory: MemoryCosts, room: float) -> None:
-    """``ValueError`` if no candidate fits ``room`` bytes: answered from the memory model, before
-    any timing probe or pilot."""
-    need = {c: predicted_memory(memory, c.plan, c.checkpoint_steps) for c in cands}
-    least = min(need, key=need.get, default=None)
-    if least is not None and need[least] > room:
-        raise ValueError(f"no plan fits in {format_bytes(room)}: the least memory any plan needs is "
-                         f"{format_bytes(need[least])} ({least.name})")
-
-
-def _check_time(fits, seconds, budgets, within) -> None:
-    """``ValueError`` if no candidate of ``fits`` is within any of the budgets (with the fastest
-    plan's time where a time budget is what rules them out): answered before any pilot."""
-    if not fits or any(within(c, i) for c in fits for i in range(len(budgets))):
-        return
-    m, t = budgets[0]
-    fastest = min((c for c in fits if within(c, 0, timed=False)), key=seconds.get, default=None)
-    raise ValueError(f"no plan fits in {format_bytes(m)}" + (f" and {t:g} s per estimate" if t is not None else "")
-                     + (f": the fastest that fits the memory takes {seconds[fastest]:.3g} s ({fastest.name})"
-                        if fastest is not None and t is not None else ""))
-
-
-def zo_key(c: Candidate) -> tuple:
-    """The ZO part a candidate needs: (K, blocks, pairing)."""
-    return c.plan.fo_steps, tuple(sorted(c.plan.blocks)), Pairing.parse(c.pairing).name
-
-
-def ho_key(c: Candidate) -> tuple:
-    """The HO part a candidate needs: (blocks, G)."""
-    return tuple(sorted(c.plan.blocks)), Pairing.parse(c.pairing).size
-
-
-def _fo_zo_parts(chain, params, fits, zo_keys, memory, limit, shared, *, chain_for, generator, n, pilot_samples,
-                 baseline, checkpoint, chunk, progress):
-    """The FO and ZO parts: from the shared pilot where some candidate has an FO step (so
-    the reward is differentiable) and full backprop fits ``limit``, checkpointed and with
-    fewer samples a call if it must be (activation memory is proportional to the samples
-    of a call), else one pilot per part."""
-    T, full = chain.T, Plan.full(chain.T)
-    ks = {c.plan.fo_steps for c in fits if c.plan.fo_steps}
-    ckpt = predicted_memory(memory, full) > limit
-    need = predicted_memory(memory, full, range(1, T + 1) if ckpt else ())
-    per_call = n if need <= limit else int(n * limit / need)
-    if shared and ks and per_call >= 1:
-        moments = measure_step_gradients(chain_for, params, T, pilot_samples, n, generator=generator,
-                                         baseline=baseline, checkpoint=ckpt, chunk=chunk, per_call=per_call,
-                                         progress=progress)
-        zo = {}
-        for K, b, p in zo_keys:
-            on = chain_for(layout(T, K, b))
-            G = Pairing.parse(p).size
-            noisy = {t: float(on.tau(t)) for t in range(1, T + 1) if float(on.tau(t)) > 0}
-            zo[(K, b, p)] = moments.zo({t: noisy[t] for t in zo_pilot(T, K, b).steps(Role.ZO)}, noisy, p,
-                                       n // G if baseline == "loo" else None)
-        return {K: moments.fo(K) for K in ks}, zo
-    parts = measure_part_variances(chain, params, ks=ks, blocks=(), zo=zo_keys, n=pilot_samples, batch=n,
-                                   generator=generator, chain_for=chain_for, baseline=baseline, chunk=chunk,
-                                   checkpoint=checkpoint, progress=progress)
-    return dict(parts.fo), dict(parts.zo)
+    parts = replace(fo_zo, ho=ho.ho)
+    return Measured(score_all(settings, cands, costed, parts, ho.skipped), costed.memory, costed.timing, parts,
+                    space.biased, settings.budgets if ho.skipped else None, Spent.between(marks))
 
 
 def search(chain, params, memory_budget: float, *, time_budget: float | None = None, **kwargs) -> SearchResult:
@@ -343,11 +193,3 @@ def search(chain, params, memory_budget: float, *, time_budget: float | None = N
     measures plus the states and sums the engine holds) and ``time_budget`` (seconds per
     estimate of ``n`` samples, or None), best first. ``kwargs`` are :func:`measure`'s."""
     return measure(chain, params, budgets=[(memory_budget, time_budget)], **kwargs).choose(memory_budget, time_budget)
-
-
-def _valid(plan: Plan, chain_for: ChainFor) -> bool:
-    try:
-        plan.validate(chain_for(plan))
-        return True
-    except ValueError:
-        return False
