@@ -38,7 +38,7 @@ class Components:
       text_encoder_2, tokenizer_2, text_encoder_3, tokenizer_3: the further text encoders of
         SD3 (CLIP-G, T5; ``text_encoder_3`` None: no T5) and FLUX (``text_encoder_2``: T5).
       family: the model family's name (``halforder.diffusion.families``): ``"sd"``, ``"sd3"``, ``"flux"``,
-        ``"wan"``, ``"qwen-image"``.
+        ``"wan"``, ``"qwen-image"``, ``"sana"``.
       max_sequence_length: the T5 prompt length (the pipeline's ``max_sequence_length``).
     """
 

@@ -101,9 +101,9 @@ class TrainConfig(LoopConfig):
     # ------------------------------------------------------------------ model
     task: str = knob("t2i", "t2i (image) or t2v (video: Wan 2.1, UNet3D)", choices=("t2i", "t2v"))
     model: str = knob("CompVis/stable-diffusion-v1-4",
-                      "hub id or local folder; tiny, tiny-sd3, tiny-flux, tiny-wan, tiny-qwen-image")
+                      "hub id or local folder; tiny, tiny-sd3, tiny-flux, tiny-wan, tiny-qwen-image, tiny-sana")
     revision: str | None = knob(None, "hub revision of the model")
-    scheduler: str = knob("ddim", "a UNet model's sampler (flow models keep theirs)",
+    scheduler: str = knob("ddim", "a UNet model's sampler (flow models and SANA keep theirs)",
                           choices=("ddim", "dpm"))
     noise: str = knob("sde", "flow models, where eta > 0: sde or cps", choices=FLOW_NOISE)
     shift: float | None = knob(None, "flow models: the scheduler's shift")

@@ -1,5 +1,5 @@
 """Model families: SD 1/2 (:mod:`.sd`), SD3 and 3.5 (:mod:`.sd3`), FLUX.1 (:mod:`.flux`), Wan 2.1
-text-to-video (:mod:`.wan`), Qwen-Image (:mod:`.qwen_image`).
+text-to-video (:mod:`.wan`), Qwen-Image (:mod:`.qwen_image`), SANA (:mod:`.sana`).
 
 :func:`load_components` reads a folder's or hub id's ``model_index.json`` and loads the
 family its pipeline class names; :func:`tiny_model` builds a family's tiny random parts;
@@ -18,11 +18,11 @@ import torch
 from ..components import Components
 from ..hub import load_error, local_dir, looks_local, offline
 from ..text import PromptEncoder
-from . import flux, qwen_image, sd, sd3, wan
+from . import flux, qwen_image, sana, sd, sd3, wan
 from .protocol import ModelFamily
 
 FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (sd.FAMILY, sd3.FAMILY, flux.FAMILY, wan.FAMILY,
-                                                         qwen_image.FAMILY)}
+                                                         qwen_image.FAMILY, sana.FAMILY)}
 TINY_MODELS: dict[str, ModelFamily] = {f.tiny_model: f for f in FAMILIES.values()}
 
 
@@ -98,7 +98,7 @@ def check_t5(family: ModelFamily, t5: bool, what: str) -> None:
 
 def tiny_model(name: str, seed: int = 0, scheduler: str = "ddim") -> Components:
     """The tiny random parts of the family whose tiny model is ``name`` (``"tiny"``,
-    ``"tiny-sd3"``, ``"tiny-flux"``, ``"tiny-wan"``, ``"tiny-qwen-image"``), built offline."""
+    ``"tiny-sd3"``, ``"tiny-flux"``, ``"tiny-wan"``, ``"tiny-qwen-image"``, ``"tiny-sana"``), built offline."""
     if name not in TINY_MODELS:
         raise ValueError(f"unknown tiny model {name!r}; known: {', '.join(TINY_MODELS)}")
     return TINY_MODELS[name].tiny(seed, scheduler=scheduler)
