@@ -8,8 +8,10 @@ to a named record; :func:`.search.measure` composes them:
     ho = prune_ho(chain, params, settings, costed, fo_zo, generator, meter)          # HO parts
     scored = score_all(settings, cands, costed, replace(fo_zo, ho=ho.ho), ho.skipped)
 
-The stages draw from one generator in this order; the timing probes draw as often as the
-clock has them run, so the pilots' draws differ from run to run unless the timing does not.
+The stages draw from one generator in this order. The timing probes run as often as the clock
+has them run, so they draw from a generator of their own, seeded by one draw of the search's:
+the pilots, and with them the variances and the choice, are the same from run to run for one
+seed (only the seconds vary).
 """
 from __future__ import annotations
 
@@ -145,7 +147,7 @@ def costs(chain, params, settings: SearchSettings, cands: Sequence[Candidate], g
     memory, checked before any timing probe, or none fits any budget's time."""
     memory = measure_memory(chain, params, settings.n, generator=generator, chain_for=settings.chain_for)
     _check_memory(cands, memory, min(settings.limit, max(m for m, _ in settings.budgets)))
-    timing = fit_time_model(chain, params, settings.n, generator=generator, chain_for=settings.chain_for,
+    timing = fit_time_model(chain, params, settings.n, generator=fork(generator), chain_for=settings.chain_for,
                             repeats=settings.repeats,
                             admit=lambda plan, ck: predicted_memory(memory, plan, ck) <= settings.limit)
     fits = tuple(c for c in cands if predicted_memory(memory, c.plan, c.checkpoint_steps) <= settings.limit)
@@ -153,6 +155,12 @@ def costs(chain, params, settings: SearchSettings, cands: Sequence[Candidate], g
     out = Costs(memory, timing, fits, seconds)
     _check_time(settings, out)
     return out
+
+
+def fork(generator: torch.Generator) -> torch.Generator:
+    """A generator of its own, seeded by one draw of ``generator`` (on its device)."""
+    seed = int(torch.randint(2 ** 62, (1,), generator=generator, device=generator.device))
+    return torch.Generator(device=generator.device).manual_seed(seed)
 
 
 def within(settings: SearchSettings, costs: Costs, c: Candidate, budget: int, timed: bool = True) -> bool:
