@@ -200,7 +200,7 @@ def toy_part(quick: bool):
     unit = measure_memory(chain, params, n, generator=torch.Generator().manual_seed(0)).graph[0]
     budgets = [(f"{k} step graphs", k * unit) for k in (4, 16, 64)]
     variants = searched(chain, params, budgets, n=n, space=space, pilot_samples=256 if quick else 4096,
-                        repeats=3 if quick else 9)
+                        repeats=1 if quick else 9)
     measured = variants["shared + bound"][0]
     sv = theory.measure_step_variances(chain, params, 256 if quick else 4096,
                                        generator=torch.Generator().manual_seed(5), steps=(2, 26, 50))
@@ -216,7 +216,7 @@ def toy_part(quick: bool):
         extra[name] = {"paper": score(Candidate(plan), measured.memory, measured.timing, parts, lambda p: chain),
                        "exhaustive": variants["exhaustive"][0].choose(B).best}
     out = evaluate("toy", lambda p: chain, params, measured, budgets, extra, n=n,
-                   n_var=512 if quick else 16384, repeats=3 if quick else 15, baseline=None, seed=11,
+                   n_var=512 if quick else 16384, repeats=1 if quick else 15, baseline=None, seed=11,
                    top=5 if quick else 10)
     return measured, out, f"{cfg.describe()}; batch {n}; V_h = {sv.V_h:.4g}, V_z = {sv.V_z:.4g}", \
         cost_rows("toy", cfg.T, variants)
@@ -224,13 +224,13 @@ def toy_part(quick: bool):
 
 def tiny_sd(T: int):
     """The tiny SD chain of part (b) with T steps: (base chain, chain_for, LoRA parameters)."""
-    from halforder.diffusion import add_lora, make_chain, tiny_components
+    from halforder.diffusion import NoiseScales, add_lora, make_chain, tiny_components
     from halforder.diffusion.rewards import make_reward
 
     comp = tiny_components(0)
     params = {k: v.detach() for k, v in add_lora(comp.unet, rank=2, alpha=2.0, seed=0).items()}
     base = make_chain(comp, T, ["a red square"], make_reward("brightness"), guidance_scale=2.0)
-    return base, (lambda plan: base.for_plan(plan, ho_eta=0.1, zo_sigma=1e-3)), params
+    return base, (lambda plan: base.for_plan(plan, NoiseScales(eta_plan=0.1, zo_sigma=1e-3))), params
 
 
 def sd_part(quick: bool):
