@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from halforder.diffusion import add_lora, make_chain, make_reward, tiny_components
+from halforder.diffusion import NoiseScales, add_lora, make_chain, make_reward, tiny_components
 from halforder.estimators import Checkpointed, Plan, SavedTensorMeter, estimate
 from halforder.training.files import write_text
 
@@ -38,7 +38,7 @@ def plans(T: int):
 
 def measure(comp, params, reward, plan, ckpt, batch, repeats, seed=0):
     chain = make_chain(comp, plan.T, ["a photo of a cat"] * batch, reward, guidance_scale=1.0).for_plan(
-        plan, eta="plan", ho_eta=0.1, zo_sigma=1e-3)
+        plan, NoiseScales(eta="plan", eta_plan=0.1, zo_sigma=1e-3))
     if ckpt:
         chain = Checkpointed(chain)
     exclude = [t for m in comp.modules() for t in (*m.parameters(), *m.buffers())]

@@ -36,7 +36,7 @@ import time
 
 import torch
 
-from halforder.diffusion import add_lora, image_view, make_chain, make_reward
+from halforder.diffusion import NoiseScales, add_lora, image_view, make_chain, make_reward
 from halforder.diffusion.components import SD_SCHEDULER_CONFIG, Components, make_scheduler, tiny_components
 from halforder.estimators import Plan, SavedTensorMeter, estimate
 from halforder.estimators.gradient_checkpointing import Checkpointed, checkpoint_blocks
@@ -116,7 +116,7 @@ def chain_for(setup, plan, batch, batching="vmap", lean=False, compile=None):
     comp, encoder, _ = setup
     chain = make_chain(comp, plan.T, ["a photo of a cat"] * batch, make_reward("brightness"), guidance_scale=GUIDANCE,
                        batching=batching, encoder=encoder, compile=compile, view=image_view(comp, LATENT)
-                       ).for_plan(plan, ho_eta=0.1 if comp.family == "sd" else 0.7, zo_sigma=1e-3)
+                       ).for_plan(plan, NoiseScales(eta_plan=0.1 if comp.family == "sd" else 0.7, zo_sigma=1e-3))
     checkpoint_blocks(comp.vae, lean)
     return Checkpointed(chain) if lean else chain
 

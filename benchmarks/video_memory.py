@@ -19,7 +19,7 @@ import os
 
 import torch
 
-from halforder.diffusion import add_lora, make_chain
+from halforder.diffusion import NoiseScales, add_lora, make_chain
 from halforder.diffusion.video import frame_indices, make_video_reward, tiny_video_components, video_view
 from halforder.estimators import Plan, SavedTensorMeter, estimate
 from halforder.training.files import write_text
@@ -47,7 +47,7 @@ def saved_peak(comp, params, plan, frames, num_frames, batch, seed=0, repeats=2,
     ``fo_only``: of RLR's first-order phase alone (truncated K=1 on the RLR chain)."""
     chain = make_chain(comp, plan.T, ["a red ball bouncing"] * batch, make_video_reward("brightness"),
                        view=video_view(comp, num_frames, frames), guidance_scale=1.0,
-                       generator=torch.Generator()).for_plan(plan, eta="plan", ho_eta=0.1, zo_sigma=1e-3)
+                       generator=torch.Generator()).for_plan(plan, NoiseScales(eta_plan=0.1, zo_sigma=1e-3))
     peaks = []
     for _ in range(repeats):
         g = torch.Generator().manual_seed(seed)

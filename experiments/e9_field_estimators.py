@@ -224,13 +224,13 @@ def tanh_setup(quick: bool) -> Setup:
 
 def sd3_setup(quick: bool) -> Setup:
     """The tiny SD3 flow chain with 16 LoRA weights; its truth comes from full backprop rows."""
-    from halforder.diffusion import add_lora, make_chain, make_reward, tiny_model
+    from halforder.diffusion import NoiseScales, add_lora, make_chain, make_reward, tiny_model
 
     comp = tiny_model("tiny-sd3")
     lora = add_lora(comp.unet, rank=1, target_modules=["proj_out"], init=False, seed=0)
     params = {k: v.detach() for k, v in lora.items() if ".lora_B." in k}
     chain = make_chain(comp, 4, ["a photo"], make_reward("brightness"), guidance_scale=1.0).for_plan(
-        Plan.reinforce(4), ho_eta=0.7)
+        Plan.reinforce(4), NoiseScales(eta_plan=0.7))
     return Setup("tiny SD3", chain, params, 4 if quick else 768, 2 if quick else 8, 3000, None,
                  draws=1 if quick else 8, n_ref=96 if quick else 8192)
 

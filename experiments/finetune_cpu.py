@@ -184,7 +184,7 @@ def run(setup: Setup, name: str, seed: int, lr: float, progress=None) -> dict:
     method = methods(cfg.T)[name]
     task = setup.task(method.checkpointing)
     meter = SavedTensorMeter(exclude=[*setup.unet.parameters(), *task.params.values()])
-    first, x0 = evaluate(setup, task)
+    first, x0 = setup.start
     curve, train_curve, plans = [{"compute": 0, "seconds": 0.0, **first}], [], []
     marks = [cfg.budget * (i + 1) / cfg.n_points for i in range(cfg.n_points)]
     eval_seconds = 0.0
@@ -307,7 +307,7 @@ def main(argv=None) -> dict:
     os.makedirs(out, exist_ok=True)
     t0 = time.perf_counter()
     setup = build_setup(cfg, cache)
-    base, base_samples = evaluate(setup, setup.task())
+    base, base_samples = setup.start
     gvar = {name: gradient_variance(setup, methods(cfg.T)[name]) for name in cfg.methods}
     with _runner(setup, cfg, cache, args.jobs) as run_all:
         if len(cfg.lrs) > 1:

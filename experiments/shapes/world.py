@@ -3,12 +3,13 @@ evaluation noise (:class:`Setup`), and what an evaluation measures (:func:`evalu
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass, field
 
 import torch
 
-from halforder.diffusion import Components, DiffusionTask, ImageView, add_lora, rollout
+from halforder.diffusion import Components, DiffusionTask, ImageView, NoiseScales, add_lora, rollout
 
 from .classifier import CircleReward, pretrained_classifier
 from .data import SHAPES, sample_shapes
@@ -38,8 +39,15 @@ class Setup:
         params = {k: torch.nn.Parameter(v.clone()) for k, v in self.init.items()}
         components = Components(self.unet, None, None, None, ddim_scheduler(cfg.pretrain))
         view = ImageView(None, tuple(self.eval_start.shape[1:]))
-        return DiffusionTask(components, params, self.reward, view, cfg.T, guidance_scale=1.0, eta=cfg.eta,
-                             zo_sigma=cfg.zo_sigma, gradient_checkpointing=checkpointing)
+        return DiffusionTask(components, params, self.reward, view, cfg.T, guidance_scale=1.0,
+                             noise_scales=NoiseScales(eta=cfg.eta, zo_sigma=cfg.zo_sigma),
+                             gradient_checkpointing=checkpointing)
+
+    @functools.cached_property
+    def start(self) -> tuple[dict, torch.Tensor]:
+        """:func:`evaluate` at the LoRA start, where every run begins (B = 0: the base model):
+        the same for every run, so evaluated once."""
+        return evaluate(self, self.task())
 
 
 def build_setup(cfg, cache_dir: str) -> Setup:

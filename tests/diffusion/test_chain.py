@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from halforder.diffusion import (DiffusionChain, ModuleDenoiser, add_lora, encode_prompts, eta_schedule,
+from halforder.diffusion import (DiffusionChain, ModuleDenoiser, NoiseScales, add_lora, encode_prompts, eta_schedule,
                                  lora_params, make_chain, make_solver, rollout, tau_schedule)
 from halforder.diffusion.rewards import make_reward
 from halforder.estimators import Plan, estimate
@@ -24,7 +24,8 @@ def test_ddim_step_matches_scheduler(tiny, prediction_type):
     c = type(c)(c.unet, c.vae, c.text_encoder, c.tokenizer,
                 type(c.scheduler).from_config(c.scheduler.config, prediction_type=prediction_type))
     T, etas = 6, [0.3, 0.0, 1.0, 0.5, 0.0, 0.7]
-    chain = make_chain(c, T, ["a cat", "a dog"], BRIGHT, guidance_scale=3.0).for_plan(Plan.full(T), eta=etas)
+    chain = make_chain(c, T, ["a cat", "a dog"], BRIGHT, guidance_scale=3.0).for_plan(Plan.full(T),
+                                                                                   NoiseScales(eta=etas))
     assert isinstance(chain, Chain)
     sched = _scheduler(c, T)
     g = torch.Generator().manual_seed(0)
@@ -48,7 +49,7 @@ def test_ddim_rollout_matches_pipeline(tiny, sd_pipeline):
     x_T = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     ref = pipe(prompt_embeds=pe, negative_prompt_embeds=ne, latents=x_T, num_inference_steps=T,
                guidance_scale=4.0, eta=0.0, output_type="latent").images
-    chain = make_chain(tiny, T, prompts, BRIGHT, guidance_scale=4.0).for_plan(Plan.full(T), eta=0.0)
+    chain = make_chain(tiny, T, prompts, BRIGHT, guidance_scale=4.0).for_plan(Plan.full(T), NoiseScales(eta=0.0))
     mine = rollout(chain, {}, chain.initial_state(x_T))
     torch.testing.assert_close(mine, ref, rtol=1e-5, atol=1e-5)
 
@@ -61,7 +62,7 @@ def test_dpm_steps_match_scheduler(tiny_dpm, T, karras):
     c = type(c)(c.unet, c.vae, c.text_encoder, c.tokenizer,
                 type(c.scheduler).from_config(c.scheduler.config, use_karras_sigmas=karras))
     etas = [float(i % 3 == 1) for i in range(T)]
-    chain = make_chain(c, T, ["a cat"], BRIGHT, guidance_scale=3.0).for_plan(Plan.full(T), eta=etas)
+    chain = make_chain(c, T, ["a cat"], BRIGHT, guidance_scale=3.0).for_plan(Plan.full(T), NoiseScales(eta=etas))
     sde, ode = _scheduler(c, T), _scheduler(c, T, algorithm_type="dpmsolver++")
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 4, 8, 8, generator=g)
@@ -88,7 +89,7 @@ def test_dpm_sde_rollout_matches_pipeline(tiny_dpm, sd_pipeline):
     x_T = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     ref = pipe(prompt_embeds=pe, negative_prompt_embeds=ne, latents=x_T, num_inference_steps=T, guidance_scale=4.0,
                generator=torch.Generator().manual_seed(7), output_type="latent").images
-    chain = make_chain(tiny_dpm, T, prompts, BRIGHT, guidance_scale=4.0).for_plan(Plan.full(T), eta=1.0)
+    chain = make_chain(tiny_dpm, T, prompts, BRIGHT, guidance_scale=4.0).for_plan(Plan.full(T), NoiseScales(eta=1.0))
     g = torch.Generator().manual_seed(7)
     noise = [torch.randn(x_T.shape, generator=g) for _ in range(T)]
     mine = rollout(chain, {}, chain.initial_state(x_T), noise=noise)
@@ -100,8 +101,8 @@ def test_per_sample_params(tiny, cfg):
     """A leading sample axis on the LoRA params: vmap == one call per sample == shared
     params when the copies are equal."""
     params = add_lora(tiny.unet, rank=2, init=False, seed=0)
-    chain = make_chain(tiny, 2, ["a cat", "a dog", "a cow"], BRIGHT, guidance_scale=cfg).for_plan(Plan.full(2),
-                                                                                                eta=0.0)
+    chain = make_chain(tiny, 2, ["a cat", "a dog", "a cow"], BRIGHT, guidance_scale=cfg).for_plan(
+        Plan.full(2), NoiseScales(eta=0.0))
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 4, 8, 8, generator=g)
     per = {k: v.detach() + 0.3 * torch.randn((3, *v.shape), generator=g) for k, v in params.items()}
@@ -130,22 +131,40 @@ def test_per_sample_params(tiny, cfg):
 
 def test_schedules_follow_the_plan():
     plan = Plan.rlr(T=6, h=2, j=3)
-    assert eta_schedule(plan, "plan", ho_eta=0.1) == (0, 0, 0.1, 0, 0, 0)
+    assert eta_schedule(plan, "plan", eta_plan=0.1) == (0, 0, 0.1, 0, 0, 0)
     assert eta_schedule(plan, 0.5) == (0.5,) * 6
     assert tau_schedule(plan, "plan", zo_sigma=0.01) == (0, 0.01, 0, 0, 0.01, 0.01)
     assert tau_schedule(plan, 0.2) == (0.2,) * 6
-    assert eta_schedule(Plan.reinforce(3), "plan", ho_eta=1.0) == (1.0, 1.0, 1.0)
+    assert eta_schedule(Plan.reinforce(3), "plan", eta_plan=1.0) == (1.0, 1.0, 1.0)
     with pytest.raises(ValueError, match="eta"):
         eta_schedule(plan, [0.1] * 5)
     with pytest.raises(ValueError, match="unknown eta schedule"):
         eta_schedule(plan, "everywhere")
 
 
+def test_for_plan_takes_the_noise_scales_as_one_record(tiny):
+    """``for_plan(plan, NoiseScales(...))``; the keywords of earlier versions (``ho_eta`` for
+    ``eta_plan``) give the same chain with a DeprecationWarning, and not beside a record."""
+    plan = Plan.rlr(T=4, h=2, j=2)
+    base = make_chain(tiny, plan.T, ["a cat"], BRIGHT)
+    chain = base.for_plan(plan, NoiseScales(eta_plan=0.3, zo_sigma=0.01))
+    assert chain.solver.etas == eta_schedule(plan, "plan", 0.3) and chain.taus == tau_schedule(plan, "plan", 0.01)
+    with pytest.warns(DeprecationWarning, match=r"NoiseScales\(eta_plan=0.3, zo_sigma=0.01\)"):
+        old = base.for_plan(plan, ho_eta=0.3, zo_sigma=0.01)
+    assert (old.solver.etas, old.taus) == (chain.solver.etas, chain.taus)
+    assert base.for_plan(plan).solver.etas == eta_schedule(plan) == NoiseScales().etas(plan)
+    with pytest.raises(TypeError, match="not both"):
+        base.for_plan(plan, NoiseScales(), zo_sigma=0.01)
+    with pytest.raises(TypeError, match="eta_pln"):
+        base.for_plan(plan, eta_pln=0.3)
+    assert NoiseScales(eta=[0.1, 0.2]).eta == (0.1, 0.2)     # a frozen record holds no list
+
+
 def test_plan_chain_validates(tiny):
     plan = Plan.rlr(T=4, h=2, j=2)
-    chain = make_chain(tiny, plan.T, ["a cat"], BRIGHT).for_plan(plan, zo_sigma=0.01)
+    chain = make_chain(tiny, plan.T, ["a cat"], BRIGHT).for_plan(plan, NoiseScales(zo_sigma=0.01))
     plan.validate(chain)
-    eta0 = make_chain(tiny, plan.T, ["a cat"], BRIGHT).for_plan(plan, eta=0.0, zo_sigma=0.01)
+    eta0 = make_chain(tiny, plan.T, ["a cat"], BRIGHT).for_plan(plan, NoiseScales(eta=0.0, zo_sigma=0.01))
     with pytest.raises(ValueError, match="step 2"):  # the HO block ends where sigma = 0
         plan.validate(eta0)
 
@@ -157,7 +176,7 @@ def test_per_step_prompts(tiny):
     by_step = {t: (["a cat"] if t > 2 else ["a dog"]) for t in range(1, T + 1)}
     seen = []
     chain = make_chain(tiny, T, lambda t: by_step[t], lambda im, p: seen.append(p) or im.mean((1, 2, 3)),
-                       guidance_scale=1.0).for_plan(Plan.full(T), eta=0.0)
+                       guidance_scale=1.0).for_plan(Plan.full(T), NoiseScales(eta=0.0))
     x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     for t in (4, 1):
         ts = chain.solver.timesteps[t - 1]
@@ -175,7 +194,7 @@ def test_every_plan_gives_lora_gradients(tiny, plan):
     params = add_lora(tiny.unet, rank=2, init=False, seed=0)
     frozen = {k: v.clone() for k, v in tiny.unet.state_dict().items() if "lora_" not in k}
     chain = make_chain(tiny, plan.T, ["a cat"], make_reward("random_cnn"), guidance_scale=2.0).for_plan(
-        plan, ho_eta=1.0, zo_sigma=0.05)
+        plan, NoiseScales(eta_plan=1.0, zo_sigma=0.05))
     est = estimate(chain, plan, params, chain.sample_start(2, torch.Generator().manual_seed(0)),
                    generator=torch.Generator().manual_seed(1))
     assert set(est.grad) == set(lora_params(tiny.unet))
@@ -241,7 +260,7 @@ def test_dpm_chain_drives_the_engine(tiny_dpm):
     params = add_lora(tiny_dpm.unet, rank=2, init=False, seed=0)
     plan = Plan.rlr(4, h=2, j=2)
     chain = make_chain(tiny_dpm, plan.T, ["a cat"], make_reward("random_cnn"), guidance_scale=2.0).for_plan(
-        plan, ho_eta=1.0, zo_sigma=0.05)
+        plan, NoiseScales(eta_plan=1.0, zo_sigma=0.05))
     x_T = chain.sample_start(2, torch.Generator().manual_seed(0))
     assert isinstance(x_T, tuple) and len(x_T) == 2
     est = estimate(chain, plan, params, x_T, generator=torch.Generator().manual_seed(1))

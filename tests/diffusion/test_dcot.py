@@ -9,6 +9,7 @@ import torch
 pytest.importorskip("diffusers")
 
 from halforder.diffusion import ImageView, add_lora, encode_prompts, tiny_components, unet_latent_shape  # noqa: E402
+from halforder.diffusion.chain import NoiseScales  # noqa: E402
 from halforder.diffusion.dcot import (PAPER_WINDOW, DCoTConditioning, StepSplit, load_dcot_prompts,  # noqa: E402
                                       parse_dcot_prompts, window_levels)
 from halforder.diffusion.rewards import make_reward  # noqa: E402
@@ -88,7 +89,7 @@ def _dcot_task(T=6):
     entries = parse_dcot_prompts([ENTRY, {"prompt": "a dog", "coarse": "a shape", "mid": "a dog running",
                                           "fine": "wet nose"}])
     return c, DiffusionTask(c, params, make_reward("random_cnn"), _image_view(c), T, guidance_scale=1.0,
-                            eta_plan=1.0, zo_sigma=0.05,
+                            noise_scales=NoiseScales(eta_plan=1.0, zo_sigma=0.05),
                             step_prompts=DCoTConditioning(entries, StepSplit.make(T, (2, 2, 2))))
 
 

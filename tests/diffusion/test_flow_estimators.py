@@ -25,7 +25,7 @@ from scipy import stats
 pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
-from halforder.diffusion import add_lora, make_chain, make_reward, tiny_model  # noqa: E402
+from halforder.diffusion import NoiseScales, add_lora, make_chain, make_reward, tiny_model  # noqa: E402
 from halforder.estimators import (ComputeMeter, Plan, estimate, expected_evaluations, flatten, grouped,  # noqa: E402
                                   make_sampler)
 
@@ -51,7 +51,7 @@ def test_every_estimator_runs_and_costs_what_its_plan_says(lora_chain, name, pai
     plan = make_sampler(family, T, **kw).sample({}, g)
     G, n = (4, 8) if pairing == "param+ho" else (1, 4)
     chain = make_chain(c, T, grouped(["a red square", "a blue circle"] * (n // 2 // G), G), make_reward("brightness"),
-                       guidance_scale=2.0).for_plan(plan, ho_eta=0.7)
+                       guidance_scale=2.0).for_plan(plan, NoiseScales(eta_plan=0.7))
     x_T = grouped(chain.sample_start(n // G, g), G)
     with ComputeMeter() as meter:
         est = estimate(chain, plan, params, x_T, generator=g, baseline="loo", pairing=pairing)
@@ -112,7 +112,7 @@ def _draw(chain, plan, params, x_T, n, seed, chunk=512):
 def test_rlr_is_unbiased_on_a_flow_chain_and_the_test_has_power(sd3):
     base, params, x_T = sd3
     rlr = Plan.rlr(T, h=1, j=3)                          # FO on 1, HO on 3, ZO on 2 and 4
-    chain = base.for_plan(rlr, ho_eta=0.7, zo_sigma=0.02)
+    chain = base.for_plan(rlr, NoiseScales(eta_plan=0.7, zo_sigma=0.02))
     assert chain.sigma(3) > 0 and chain.tau(2) > 0 and chain.tau(4) > 0 and chain.sigma(2) == 0
     n = 2048
     full = _draw(chain, Plan.full(T), params, x_T, 512, seed=11)
@@ -128,7 +128,7 @@ def test_windowed_reinforce_estimates_the_windows_gradient(sd3):
     base, params, x_T = sd3
     window = Plan.reinforce(T, steps=[3, 4])
     assert window == Plan.from_roles(["NONE", "NONE", "HO", "HO"], blocks=[(3, 1), (4, 1)]) and not window.is_unbiased
-    chain = base.for_plan(window, ho_eta=0.7)            # MixGRPO: SDE on the window, ODE elsewhere
+    chain = base.for_plan(window, NoiseScales(eta_plan=0.7))   # MixGRPO: SDE on the window, ODE elsewhere
     assert [chain.sigma(t) > 0 for t in range(1, T + 1)] == [False, False, True, True]
     n = 2048
     est = _draw(chain, window, params, x_T, n, seed=21)
@@ -148,7 +148,7 @@ def test_gradient_checkpointing_gives_the_same_estimate(lora_chain, batching):
     c, params = lora_chain
     plan = Plan.rlr(T, 2, 2)
     chain = make_chain(c, T, ["a red square", "a blue circle"], make_reward("brightness"), guidance_scale=2.0,
-                       batching=batching).for_plan(plan, ho_eta=0.7)
+                       batching=batching).for_plan(plan, NoiseScales(eta_plan=0.7))
     out = []
     for wrapped in (chain, Checkpointed(chain)):
         g = torch.Generator().manual_seed(0)

@@ -5,7 +5,8 @@ import os
 import pytest
 import torch
 
-from halforder.diffusion import add_lora, lora_params, make_chain, rollout, save_lora, set_lora, tiny_components
+from halforder.diffusion import (NoiseScales, add_lora, lora_params, make_chain, rollout, save_lora, set_lora,
+                                 tiny_components)
 from halforder.diffusion.lora import DEFAULT_TARGETS, LORA_FILE, layer_names, load_lora
 from halforder.diffusion.rewards import make_reward
 from halforder.diffusion.video import tiny_video_components
@@ -75,8 +76,8 @@ def test_saved_adapter_loads_in_stable_diffusion_pipeline(tiny, tmp_path, sd_pip
     with torch.no_grad():
         torch.testing.assert_close(pipe.unet(x, 10, encoder_hidden_states=ctx).sample,
                                    tiny.unet(x, 10, encoder_hidden_states=ctx).sample, rtol=1e-5, atol=1e-5)
-    chain = make_chain(tiny, 3, ["a cat"], make_reward("brightness"), guidance_scale=2.0).for_plan(Plan.full(3),
-                                                                                                  eta=0.0)
+    chain = make_chain(tiny, 3, ["a cat"], make_reward("brightness"), guidance_scale=2.0).for_plan(
+        Plan.full(3), NoiseScales(eta=0.0))
     ours = rollout(chain, dict(lora_params(tiny.unet)), x_T)
     torch.testing.assert_close(after, ours, rtol=1e-5, atol=1e-5)
     assert (after - before).abs().max() > 1e-2

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from halforder.diffusion import add_lora, make_chain, make_reward, tiny_components
+from halforder.diffusion import NoiseScales, add_lora, make_chain, make_reward, tiny_components
 from halforder.diffusion.config import TrainConfig
 from halforder.diffusion.denoiser import vmap_attention_backends
 from halforder.diffusion.run import build_components, model_dtype
@@ -22,7 +22,8 @@ def _setup(dtype, batching="vmap", n=4, seed=1, compile=None):
     params = {k: v.detach().float() for k, v in params.items()}
     plan = Plan.rlr(6, 2, 3)
     chain = make_chain(comp, 6, ["a red square"] * n, make_reward("brightness"), guidance_scale=2.0,
-                       batching=batching, compile=compile).for_plan(plan, ho_eta=1.0, zo_sigma=1e-2)
+                       batching=batching, compile=compile).for_plan(plan, NoiseScales(eta_plan=1.0,
+                                                                                      zo_sigma=1e-2))
     return chain, plan, params
 
 
@@ -150,7 +151,7 @@ def test_a_compiled_denoiser_gives_the_eager_estimate(per_sample, checkpointed, 
         counters.clear()
         denoiser = module.ModuleDenoiser(net, solver.timesteps, context, negative, 2.0, "vmap", compiled)
         chain = DiffusionChain(denoiser, solver, 0.0, lambda z: z.mean((1, 2, 3)), (4, 8, 8)).for_plan(
-            plan, ho_eta=1.0, zo_sigma=1e-2)
+            plan, NoiseScales(eta_plan=1.0, zo_sigma=1e-2))
         chain = Checkpointed(chain) if checkpointed else chain
         g = torch.Generator().manual_seed(5)
         with ComputeMeter() as meter:    # the compute meter sees through the compiled call

@@ -10,7 +10,8 @@ import torch
 pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
-from halforder.diffusion import add_lora, load_components, make_chain, make_reward, rollout, tiny_model  # noqa: E402
+from halforder.diffusion import (NoiseScales, add_lora, load_components, make_chain, make_reward, rollout,  # noqa: E402
+                                 tiny_model)
 from halforder.diffusion.families import qwen_image  # noqa: E402
 from halforder.diffusion.lora import save_lora  # noqa: E402
 from halforder.diffusion.sd_chain import image_view  # noqa: E402
@@ -98,7 +99,7 @@ def test_per_sample_estimates_agree_under_vmap_and_the_loop():
     out = {}
     for batching in ("vmap", "loop"):
         chain = make_chain(c, 3, PROMPTS, make_reward("brightness"), view=image_view(c, SIZE), guidance_scale=3.0,
-                           batching=batching).for_plan(plan, ho_eta=0.7)
+                           batching=batching).for_plan(plan, NoiseScales(eta_plan=0.7))
         g = torch.Generator().manual_seed(0)
         out[batching] = estimate(chain, plan, params, chain.sample_start(2, g), generator=g, per_sample=True)
     for role in ("FO", "HO", "ZO"):

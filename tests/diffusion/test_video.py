@@ -8,7 +8,7 @@ import torch
 
 diffusers = pytest.importorskip("diffusers")
 
-from halforder.diffusion.chain import rollout  # noqa: E402
+from halforder.diffusion.chain import NoiseScales, rollout  # noqa: E402
 from halforder.diffusion.lora import add_lora, lora_params  # noqa: E402
 from halforder.diffusion.previews import write_video  # noqa: E402
 from halforder.diffusion.sd_chain import make_chain  # noqa: E402
@@ -23,12 +23,10 @@ from halforder.toy.stats import two_sample_test  # noqa: E402
 BRIGHT = make_video_reward("brightness")
 
 
-def _video_chain(c, plan, prompts, reward, *, num_frames=16, frames="all", eta="plan", ho_eta=1.0, tau="plan",
-                 zo_sigma=1e-3, guidance_scale=7.5):
+def _video_chain(c, plan, prompts, reward, *, num_frames=16, frames="all", scales=NoiseScales(), guidance_scale=7.5):
     """The video chain of ``plan``: the chain builder with a video view, then the plan's noise."""
     return make_chain(c, plan.T, prompts, reward, view=video_view(c, num_frames, frames),
-                      guidance_scale=guidance_scale).for_plan(plan, eta=eta, ho_eta=ho_eta, tau=tau,
-                                                              zo_sigma=zo_sigma)
+                      guidance_scale=guidance_scale).for_plan(plan, scales)
 
 
 def _pipeline(c):
@@ -50,7 +48,8 @@ def test_rollout_matches_text_to_video_pipeline(fps_cond):
     x_T = torch.randn(2, 4, F, 8, 8, generator=torch.Generator().manual_seed(1))
     ref = pipe(prompt_embeds=pe, negative_prompt_embeds=ne, latents=x_T, num_inference_steps=T, num_frames=F,
                guidance_scale=4.0, eta=0.0, output_type="latent").frames
-    chain = _video_chain(c, Plan.full(T), prompts, BRIGHT, num_frames=F, eta=0.0, guidance_scale=4.0)
+    chain = _video_chain(c, Plan.full(T), prompts, BRIGHT, num_frames=F, scales=NoiseScales(eta=0.0),
+                         guidance_scale=4.0)
     assert chain.latent_shape == (4, F, 8, 8)
     torch.testing.assert_close(rollout(chain, {}, chain.initial_state(x_T)), ref, rtol=1e-5, atol=1e-5)
 
@@ -154,8 +153,8 @@ def test_every_plan_gives_lora_gradients(plan):
     params = add_lora(c.unet, rank=2, init=False, seed=0)
     frozen = {k: v.clone() for k, v in c.unet.state_dict().items() if "lora_" not in k}
     reward = make_video_reward("random_cnn+0.5*temporal")
-    chain = _video_chain(c, plan, ["a cat"], reward, num_frames=3, frames="ends", ho_eta=1.0, zo_sigma=0.05,
-                         guidance_scale=2.0)
+    chain = _video_chain(c, plan, ["a cat"], reward, num_frames=3, frames="ends",
+                         scales=NoiseScales(eta_plan=1.0, zo_sigma=0.05), guidance_scale=2.0)
     est = estimate(chain, plan, params, chain.sample_start(2, torch.Generator().manual_seed(0)),
                    generator=torch.Generator().manual_seed(1), baseline="loo")
     assert set(est.grad) == set(lora_params(c.unet))
@@ -201,7 +200,7 @@ def test_rlr_mean_gradient_matches_full_backprop(videocrafter2):
     params = add_lora(c.unet, rank=1, init=False, target_modules=TARGETS, seed=0)
     T, rlr = 4, Plan.rlr(4, 2, 2)
     chain = _video_chain(c, rlr, ["a cat"], make_video_reward("random_cnn"), num_frames=2, frames="all",
-                         ho_eta=1.0, zo_sigma=0.5, guidance_scale=1.0)
+                         scales=NoiseScales(eta_plan=1.0, zo_sigma=0.5), guidance_scale=1.0)
     x_T = chain.sample_start(1, torch.Generator().manual_seed(3))
     pilot = _draw(chain, Plan.full(T), params, x_T, 32, seed=10).mean(0)
     U = torch.cat([(pilot / pilot.norm())[:, None],

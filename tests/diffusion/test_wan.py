@@ -9,7 +9,7 @@ import torch
 pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
-from halforder.diffusion import add_lora, load_components, make_chain, rollout, tiny_model  # noqa: E402
+from halforder.diffusion import NoiseScales, add_lora, load_components, make_chain, rollout, tiny_model  # noqa: E402
 from halforder.diffusion.families import wan  # noqa: E402
 from halforder.diffusion.lora import save_lora  # noqa: E402
 from halforder.diffusion.video.rewards import make_video_reward  # noqa: E402
@@ -87,7 +87,7 @@ def test_lora_files_load_into_the_pipeline_exactly(tmp_path, targets):
 def test_estimators_run_on_the_video_chain(plan):
     c = tiny_model("tiny-wan")
     params = add_lora(c.unet, rank=2, init=False, seed=0)
-    chain = chain_of(c, 4, 5.0, frames="random", prompts=PROMPTS * 2).for_plan(plan, ho_eta=0.7)
+    chain = chain_of(c, 4, 5.0, frames="random", prompts=PROMPTS * 2).for_plan(plan, NoiseScales(eta_plan=0.7))
     g = torch.Generator().manual_seed(0)
     with ComputeMeter() as meter:
         est = estimate(chain, plan, params, chain.sample_start(4, g), generator=g, baseline="loo")

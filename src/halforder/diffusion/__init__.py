@@ -11,7 +11,7 @@ CFG, per-sample parameters), :mod:`.chain` (the chain and its noise schedules), 
 :mod:`.export_cli` (a checkpoint's LoRA file), :mod:`.previews` (sample grids and GIFs), and
 :mod:`.video`.
 """
-from .chain import DiffusionChain, eta_schedule, rollout, tau_schedule
+from .chain import DiffusionChain, NoiseScales, eta_schedule, rollout, tau_schedule
 from .components import Components, make_scheduler, tiny_components, unet_latent_shape
 from .denoiser import ModuleDenoiser
 from .families import family_of, load_components, tiny_model
@@ -24,7 +24,7 @@ from .task import DiffusionTask
 from .text import PromptEncoder, encode_prompts, text_conditioning
 
 __all__ = ["Components", "DDIMSolver", "DPMSolver", "DecodedReward", "DiffusionChain", "DiffusionTask",
-           "FlowMatchSolver", "ImageView", "LatentScale", "ModuleDenoiser", "PromptEncoder", "REWARDS",
+           "FlowMatchSolver", "ImageView", "LatentScale", "ModuleDenoiser", "NoiseScales", "PromptEncoder", "REWARDS",
            "add_lora", "decode_latents", "encode_prompts", "eta_schedule", "family_of", "image_view",
            "load_components", "lora_params", "make_chain", "make_reward", "make_scheduler", "make_solver",
            "model_solver", "register", "rollout", "save_lora", "set_lora", "tau_schedule",

@@ -6,14 +6,15 @@ One chain step t is the solver's update on the denoiser's output,
 
 with sigma_t from the solver's eta at step t and tau_t the parameter-noise scale. The
 noise scales are set apart from building the chain (:meth:`DiffusionChain.with_noise`,
-:meth:`DiffusionChain.for_plan`): a chain is built once for a batch of prompts (the
-prompts encoded once), and each plan gets its scales from it without rebuilding. The
-paper's recipe (App. G) puts eta > 0 only where an HO block ends and tau > 0 only on ZO
-steps (:func:`eta_schedule`, :func:`tau_schedule`).
+:meth:`DiffusionChain.for_plan` with a :class:`NoiseScales`): a chain is built once for a
+batch of prompts (the prompts encoded once), and each plan gets its scales from it without
+rebuilding. The paper's recipe (App. G) puts eta > 0 only where an HO block ends and tau > 0
+only on ZO steps (:func:`eta_schedule`, :func:`tau_schedule`).
 """
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -24,6 +25,57 @@ from ..estimators.protocol import State, latent, per_step
 from ..estimators.rollout import roll_out
 from .denoiser import Denoiser, Params
 from .solvers import Schedule, Solver
+
+
+@dataclass(frozen=True)
+class NoiseScales:
+    """A chain's noise settings, which :meth:`DiffusionChain.for_plan` turns into a plan's
+    per-step scales (the defaults are the paper's recipe, App. G).
+
+    Attributes:
+      eta: the solver's eta: ``"plan"`` (``eta_plan`` where an HO block ends, 0 elsewhere:
+        :func:`eta_schedule`), one number for every step, or one value per step.
+      eta_plan: eta at the step that ends each HO block, where ``eta`` is ``"plan"``.
+      tau: the parameter-noise scale: ``"plan"`` (``zo_sigma`` on the ZO steps, 0 elsewhere:
+        :func:`tau_schedule`), one number for every step, or one value per step.
+      zo_sigma: tau on the ZO steps, where ``tau`` is ``"plan"``.
+    """
+
+    eta: Schedule = "plan"
+    eta_plan: float = 1.0
+    tau: Schedule = "plan"
+    zo_sigma: float = 1e-3
+
+    def __post_init__(self):
+        for name in ("eta", "tau"):
+            v = getattr(self, name)
+            if not isinstance(v, (str, int, float)):
+                object.__setattr__(self, name, tuple(v))
+
+    def etas(self, plan: Plan) -> tuple[float, ...]:
+        """The per-step eta for ``plan`` (:func:`eta_schedule`)."""
+        return eta_schedule(plan, self.eta, self.eta_plan)
+
+    def taus(self, plan: Plan) -> tuple[float, ...]:
+        """The per-step parameter-noise scale for ``plan`` (:func:`tau_schedule`)."""
+        return tau_schedule(plan, self.tau, self.zo_sigma)
+
+
+#: The keywords of :meth:`DiffusionChain.for_plan` before :class:`NoiseScales`, and their fields.
+_KEYWORDS = {"eta": "eta", "ho_eta": "eta_plan", "tau": "tau", "zo_sigma": "zo_sigma"}
+
+
+def _from_keywords(scales: NoiseScales | None, given: dict) -> NoiseScales:
+    unknown = sorted(set(given) - set(_KEYWORDS))
+    if unknown:
+        raise TypeError(f"for_plan() got unexpected keyword arguments {unknown}")
+    if scales is not None:
+        raise TypeError("for_plan() takes the noise scales either as a NoiseScales or as keywords, not both")
+    fields = {_KEYWORDS[k]: v for k, v in given.items()}
+    warnings.warn(f"the keywords {', '.join(given)} of for_plan are deprecated: pass "
+                  f"NoiseScales({', '.join(f'{k}={v!r}' for k, v in fields.items())})", DeprecationWarning,
+                  stacklevel=3)
+    return NoiseScales(**fields)
 
 
 @dataclass(frozen=True, eq=False)
@@ -86,11 +138,16 @@ class DiffusionChain:
         solver's per-step eta and the per-step parameter-noise scale tau."""
         return dataclasses.replace(self, solver=self.solver.with_etas(etas), taus=per_step(taus, self.T, "taus"))
 
-    def for_plan(self, plan: Plan, *, eta: Schedule = "plan", ho_eta: float = 1.0, tau: Schedule = "plan",
-                 zo_sigma: float = 1e-3) -> "DiffusionChain":
-        """The chain with the noise scales of ``plan``: see :func:`eta_schedule` and
-        :func:`tau_schedule` (the defaults are the paper's recipe)."""
-        return self.with_noise(eta_schedule(plan, eta, ho_eta), tau_schedule(plan, tau, zo_sigma))
+    def for_plan(self, plan: Plan, scales: NoiseScales | None = None, **deprecated) -> "DiffusionChain":
+        """The chain with the noise scales that ``scales`` gives ``plan`` (:class:`NoiseScales`;
+        None: its defaults, the paper's recipe).
+
+        The keywords ``eta``, ``ho_eta`` (now ``eta_plan``), ``tau`` and ``zo_sigma`` in place
+        of ``scales`` still work, with a ``DeprecationWarning``."""
+        if deprecated:
+            scales = _from_keywords(scales, deprecated)
+        scales = NoiseScales() if scales is None else scales
+        return self.with_noise(scales.etas(plan), scales.taus(plan))
 
 
 def rollout(chain, params: Params, x_T: State, *, generator: torch.Generator | None = None,
@@ -103,19 +160,19 @@ def rollout(chain, params: Params, x_T: State, *, generator: torch.Generator | N
     return latent(roll_out(chain, x_T, params, generator=generator, shapes={}, inherent=noise).x)
 
 
-def eta_schedule(plan: Plan, eta: Schedule = "plan", ho_eta: float = 1.0) -> tuple[float, ...]:
+def eta_schedule(plan: Plan, eta: Schedule = "plan", eta_plan: float = 1.0) -> tuple[float, ...]:
     """Per-step eta for a plan.
 
-    ``"plan"`` is the paper's recipe (App. G): eta = ``ho_eta`` at the step j that ends
+    ``"plan"`` is the paper's recipe (App. G): eta = ``eta_plan`` at the step j that ends
     each HO block (the step whose noise carries the likelihood ratio), eta = 0 elsewhere.
     A number is used at every step; a sequence gives ``eta[t-1]`` for step t."""
     if isinstance(eta, str):
         if eta != "plan":
             raise ValueError(f"unknown eta schedule {eta!r}; use 'plan', a number or one value per step")
-        if not ho_eta > 0:
-            raise ValueError(f"ho_eta must be > 0, got {ho_eta}")
+        if not eta_plan > 0:
+            raise ValueError(f"eta_plan must be > 0, got {eta_plan}")
         ends = {j for j, _ in plan.blocks}
-        return tuple(float(ho_eta) if t in ends else 0.0 for t in range(1, plan.T + 1))
+        return tuple(float(eta_plan) if t in ends else 0.0 for t in range(1, plan.T + 1))
     return per_step(eta, plan.T, "eta")
 
 

@@ -5,18 +5,18 @@
 in the diffusers layout) with ``from_pretrained``; ``tiny_components`` builds the same five
 parts from small configs with random weights, for tests and offline demos (nothing is
 downloaded: the tokenizer's vocabulary is the 256 byte-level symbols, with no merges).
-Other model families (SD3, FLUX, Wan) load and build theirs in :mod:`halforder.diffusion.families`,
+Other model families (SD3, FLUX, Wan, ...) load and build theirs in :mod:`halforder.diffusion.families`,
 which also reads a folder's ``model_index.json`` to pick the family (``load_components``).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
 
 from .hub import load_error, local_dir, looks_local, offline
-from .solvers import LatentScale
 
 _SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
@@ -26,20 +26,22 @@ class Components:
     """A diffusion model split into its parts (diffusers objects), named as in its pipeline.
 
     Attributes:
-      unet: the denoising network: a UNet (``UNet2DConditionModel``, ``UNet3DConditionModel``)
-        or a transformer (``SD3Transformer2DModel``, ``FluxTransformer2DModel``, ``WanTransformer3DModel``).
-      vae: ``AutoencoderKL`` (latents <-> images; its ``config.scaling_factor`` is used),
-        or None for a pixel-space model.
-      text_encoder: ``CLIPTextModel``, or None for an unconditional model.
-      tokenizer: ``CLIPTokenizer`` (None with no text encoder).
-      scheduler: a diffusers scheduler (DDIM or DPMSolverMultistep for a chain).
-      latent_scale: the :class:`~halforder.diffusion.solvers.LatentScale` of the model's
-        forward process (VideoCrafter2), which its solvers use; None: the standard process.
-      text_encoder_2, tokenizer_2, text_encoder_3, tokenizer_3: the further text encoders of
-        SD3 (CLIP-G, T5; ``text_encoder_3`` None: no T5) and FLUX (``text_encoder_2``: T5).
-      family: the model family's name (``halforder.diffusion.families``): ``"sd"``, ``"sd3"``, ``"flux"``,
-        ``"wan"``, ``"qwen-image"``, ``"sana"``.
-      max_sequence_length: the T5 prompt length (the pipeline's ``max_sequence_length``).
+      unet: the denoising network, the pipeline's ``unet`` or ``transformer``: a UNet
+        (``UNet2DConditionModel``, ``UNet3DConditionModel``) or a transformer (``SD3Transformer2DModel``,
+        ``FluxTransformer2DModel``, ``WanTransformer3DModel``, ...).
+      vae: the autoencoder (latents <-> images), or None for a pixel-space model.
+      text_encoder: the (first) text encoder, or None for an unconditional model.
+      tokenizer: its tokenizer (None with no text encoder).
+      scheduler: a diffusers scheduler.
+      extra: the pipeline's further parts under their names in ``model_index.json``, e.g. SD3's
+        ``text_encoder_2``, ``tokenizer_2``, ``text_encoder_3``, ``tokenizer_3`` (None where the
+        pipeline runs without one); each is also an attribute (``components.text_encoder_2``).
+      family: the model family's name (:data:`halforder.diffusion.families.FAMILIES`): ``"sd"``,
+        ``"sd3"``, ``"flux"``, ``"wan"``, ``"qwen-image"``, ``"sana"``, ``"videocrafter2"``.
+      max_sequence_length: the prompt length in tokens (the pipeline's ``max_sequence_length``;
+        None: the family's default).
+      options: the family's options record that the parts were made with (None: parts put
+        together by hand).
     """
 
     unet: Any
@@ -47,13 +49,28 @@ class Components:
     text_encoder: Any
     tokenizer: Any
     scheduler: Any
-    latent_scale: LatentScale | None = None
-    text_encoder_2: Any = None
-    tokenizer_2: Any = None
-    text_encoder_3: Any = None
-    tokenizer_3: Any = None
+    extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     family: str = "sd"
     max_sequence_length: int | None = None
+    options: Any = None
+
+    def __getattr__(self, name: str):
+        extra = self.__dict__.get("extra", {}) if not name.startswith("__") else {}
+        if name in extra:
+            return extra[name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    @property
+    def latent_scale(self):
+        """The :class:`~halforder.diffusion.solvers.LatentScale` of the model's forward process where
+        its family's options carry one (VideoCrafter2), which its solvers use; None: the standard process."""
+        return getattr(self.options, "latent_scale", None)
+
+    def with_parts(self, **parts) -> "Components":
+        """A copy with the parts ``parts`` (by their pipeline names) replaced or added."""
+        fields = {k: v for k, v in parts.items() if k in _SUBFOLDERS}
+        extra = {**self.extra, **{k: v for k, v in parts.items() if k not in _SUBFOLDERS}}
+        return dataclasses.replace(self, extra=extra, **fields)
 
     def freeze(self) -> "Components":
         """Put every module in eval mode with ``requires_grad=False``; returns self."""
@@ -64,8 +81,8 @@ class Components:
 
     def modules(self) -> list:
         """The networks that are present (denoiser, VAE, text encoders)."""
-        return [m for m in (self.unet, self.vae, self.text_encoder, self.text_encoder_2, self.text_encoder_3)
-                if m is not None]
+        return [m for m in (self.unet, self.vae, self.text_encoder, *self.extra.values())
+                if isinstance(m, torch.nn.Module)]
 
     def to(self, device=None, dtype: torch.dtype | None = None) -> "Components":
         """Move every network to ``device`` and cast it to ``dtype``; returns self. For

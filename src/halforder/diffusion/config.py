@@ -24,11 +24,13 @@ from ..estimators.step_sets import POSITIONS, WEIGHTINGS
 from ..planning.units import parse_bytes, parse_seconds
 from ..training.config import (ConfigError, LoopConfig, coerced, from_mapping, knob, layered, need,
                                read_mapping_file)
+from .chain import NoiseScales
 from .denoiser import BATCHING
 from .lora import DEFAULT_TARGETS
 from .rewards import REWARDS, check_reward_options, differentiable
 from .solvers import FLOW_NOISE
-from .video.components import VIDEOCRAFTER2_BASE, VIDEOCRAFTER2_UNET, check_videocrafter2_scheduler
+from .families import OPTION_SETTINGS, named_family, options_of
+from .video.components import VIDEOCRAFTER2_BASE, VIDEOCRAFTER2_UNET
 from .video.frames import FRAME_MODES, parse_frames
 from .video.rewards import VIDEO_REWARDS, check_video_reward_options
 
@@ -213,7 +215,7 @@ class TrainConfig(LoopConfig):
         try:
             parse_frames(self.frames)
             if self.task == "t2v" and self.video_model == "videocrafter2":
-                check_videocrafter2_scheduler(self.scheduler)
+                family_options(self, "videocrafter2")      # e.g. DPM-Solver, before any download
         except ValueError as e:
             raise ConfigError(str(e)) from None
         self.check_rewards()
@@ -257,6 +259,10 @@ class TrainConfig(LoopConfig):
         need(math.isfinite(value), f"eta must be 'plan' or a finite number, got {self.eta!r}")
         return value
 
+    def noise_scales(self) -> NoiseScales:
+        """The chain's noise settings: :meth:`eta_value`, ``eta_plan`` and ``zo_sigma``."""
+        return NoiseScales(eta=self.eta_value(), eta_plan=self.eta_plan, zo_sigma=self.zo_sigma)
+
     def estimator_settings_used(self) -> dict[str, tuple[bool, str]]:
         """Each estimator setting, and whether this estimator uses it (from its family's
         description, :data:`~halforder.estimators.families.FAMILIES`)."""
@@ -297,3 +303,21 @@ def load_config(path: str | None = None, overrides: Mapping[str, Any] | None = N
         need(preset in PRESETS, f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
         layers.append(dict(PRESETS[preset], preset=preset))
     return from_mapping(TrainConfig, layered(TrainConfig, [*layers, data, overrides]), "config")
+
+
+def family_settings(cfg: TrainConfig) -> dict[str, Any]:
+    """The model-family settings of ``cfg``, the one place a run's family options are read from:
+    ``family``, the family the run names (``"videocrafter2"`` for task t2v with video_model
+    videocrafter2; None: the model's ``model_index.json`` or tiny name says it), and each setting a
+    family takes as an option, by its name (:data:`~halforder.diffusion.families.OPTION_SETTINGS`:
+    ``scheduler``, ``t5``, ``shift``, ``fps``, ``video_base``). They are the keywords of
+    :func:`~halforder.diffusion.families.load_components` and :func:`~halforder.diffusion.families.tiny_model`."""
+    family = "videocrafter2" if cfg.task == "t2v" and cfg.video_model == "videocrafter2" else None
+    return {"family": family, **{name: getattr(cfg, name) for name in OPTION_SETTINGS}}
+
+
+def family_options(cfg: TrainConfig, family: str):
+    """The options record of the model family named ``family`` under ``cfg``'s settings (``ValueError``
+    for a setting the family does not take or a value it refuses)."""
+    settings = {k: v for k, v in family_settings(cfg).items() if k != "family"}
+    return options_of(named_family(family), repr(cfg.model), **settings)

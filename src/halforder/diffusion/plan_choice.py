@@ -25,6 +25,7 @@ import time
 
 import torch
 
+from ..estimators.baselines import named_baseline
 from ..estimators.compute import ComputeMeter, expected_evaluations
 from ..estimators.plan import Plan, Role
 from ..estimators.samplers import FixedPlan
@@ -67,7 +68,7 @@ def choose(cfg, task, prompts, *, progress: bool = False):
     base = task.base_chain(list(prompts)[:1])
 
     def chain_for(plan):
-        return base.for_plan(plan, eta=task.eta, ho_eta=task.eta_plan, zo_sigma=task.zo_sigma)
+        return base.for_plan(plan, task.noise_scales)
 
     params = {k: v.detach() for k, v in task.params.items()}
     budget = parse_bytes(cfg.memory_budget)
@@ -77,10 +78,9 @@ def choose(cfg, task, prompts, *, progress: bool = False):
         with ComputeMeter() as meter:
             measured = measure(base, params, generator=torch.Generator(device=base.device).manual_seed(cfg.seed),
                                n=cfg.batch_size, space=space_for(cfg), chain_for=chain_for,
-                               pilot_samples=cfg.plan_pilots,
-                               baseline=None if cfg.baseline == "none" else cfg.baseline, probe_memory=budget,
-                               budgets=[(budget, seconds)], max_evaluations=evaluation_budget(cfg),
-                               progress=progress)
+                               pilot_samples=cfg.plan_pilots, baseline=named_baseline(cfg.baseline),
+                               probe_memory=budget, budgets=[(budget, seconds)],
+                               max_evaluations=evaluation_budget(cfg), progress=progress)
     except (RuntimeError, MemoryError) as e:
         if not _out_of_memory(e):
             raise

@@ -25,16 +25,15 @@ from ..training.loop import Hooks, TrainResult, make_accelerator, train
 from ..training.resume import check_fits, check_output_dir, check_resume, resume_path
 from ..training.trackers import JSONL, SampleImages
 from .components import Components
-from .config import PRECISIONS, TINY_EVAL_PROMPTS, TINY_PROMPTS, TrainConfig
+from .config import PRECISIONS, TINY_EVAL_PROMPTS, TINY_PROMPTS, TrainConfig, family_settings
 from .dcot import DCoTConditioning, StepSplit, load_dcot_prompts
 from .lora import add_lora
 from .plan_choice import choose, report, resume_choice, save_choice
 from .previews import save_grid, write_video
 from .rewards import REWARDS, make_reward
-from .families import TINY_MODELS, check_t5, family_of, load_components, tiny_model
+from .families import TINY_MODELS, family_of, load_components, tiny_model
 from .sd_chain import image_view
 from .task import DiffusionTask, StepPrompts
-from .video.components import load_videocrafter2, tiny_video_components
 from .video.frames import VideoView, frame_indices, parse_frames
 from .video.rewards import VIDEO_REWARDS, make_video_reward, min_frames
 
@@ -77,28 +76,14 @@ def model_dtype(cfg: TrainConfig, device="cpu") -> torch.dtype:
 
 
 def build_components(cfg: TrainConfig, device="cpu") -> Components:
-    """The frozen parts ``cfg.model`` names (``"tiny"``, ``"tiny-sd3"``, ``"tiny-flux"``, ``"tiny-wan"``,
-    ``"tiny-qwen-image"``: random tiny parts, no download), in the dtype of ``cfg.mixed_precision``, with
-    ``cfg.shift``."""
-    video, dtype = cfg.task == "t2v", model_dtype(cfg, device)
-    if video and cfg.model == "tiny":
-        comp = tiny_video_components(cfg.seed, scheduler=cfg.scheduler).to(dtype=dtype)
-    elif cfg.model in TINY_MODELS:
-        comp = tiny_model(cfg.model, cfg.seed, scheduler=cfg.scheduler).to(dtype=dtype)
-    elif video and cfg.video_model == "videocrafter2":
-        comp = load_videocrafter2(cfg.model, cfg.video_base, fps=cfg.fps, revision=cfg.revision,
-                                  scheduler=cfg.scheduler, dtype=dtype)
+    """The frozen parts ``cfg.model`` names (a tiny model's name, ``"tiny"``, ``"tiny-sd3"``, ...: random
+    tiny parts, no download), in the dtype of ``cfg.mixed_precision``, with the family's options
+    (:func:`~halforder.diffusion.config.family_settings`: e.g. ``shift``, ``t5``) applied by the family."""
+    video, dtype, settings = cfg.task == "t2v", model_dtype(cfg, device), family_settings(cfg)
+    if cfg.model in TINY_MODELS:
+        comp = tiny_model(cfg.model, cfg.seed, video=video, **settings).to(dtype=dtype)
     else:
-        comp = load_components(cfg.model, revision=cfg.revision, scheduler=cfg.scheduler, dtype=dtype, t5=cfg.t5,
-                               video=video)
-    if not cfg.t5:   # a loaded SD3 comes without T5 already; a tiny one is built with it
-        check_t5(family_of(comp), cfg.t5, repr(cfg.model))
-        comp = dataclasses.replace(comp, text_encoder_3=None, tokenizer_3=None)
-    if cfg.shift is not None:
-        if type(comp.scheduler).__name__ != "FlowMatchEulerDiscreteScheduler":
-            raise ValueError("shift applies to flow-matching models (SD3, FLUX, Wan) only")
-        comp = dataclasses.replace(comp, scheduler=type(comp.scheduler).from_config(comp.scheduler.config,
-                                                                                    shift=cfg.shift))
+        comp = load_components(cfg.model, revision=cfg.revision, dtype=dtype, video=video, **settings)
     if cfg.checkpoint_decode and comp.vae is not None:
         if not getattr(comp.vae, "_supports_gradient_checkpointing", False):
             raise ValueError(f"checkpoint_decode: the model's VAE ({type(comp.vae).__name__}) cannot checkpoint its "
@@ -142,9 +127,11 @@ def build_task(cfg: TrainConfig, components: Components, reward, device="cpu",
     if cfg.negative_prompt and cfg_weight <= 1:
         raise ValueError("negative_prompt has no effect: this run has no classifier-free guidance (guidance_scale "
                          "<= 1, or FLUX, whose guidance is an embedding)")
-    return DiffusionTask(components, params, reward, view, cfg.T, cfg.guidance_scale, cfg.negative_prompt,
-                         cfg.eta_value(), cfg.eta_plan, cfg.zo_sigma, cfg.gradient_checkpointing, step_prompts,
-                         cfg.batching, None if cfg.compile == "no" else cfg.compile, cfg.noise)
+    return DiffusionTask(components=components, params=params, reward=reward, view=view, T=cfg.T,
+                         guidance_scale=cfg.guidance_scale, negative_prompt=cfg.negative_prompt,
+                         noise_scales=cfg.noise_scales(), gradient_checkpointing=cfg.gradient_checkpointing,
+                         step_prompts=step_prompts, batching=cfg.batching,
+                         compile=None if cfg.compile == "no" else cfg.compile, noise=cfg.noise)
 
 
 def prepare(cfg: TrainConfig, device="cpu") -> Prepared:

@@ -10,14 +10,14 @@ reward sees the original one; gradient checkpointing wraps every chain.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from typing import Callable, Mapping, Sequence
 
 import torch
 
 from ..estimators import Plan
 from ..estimators.gradient_checkpointing import Checkpointed
-from .chain import DiffusionChain, Schedule, rollout
+from .chain import DiffusionChain, NoiseScales, rollout
 from .components import Components
 from .families import family_of, prompt_encoder
 from .lora import save_lora
@@ -32,15 +32,15 @@ StepPrompts = Callable[[Sequence[str]], Callable[[int], Sequence[str]]]
 class DiffusionTask:
     """A diffusion model's LoRA adapter trained on a reward (the training loop's ``Task``).
 
-    Attributes:
+    Attributes (those after ``T`` are keywords only):
       components: the frozen parts; ``components.unet`` carries the adapter.
       params: the adapter weights by name (the trainable parameters).
       reward: ``(what the view decodes, prompts) -> [N]``.
       view: :class:`~.sd_chain.ImageView` or :class:`~.video.frames.VideoView`.
       T: sampler steps of the chain.
       guidance_scale, negative_prompt: classifier-free guidance.
-      eta, eta_plan, zo_sigma: the noise scales (:meth:`DiffusionChain.for_plan`: ``eta``
-        ``"plan"`` puts ``eta_plan`` where HO blocks end; ``zo_sigma`` is tau on ZO steps).
+      noise_scales: the chain's noise settings, which each plan's chain gets
+        (:meth:`DiffusionChain.for_plan`); the default has a run config's ``eta_plan``, 0.1.
       gradient_checkpointing: recompute each step's graph in backward.
       step_prompts: None, or ``prompts -> (t -> prompts)``: per-step conditioning (DCoT).
       batching: how per-sample parameters are applied (``"vmap"`` or ``"loop"``).
@@ -53,11 +53,10 @@ class DiffusionTask:
     reward: Reward
     view: View
     T: int
+    _: KW_ONLY
     guidance_scale: float = 7.5
     negative_prompt: str = ""
-    eta: Schedule = "plan"
-    eta_plan: float = 0.1
-    zo_sigma: float = 1e-3
+    noise_scales: NoiseScales = NoiseScales(eta_plan=0.1)
     gradient_checkpointing: bool = False
     step_prompts: StepPrompts | None = None
     batching: str = "vmap"
@@ -85,8 +84,7 @@ class DiffusionTask:
 
     def chain(self, plan: Plan, prompts: Sequence[str], generator: torch.Generator | None = None):
         """The chain of ``plan`` for a batch of prompts (checkpointed if asked)."""
-        chain = self.base_chain(prompts, generator).for_plan(plan, eta=self.eta, ho_eta=self.eta_plan,
-                                                             zo_sigma=self.zo_sigma)
+        chain = self.base_chain(prompts, generator).for_plan(plan, self.noise_scales)
         return Checkpointed(chain) if self.gradient_checkpointing else chain
 
     def sample(self, prompts: Sequence[str], generator: torch.Generator) -> torch.Tensor:

@@ -93,6 +93,17 @@ class GroupNormalised:
 Advantage = Union[LeaveOneOut, GroupNormalised]
 Baseline = Union[None, str, float, torch.Tensor, LeaveOneOut, GroupNormalised]
 
+#: The names a run's ``baseline`` setting takes (:func:`named_baseline`).
+BASELINES = ("loo", "none", "grpo")
+
+
+def named_baseline(name: str) -> str | None:
+    """The baseline a run's ``baseline`` setting names, as :func:`advantage` takes it: None
+    for ``"none"`` (no baseline), the name itself for ``"loo"`` and ``"grpo"``."""
+    if name not in BASELINES:
+        raise ValueError(f"unknown baseline {name!r}; use one of {', '.join(BASELINES)}")
+    return None if name == "none" else name
+
 
 def advantage(R: torch.Tensor, baseline: Baseline, antithetic: int = 1) -> torch.Tensor:
     """The weights of the likelihood-ratio terms for rewards ``R`` (detached): R - b for

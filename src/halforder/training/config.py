@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import typing
 from typing import Any, ClassVar, Mapping, Sequence
 
+from ..estimators.baselines import BASELINES
 from ..estimators.pairing import AUTO, PAIRINGS, Pairing
 from .schedules import LR_SCHEDULES
 from .trackers import JSONL, TRACKERS
@@ -65,7 +66,7 @@ class LoopConfig:
     ema: bool = knob(False, "evaluate and export a moving average of the weights")
     ema_decay: float = knob(0.99, "ema: the average's decay")
     clip_norm: float = knob(1.0, "gradient norm clip (0: none)")
-    baseline: str = knob("loo", "loo, none or grpo (biased)", choices=("loo", "none", "grpo"))
+    baseline: str = knob("loo", "loo, none or grpo (biased)", choices=BASELINES)
     group_size: int | None = knob(None, "samples per prompt group")
     global_std: bool = knob(False, "grpo: the batch's std")
     clip_range: float | None = knob(None, "PPO's ratio clip range")

@@ -24,7 +24,7 @@ from typing import Iterator, Mapping, Protocol, Sequence
 import torch
 
 from ..estimators import Estimate, Plan, estimate, grouped, pairing_for
-from ..estimators.baselines import GroupNormalised, LeaveOneOut
+from ..estimators.baselines import GroupNormalised, LeaveOneOut, named_baseline
 from ..estimators.clipped_ratio import check_reusable, clipped_surrogate, record
 
 State = dict[str, torch.Tensor]
@@ -59,9 +59,12 @@ class Draws:
         return {"pairing": pairing_for(self.pairing, plan).name}
 
     def advantage(self):
-        """The baseline as a value (:mod:`~halforder.estimators.baselines`)."""
-        return {"none": None, "loo": LeaveOneOut(self.group_size),
-                "grpo": GroupNormalised(self.group_size, "global" if self.global_std else "group")}[self.baseline]
+        """The baseline as a value (:mod:`~halforder.estimators.baselines`), within the prompt groups."""
+        name = named_baseline(self.baseline)
+        if name is None:
+            return None
+        return {"loo": LeaveOneOut(self.group_size),
+                "grpo": GroupNormalised(self.group_size, "global" if self.global_std else "group")}[name]
 
     def micro_batches(self, task, plan: Plan, items: Sequence, rng):
         """``(chain, x_T, pairing)`` for each micro-batch: items drawn with ``rng.data``,

@@ -18,7 +18,7 @@ from torch.func import functional_call
 from ..components import Components, load_modules, tiny_clip_config, tiny_t5, tiny_tokenizer
 from ..hub import local_dir, looks_local
 from ..solvers import make_solver
-from .protocol import (ModelFamily, dynamic_shift, flow_pipeline, flow_scheduler_only, latent_hw, t5_embeddings,
+from .protocol import (FlowOptions, ModelFamily, dynamic_shift, flow_pipeline, latent_hw, shifted, t5_embeddings,
                        tiny_vae, unpack_patches)
 
 T5_LENGTH = 512      # the pipeline's max_sequence_length
@@ -95,14 +95,11 @@ def solver(c: Components, T, shape, noise="sde"):
     return make_solver(c.scheduler, T, noise=noise, mu=mu, sigmas=np.linspace(1.0, 1 / T, T))
 
 
-def load(model, *, dtype, kw, scheduler="ddim", t5=True, video=False):
+def load(model, *, pipeline_class, options: FlowOptions, dtype, kw):
     """A FLUX.1 folder or hub id (T5 is FLUX's prompt encoder: it cannot be left out)."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
     from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
 
-    flow_scheduler_only(scheduler)
-    if not t5:
-        raise ValueError("FLUX encodes prompts with T5: it cannot be left out (no_t5 applies to SD3)")
     if looks_local(model):
         model = local_dir(model, "model", SUBFOLDERS)
     m = load_modules(model, {"transformer": (FluxTransformer2DModel, "torch_dtype"),
@@ -112,17 +109,16 @@ def load(model, *, dtype, kw, scheduler="ddim", t5=True, video=False):
                              "scheduler": (FlowMatchEulerDiscreteScheduler, None)}, "the FLUX model", dtype=dtype,
                      kw=kw)
     return Components(m["transformer"], m["vae"], m["text_encoder"], m["tokenizer"], m["scheduler"],
-                      text_encoder_2=m["text_encoder_2"], tokenizer_2=m["tokenizer_2"], family="flux")
+                      {p: m[p] for p in ("text_encoder_2", "tokenizer_2")}, family="flux")
 
 
-def tiny(seed: int = 0, scheduler: str = "ddim") -> Components:
+def tiny(seed: int = 0, *, pipeline_class=None, options=None) -> Components:
     """Tiny random FLUX parts (no download): one double and one single block on 8x8 latents
     (16 packed tokens), guidance embedding, a one-layer CLIP and T5 (16 tokens), FLUX.1-dev's
     dynamic shifting; frozen, float32, CPU."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
     from transformers import CLIPTextModel
 
-    flow_scheduler_only(scheduler)
     tokenizer = tiny_tokenizer(16)
     with torch.random.fork_rng(devices=[]):   # the libraries initialise weights from the global RNG
         torch.manual_seed(seed)
@@ -135,12 +131,11 @@ def tiny(seed: int = 0, scheduler: str = "ddim") -> Components:
         vae = tiny_vae(0.1159, 0.3611)
     sched = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
                                             base_image_seq_len=256, max_image_seq_len=4096)
-    return Components(transformer, vae, clip, tokenizer, sched, text_encoder_2=t5, tokenizer_2=t5_tokenizer,
+    return Components(transformer, vae, clip, tokenizer, sched, dict(text_encoder_2=t5, tokenizer_2=t5_tokenizer),
                       family="flux", max_sequence_length=16).freeze()
 
 
-FAMILY = ModelFamily(name="flux", pipelines={"FluxPipeline": "t2i"}, tiny_model="tiny-flux",
-                     lora_prefix="transformer",
-                     load=load, tiny=tiny, encode=encode, network=network, latent_shape=latent_shape, unpack=unpack,
-                     solver=solver,
-                     pipeline=lambda c: flow_pipeline("FluxPipeline", c, "text_encoder_2", "tokenizer_2"))
+FAMILY = ModelFamily(name="flux", title="a FLUX.1 model", pipelines={"FluxPipeline": "t2i"}, tiny_model="tiny-flux",
+                     lora_prefix="transformer", options=FlowOptions, load=load, tiny=tiny, encode=encode,
+                     network=network, latent_shape=latent_shape, unpack=unpack, solver=solver,
+                     pipeline=lambda c: flow_pipeline("FluxPipeline", c), adjust=shifted)

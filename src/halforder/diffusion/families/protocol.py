@@ -1,15 +1,17 @@
 """What a model family adds to the shared machinery: one frozen record of functions.
 
-A family is one kind of diffusers pipeline (SD 1/2, SD3, FLUX, Wan, Qwen-Image). The chain, the
-solvers, the estimators, the task, the training loop and the CLI are shared; a family says how its
-parts load, how prompts become conditioning, how its network is called and its guidance combined,
-what its latents look like, how they decode and which sampler schedule its pipeline uses. A new
-family is one module defining a :class:`ModelFamily` and one entry in the registry
+A family is one kind of diffusers pipeline (SD 1/2, SD3, FLUX, Wan, Qwen-Image, SANA,
+VideoCrafter2). The chain, the solvers, the estimators, the task, the training loop and the CLI are
+shared; a family says which options it takes and how they adjust its parts, how its parts load,
+how prompts become conditioning, how its network is called and its guidance combined, what its
+latents look like, how they decode and which sampler schedule its pipeline uses. A new family is
+one module defining a :class:`ModelFamily` and one entry in the registry
 (:mod:`halforder.diffusion.families`).
 Below it, the pieces the flow-matching families share.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
@@ -18,7 +20,36 @@ from torch.func import functional_call
 
 from ..components import Components
 from ..denoiser import Conditioning, Guidance, NetworkCall, cfg
+from ..model_options import option
 from ..views import Decoder, decode_latents
+
+
+@dataclass(frozen=True)
+class FlowOptions:
+    """The options of a flow-matching model (``FlowMatchEulerDiscreteScheduler``).
+
+    Attributes:
+      shift: the scheduler's shift (None: the model's own).
+    """
+
+    shift: float | None = option(None, "flow-matching models (SD3, FLUX, Wan, Qwen-Image)")
+
+    def __post_init__(self):
+        if self.shift is not None and not self.shift > 0:
+            raise ValueError(f"shift must be > 0, got {self.shift}")
+
+
+def keep(components: Components, options) -> Components:
+    """The parts as they were made (a family whose options need no adjustment)."""
+    return components
+
+
+def shifted(components: Components, options: FlowOptions) -> Components:
+    """The parts with the scheduler rebuilt at ``options.shift`` (unchanged where it is None)."""
+    if options.shift is None:
+        return components
+    sched = components.scheduler
+    return dataclasses.replace(components, scheduler=type(sched).from_config(sched.config, shift=options.shift))
 
 
 @dataclass(frozen=True)
@@ -27,14 +58,20 @@ class ModelFamily:
 
     Attributes:
       name: the name a :class:`~halforder.diffusion.components.Components` carries (``family``).
+      title: what a model of the family is called in messages (``"a FLUX.1 model"``).
       pipelines: the ``_class_name`` values of ``model_index.json`` that this family loads, each
         with what it generates: ``"t2i"`` (images) or ``"t2v"`` (video).
       tiny_model: the model name that builds its tiny random parts offline (e.g. ``"tiny-sd3"``).
       lora_prefix: the key prefix of its LoRA files (``"unet"`` or ``"transformer"``).
-      load: ``(model, *, dtype, kw, scheduler, t5, video) -> Components`` (``kw``: ``from_pretrained``'s
-        ``local_files_only`` and ``revision``; ``video``: a text-to-video pipeline of the family;
-        not frozen, on the CPU).
-      tiny: ``(seed, *, scheduler) -> Components``: tiny random parts, frozen.
+      options: the frozen record type of its options (e.g. SD3's ``t5`` and ``shift``); its fields
+        made with :func:`~halforder.diffusion.model_options.option` are settings of a run, of the same
+        name in ``TrainConfig``, and its ``__post_init__`` refuses values the family cannot take. A
+        setting that another family takes is refused unless at its default
+        (:func:`~halforder.diffusion.model_options.make_options`).
+      load: ``(model, *, pipeline_class, options, dtype, kw) -> Components``: the model's parts
+        (``pipeline_class``: one of ``pipelines``; ``kw``: ``from_pretrained``'s
+        ``local_files_only`` and ``revision``; not frozen, on the CPU).
+      tiny: ``(seed, *, pipeline_class, options) -> Components``: tiny random parts, frozen.
       encode: ``(components, prompts) -> conditioning`` rows ``[N, ...]``, as the pipeline encodes.
       network: ``(components, latent_shape, guidance_scale) -> (call, cfg_weight)``: how the
         network is called and the classifier-free-guidance weight (1: none).
@@ -52,12 +89,16 @@ class ModelFamily:
       decode: ``(vae, z) -> what the reward sees`` of the VAE's latents (after ``unpack``),
         differentiably: images ``[N, 3, H, W]`` in [0, 1] (default:
         :func:`~halforder.diffusion.views.decode_latents`); a video model's frames ``[N, F, 3, H, W]``.
+      adjust: ``(components, options) -> components``: what the options change in loaded or
+        tiny parts (e.g. SD3 without T5, a flow scheduler's shift); default: nothing.
     """
 
     name: str
+    title: str
     pipelines: Mapping[str, str]
     tiny_model: str
     lora_prefix: str
+    options: type
     load: Callable[..., Components]
     tiny: Callable[..., Components]
     encode: Callable[[Components, Sequence[str]], Conditioning]
@@ -69,6 +110,13 @@ class ModelFamily:
     pipeline: Callable[[Components], Any] | None = None
     guidance: Guidance = cfg
     decode: Decoder = decode_latents
+    adjust: Callable[[Components, Any], Components] = keep
+
+    def pipeline_for(self, video: bool) -> str:
+        """The pipeline class that generates video (``video``) or images, where the family has one;
+        else its first."""
+        want = "t2v" if video else "t2i"
+        return next((p for p, made in self.pipelines.items() if made == want), next(iter(self.pipelines)))
 
 
 def transformer_call(module, params, x, timestep, c):
@@ -116,13 +164,6 @@ def unnormalise(vae, z):
     return z / inv_std + mean
 
 
-def flow_scheduler_only(scheduler: str) -> None:
-    """Refuse a UNet sampler (dpm) for a flow-matching model, which samples with its own scheduler."""
-    if scheduler != "ddim":
-        raise ValueError(f"scheduler {scheduler!r} applies to UNet models; a flow-matching model samples with its "
-                         "FlowMatchEulerDiscreteScheduler (leave scheduler at its default)")
-
-
 def tiny_vae(shift: float, scale: float):
     """A tiny ``AutoencoderKL`` without quant convs (as SD3's and FLUX's): 4 latent channels, 2x."""
     from diffusers import AutoencoderKL
@@ -133,9 +174,9 @@ def tiny_vae(shift: float, scale: float):
                          down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
 
 
-def flow_pipeline(name: str, c: Components, *parts: str):
+def flow_pipeline(name: str, c: Components):
     """The diffusers pipeline ``name`` over a flow model's parts (the network as its ``transformer``)."""
     import diffusers
 
-    kwargs = {p: getattr(c, p) for p in ("vae", "text_encoder", "tokenizer", "scheduler", *parts)}
-    return getattr(diffusers, name)(transformer=c.unet, **kwargs)
+    return getattr(diffusers, name)(transformer=c.unet, vae=c.vae, text_encoder=c.text_encoder,
+                                    tokenizer=c.tokenizer, scheduler=c.scheduler, **c.extra)

@@ -22,7 +22,7 @@ from torch.func import functional_call
 from ..components import Components, load_modules
 from ..hub import local_dir, looks_local
 from ..solvers import make_solver
-from .protocol import (ModelFamily, dynamic_shift, flow_pipeline, flow_scheduler_only, latent_hw, unnormalise,
+from .protocol import (FlowOptions, ModelFamily, dynamic_shift, flow_pipeline, latent_hw, shifted, unnormalise,
                        unpack_patches)
 
 TEMPLATE = ("<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, text, "
@@ -111,12 +111,11 @@ def solver(c: Components, T, shape, noise="sde"):
     return make_solver(c.scheduler, T, noise=noise, mu=mu, sigmas=np.linspace(1.0, 1 / T, T))
 
 
-def load(model, *, dtype, kw, scheduler="ddim", t5=True, video=False):
+def load(model, *, pipeline_class, options: FlowOptions, dtype, kw):
     """A Qwen-Image folder or hub id (``QwenImagePipeline`` layout)."""
     from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
     from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
-    flow_scheduler_only(scheduler)
     if looks_local(model):
         model = local_dir(model, "model", SUBFOLDERS)
     m = load_modules(model, {"transformer": (QwenImageTransformer2DModel, "torch_dtype"),
@@ -148,14 +147,13 @@ def tiny_tokenizer():
     return tokenizer
 
 
-def tiny(seed: int = 0, scheduler: str = "ddim") -> Components:
+def tiny(seed: int = 0, *, pipeline_class=None, options=None) -> Components:
     """Tiny random Qwen-Image parts (no download): a two-layer transformer on 4 latent channels, a
     one-layer Qwen2.5-VL (32 prompt tokens), a 2x video-style VAE with per-channel statistics,
     dynamic exponential shifting with a terminal sigma; frozen, float32, CPU."""
     from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    flow_scheduler_only(scheduler)
     tokenizer = tiny_tokenizer()
     with torch.random.fork_rng(devices=[]):   # the libraries initialise weights from the global RNG
         torch.manual_seed(seed)
@@ -178,7 +176,8 @@ def tiny(seed: int = 0, scheduler: str = "ddim") -> Components:
                       max_sequence_length=32).freeze()
 
 
-FAMILY = ModelFamily(name="qwen-image", pipelines={"QwenImagePipeline": "t2i"}, tiny_model="tiny-qwen-image",
-                     lora_prefix="transformer", load=load, tiny=tiny, encode=encode, network=network,
-                     latent_shape=latent_shape, unpack=unpack, solver=solver,
-                     pipeline=lambda c: flow_pipeline("QwenImagePipeline", c), guidance=guidance, decode=decode)
+FAMILY = ModelFamily(name="qwen-image", title="a Qwen-Image model", pipelines={"QwenImagePipeline": "t2i"},
+                     tiny_model="tiny-qwen-image", lora_prefix="transformer", options=FlowOptions, load=load, tiny=tiny,
+                     encode=encode, network=network, latent_shape=latent_shape, unpack=unpack, solver=solver,
+                     pipeline=lambda c: flow_pipeline("QwenImagePipeline", c), guidance=guidance, decode=decode,
+                     adjust=shifted)

@@ -26,6 +26,7 @@ from torch.func import functional_call
 from ..components import Components, load_modules
 from ..hub import local_dir, looks_local
 from ..solvers import make_solver
+from ..model_options import scheduler_option
 from .protocol import ModelFamily, flow_pipeline, latent_hw
 
 INSTRUCTION = "\n".join((
@@ -113,19 +114,28 @@ def solver(c: Components, T, shape, noise="sde"):
     return make_solver(c.scheduler, T, noise=noise)
 
 
-def own_scheduler_only(scheduler: str) -> None:
-    """Refuse a sampler other than the default: SANA samples with its own DPM-Solver scheduler."""
-    if scheduler not in ("ddim", "dpm"):
-        raise ValueError(f"unknown scheduler {scheduler!r}; SANA samples with its own DPMSolverMultistepScheduler "
-                         "(leave scheduler at its default)")
+@dataclass(frozen=True)
+class SanaOptions:
+    """The options of a SANA model.
+
+    Attributes:
+      scheduler: taken as it is given (``"ddim"`` or ``"dpm"``) and left alone: SANA samples with its
+        own DPMSolverMultistepScheduler.
+    """
+
+    scheduler: str = scheduler_option()
+
+    def __post_init__(self):
+        if self.scheduler not in ("ddim", "dpm"):
+            raise ValueError(f"unknown scheduler {self.scheduler!r}; SANA samples with its own "
+                             "DPMSolverMultistepScheduler (leave scheduler at its default)")
 
 
-def load(model, *, dtype, kw, scheduler="ddim", t5=True, video=False):
+def load(model, *, pipeline_class, options: SanaOptions, dtype, kw):
     """A SANA folder or hub id (``SanaPipeline`` layout)."""
     from diffusers import AutoencoderDC, DPMSolverMultistepScheduler, SanaTransformer2DModel
     from transformers import AutoTokenizer, Gemma2Model
 
-    own_scheduler_only(scheduler)
     if looks_local(model):
         model = local_dir(model, "model", SUBFOLDERS)
     m = load_modules(model, {"transformer": (SanaTransformer2DModel, "torch_dtype"),
@@ -157,14 +167,13 @@ def tiny_tokenizer():
     return GemmaTokenizer(vocab=vocab, merges=merges, add_bos_token=True)
 
 
-def tiny(seed: int = 0, scheduler: str = "ddim") -> Components:
+def tiny(seed: int = 0, *, pipeline_class=None, options=None) -> Components:
     """Tiny random SANA parts (no download): a two-layer transformer on 16x16 latents of 4 channels,
     a one-layer Gemma 2 (32 prompt tokens), a 2x DC autoencoder, SANA's scheduler (flow shift 3);
     frozen, float32, CPU."""
     from diffusers import AutoencoderDC, DPMSolverMultistepScheduler, SanaTransformer2DModel
     from transformers import Gemma2Config, Gemma2Model
 
-    own_scheduler_only(scheduler)
     tokenizer = tiny_tokenizer()
     with torch.random.fork_rng(devices=[]):   # the libraries initialise weights from the global RNG
         torch.manual_seed(seed)
@@ -187,6 +196,7 @@ def tiny(seed: int = 0, scheduler: str = "ddim") -> Components:
     return Components(transformer, vae, text_encoder, tokenizer, sched, family="sana", max_sequence_length=32).freeze()
 
 
-FAMILY = ModelFamily(name="sana", pipelines={"SanaPipeline": "t2i"}, tiny_model="tiny-sana", lora_prefix="transformer",
-                     load=load, tiny=tiny, encode=encode, network=network, latent_shape=latent_shape,
-                     unpack=lambda c, shape: None, solver=solver, pipeline=lambda c: flow_pipeline("SanaPipeline", c))
+FAMILY = ModelFamily(name="sana", title="a SANA model", pipelines={"SanaPipeline": "t2i"}, tiny_model="tiny-sana",
+                     lora_prefix="transformer", options=SanaOptions, load=load, tiny=tiny, encode=encode,
+                     network=network, latent_shape=latent_shape, unpack=lambda c, shape: None, solver=solver,
+                     pipeline=lambda c: flow_pipeline("SanaPipeline", c))

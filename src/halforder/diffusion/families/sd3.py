@@ -9,16 +9,32 @@ timestep, sigma * 1000.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ..components import Components, load_modules, tiny_clip_config, tiny_t5, tiny_tokenizer
 from ..hub import local_dir, looks_local
 from ..solvers import make_solver
-from .protocol import (ModelFamily, dynamic_shift, flow_pipeline, flow_scheduler_only, latent_hw, t5_embeddings,
+from ..model_options import option
+from .protocol import (FlowOptions, ModelFamily, dynamic_shift, flow_pipeline, latent_hw, shifted, t5_embeddings,
                        tiny_vae, transformer_call)
 
 T5_LENGTH = 256      # the pipeline's max_sequence_length
 SUBFOLDERS = ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler")
+
+
+@dataclass(frozen=True)
+class SD3Options(FlowOptions):
+    """The options of an SD3 model.
+
+    Attributes:
+      shift: the scheduler's shift (None: the model's own).
+      t5: load the T5 encoder (False: the pipeline's zeros in its place, about 9.5 GB less in bf16
+        for SD3.5's T5-XXL).
+    """
+
+    t5: bool = option(True, "SD3 models")
 
 
 def clip_embeddings(tokenizer, encoder, prompts, length):
@@ -35,7 +51,7 @@ def encode(c: Components, prompts):
     with torch.no_grad():
         e1, p1 = clip_embeddings(c.tokenizer, c.text_encoder, prompts, c.tokenizer.model_max_length)
         e2, p2 = clip_embeddings(c.tokenizer_2, c.text_encoder_2, prompts, c.tokenizer.model_max_length)
-        if c.text_encoder_3 is None:
+        if c.extra.get("text_encoder_3") is None:
             t5 = torch.zeros(len(prompts), L, c.unet.config.joint_attention_dim, dtype=e1.dtype, device=e1.device)
         else:
             t5 = t5_embeddings(c.tokenizer_3, c.text_encoder_3, prompts, L)
@@ -59,12 +75,12 @@ def solver(c: Components, T, shape, noise="sde"):
     return make_solver(c.scheduler, T, noise=noise, mu=mu)
 
 
-def load(model, *, dtype, kw, scheduler="ddim", t5=True, video=False):
-    """An SD3 / SD3.5 folder or hub id; ``t5=False`` leaves T5 out (the pipeline then feeds zeros)."""
+def load(model, *, pipeline_class, options: SD3Options, dtype, kw):
+    """An SD3 / SD3.5 folder or hub id; ``options.t5`` False leaves T5 out (the pipeline then feeds zeros)."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
     from transformers import AutoTokenizer, CLIPTextModelWithProjection, T5EncoderModel
 
-    flow_scheduler_only(scheduler)
+    t5 = options.t5
     if looks_local(model):
         model = local_dir(model, "model", SUBFOLDERS + (("text_encoder_3", "tokenizer_3") if t5 else ()))
     parts = {"transformer": (SD3Transformer2DModel, "torch_dtype"), "vae": (AutoencoderKL, "torch_dtype"),
@@ -75,17 +91,16 @@ def load(model, *, dtype, kw, scheduler="ddim", t5=True, video=False):
         parts.update(text_encoder_3=(T5EncoderModel, "dtype"), tokenizer_3=(AutoTokenizer, None))
     m = load_modules(model, parts, "the SD3 model", dtype=dtype, kw=kw)
     return Components(m["transformer"], m["vae"], m["text_encoder"], m["tokenizer"], m["scheduler"],
-                      text_encoder_2=m["text_encoder_2"], tokenizer_2=m["tokenizer_2"],
-                      text_encoder_3=m.get("text_encoder_3"), tokenizer_3=m.get("tokenizer_3"), family="sd3")
+                      {p: m.get(p) for p in ("text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3")},
+                      family="sd3")
 
 
-def tiny(seed: int = 0, scheduler: str = "ddim") -> Components:
+def tiny(seed: int = 0, *, pipeline_class=None, options=None) -> Components:
     """Tiny random SD3 parts (no download): a two-layer MMDiT on 8x8 latents (patch 2), two
     one-layer CLIPs and a one-layer T5 (16 tokens), SD3's shift 3; frozen, float32, CPU."""
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
     from transformers import CLIPTextModelWithProjection
 
-    flow_scheduler_only(scheduler)
     tokenizer = tiny_tokenizer(16)
     with torch.random.fork_rng(devices=[]):   # the libraries initialise weights from the global RNG
         torch.manual_seed(seed)
@@ -98,13 +113,20 @@ def tiny(seed: int = 0, scheduler: str = "ddim") -> Components:
         t5, t5_tokenizer = tiny_t5(width=32)
         vae = tiny_vae(0.0609, 1.5305)
     return Components(transformer, vae, clip_l, tokenizer, FlowMatchEulerDiscreteScheduler(shift=3.0),
-                      text_encoder_2=clip_g, tokenizer_2=tiny_tokenizer(16), text_encoder_3=t5,
-                      tokenizer_3=t5_tokenizer, family="sd3", max_sequence_length=16).freeze()
+                      dict(text_encoder_2=clip_g, tokenizer_2=tiny_tokenizer(16), text_encoder_3=t5,
+                           tokenizer_3=t5_tokenizer), family="sd3", max_sequence_length=16).freeze()
 
 
-FAMILY = ModelFamily(name="sd3", pipelines={"StableDiffusion3Pipeline": "t2i"}, tiny_model="tiny-sd3",
-                     lora_prefix="transformer", load=load, tiny=tiny, encode=encode,
-                     network=lambda c, shape, w: (transformer_call, w), latent_shape=latent_shape,
+def adjust(c: Components, options: SD3Options) -> Components:
+    """Without T5 where ``options.t5`` is False (a tiny model is built with it); the shift."""
+    if not options.t5:
+        c = c.with_parts(text_encoder_3=None, tokenizer_3=None)
+    return shifted(c, options)
+
+
+
+FAMILY = ModelFamily(name="sd3", title="an SD3 model", pipelines={"StableDiffusion3Pipeline": "t2i"},
+                     tiny_model="tiny-sd3", lora_prefix="transformer", options=SD3Options, load=load, tiny=tiny,
+                     encode=encode, network=lambda c, shape, w: (transformer_call, w), latent_shape=latent_shape,
                      unpack=lambda c, shape: None, solver=solver,
-                     pipeline=lambda c: flow_pipeline("StableDiffusion3Pipeline", c, "text_encoder_2", "tokenizer_2",
-                                                      "text_encoder_3", "tokenizer_3"))
+                     pipeline=lambda c: flow_pipeline("StableDiffusion3Pipeline", c), adjust=adjust)

@@ -17,7 +17,7 @@ from ..components import Components, load_modules, tiny_t5
 from ..hub import local_dir, looks_local
 from ..solvers import make_solver
 from ..video.frames import VideoView
-from .protocol import ModelFamily, flow_pipeline, flow_scheduler_only, latent_hw, transformer_call, unnormalise
+from .protocol import FlowOptions, ModelFamily, flow_pipeline, latent_hw, shifted, transformer_call, unnormalise
 
 T5_LENGTH = 226      # the pipeline's max_sequence_length
 LATENT_SIZE = (60, 104)   # 480 x 832 px, Wan 2.1's published resolution
@@ -79,15 +79,12 @@ def flow_scheduler(config: dict):
                                            shift=float(config.get("flow_shift") or 1.0))
 
 
-def load(model, *, dtype, kw, scheduler="ddim", t5=True, video=False):
+def load(model, *, pipeline_class, options: FlowOptions, dtype, kw):
     """A Wan 2.1 text-to-video folder or hub id (``WanPipeline`` layout); the VAE stays float32,
     as the published examples load it."""
     from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
     from transformers import AutoTokenizer, UMT5EncoderModel
 
-    flow_scheduler_only(scheduler)
-    if not t5:
-        raise ValueError("Wan encodes prompts with UMT5: it cannot be left out (no_t5 applies to SD3)")
     if looks_local(model):
         model = local_dir(model, "model", SUBFOLDERS)
     m = load_modules(model, {"transformer": (WanTransformer3DModel, "torch_dtype"),
@@ -100,14 +97,13 @@ def load(model, *, dtype, kw, scheduler="ddim", t5=True, video=False):
                       family="wan")
 
 
-def tiny(seed: int = 0, scheduler: str = "ddim") -> Components:
+def tiny(seed: int = 0, *, pipeline_class=None, options=None) -> Components:
     """Tiny random Wan parts (no download): a two-layer transformer (patches 1x2x2), a tiny causal
     video VAE (8x smaller images, 4x fewer frames), a one-layer UMT5 (16 tokens), shift 3;
     frozen, float32, CPU."""
     from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
 
-    flow_scheduler_only(scheduler)
     with torch.random.fork_rng(devices=[]):   # the libraries initialise weights from the global RNG
         torch.manual_seed(seed)
         transformer = WanTransformer3DModel(
@@ -123,8 +119,8 @@ def tiny(seed: int = 0, scheduler: str = "ddim") -> Components:
                       family="wan", max_sequence_length=16).freeze()
 
 
-FAMILY = ModelFamily(name="wan", pipelines={"WanPipeline": "t2v"}, tiny_model="tiny-wan",
-                     lora_prefix="transformer",
-                     load=load, tiny=tiny, encode=encode, network=lambda c, shape, w: (transformer_call, w),
-                     latent_shape=image_only, unpack=lambda c, shape: None, solver=solver, video_view=video_view,
-                     pipeline=lambda c: flow_pipeline("WanPipeline", c), decode=decode)
+FAMILY = ModelFamily(name="wan", title="a Wan 2.1 model", pipelines={"WanPipeline": "t2v"}, tiny_model="tiny-wan",
+                     lora_prefix="transformer", options=FlowOptions, load=load, tiny=tiny, encode=encode,
+                     network=lambda c, shape, w: (transformer_call, w), latent_shape=image_only,
+                     unpack=lambda c, shape: None, solver=solver, video_view=video_view,
+                     pipeline=lambda c: flow_pipeline("WanPipeline", c), decode=decode, adjust=shifted)

@@ -5,17 +5,20 @@ A video model's parts are :class:`~halforder.diffusion.components.Components` li
 image model's, with a ``UNet3DConditionModel`` whose latents are ``[N, C, F, h, w]``
 (F frames); the DDIM and DPM-Solver steps act elementwise, so the same chain, task and
 estimators serve video (:mod:`halforder.diffusion.video.frames` decodes frames for the
-reward). VideoCrafter2's parts carry its latent scale (:data:`VIDEOCRAFTER2_SCALE`), which
-every chain of the model samples with (DDIM only; docs/video.md).
+reward). VideoCrafter2's parts carry its options (:class:`VideoCrafter2Options`: fps, base
+model, sampler and its latent scale :data:`VIDEOCRAFTER2_SCALE`, which every chain of the model
+samples with, DDIM only; docs/video.md); its family is :mod:`halforder.diffusion.families.videocrafter2`.
 """
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 
 import torch
 
 from ..components import SD_SCHEDULER_CONFIG, Components, load_parts, make_scheduler, tiny_clip_config, tiny_tokenizer
 from ..hub import load_error, local_dir, looks_local, offline
+from ..model_options import option, scheduler_option
 from ..solvers import LatentScale, make_solver
 from .fps_unet import fps_unet_class
 
@@ -26,11 +29,34 @@ VIDEOCRAFTER2_BASE = "cerspense/zeroscope_v2_576w"
 VIDEOCRAFTER2_SCALE = LatentScale(1.0, 0.7, 400)
 
 
-def check_videocrafter2_scheduler(scheduler: str) -> None:
+def check_videocrafter2_scheduler(scheduler: str, latent_scale: LatentScale | None = VIDEOCRAFTER2_SCALE) -> None:
     """Raise ``ValueError`` unless the sampler ``scheduler`` (``"ddim"`` or ``"dpm"``) has a
     solver for VideoCrafter2's latent scale (DDIM has; DPM-Solver is refused), before
     anything is loaded."""
-    make_solver(make_scheduler(scheduler, SD_SCHEDULER_CONFIG), 1, latent_scale=VIDEOCRAFTER2_SCALE)
+    make_solver(make_scheduler(scheduler, SD_SCHEDULER_CONFIG), 1, latent_scale=latent_scale)
+
+
+@dataclass(frozen=True)
+class VideoCrafter2Options:
+    """The options of VideoCrafter2 (its family: :mod:`halforder.diffusion.families.videocrafter2`).
+
+    Attributes:
+      fps: the frame rate its UNet is conditioned on.
+      video_base: the ``TextToVideoSDPipeline`` model whose VAE, text encoder and tokenizer it uses.
+      scheduler: its sampler: ``"ddim"`` (DPM-Solver has no solver for its latent scale).
+      latent_scale: the latent scale of its forward process, which every chain of the model
+        samples with (not a run's setting).
+    """
+
+    fps: float = option(24.0, "VideoCrafter2 models (task t2v, video_model videocrafter2)")
+    video_base: str = option(VIDEOCRAFTER2_BASE, "VideoCrafter2 models (task t2v, video_model videocrafter2)")
+    scheduler: str = scheduler_option()
+    latent_scale: LatentScale | None = VIDEOCRAFTER2_SCALE
+
+    def __post_init__(self):
+        if not self.fps > 0:
+            raise ValueError(f"fps must be > 0, got {self.fps}")
+        check_videocrafter2_scheduler(self.scheduler, self.latent_scale)
 
 
 def tiny_video_components(seed: int = 0, *, scheduler: str = "ddim", latent_size: int = 8, text_length: int = 16,
@@ -44,7 +70,8 @@ def tiny_video_components(seed: int = 0, *, scheduler: str = "ddim", latent_size
     CLIP text encoder over a byte-level vocabulary. The number of frames is free (chosen by
     the chain). The UNet uses diffusers' classic ``AttnProcessor``, which ``torch.func.vmap``
     batches (per-sample parameter noise), unlike the fused CPU attention kernel.
-    ``fps_cond=True, latent_scale=VIDEOCRAFTER2_SCALE`` gives a tiny VideoCrafter2.
+    ``fps_cond=True, latent_scale=VIDEOCRAFTER2_SCALE`` gives a tiny VideoCrafter2 (family
+    ``"videocrafter2"``, whose options carry the scale); without a scale the parts are of family ``"sd"``.
     """
     from diffusers import AutoencoderKL, UNet3DConditionModel
     from diffusers.models.attention_processor import AttnProcessor
@@ -65,8 +92,9 @@ def tiny_video_components(seed: int = 0, *, scheduler: str = "ddim", latent_size
                             layers_per_block=1, norm_num_groups=4, sample_size=2 * latent_size,
                             down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
         text_encoder = CLIPTextModel(tiny_clip_config(len(tokenizer), text_length))
+    vc2 = None if latent_scale is None else VideoCrafter2Options(fps, scheduler=scheduler, latent_scale=latent_scale)
     return Components(unet, vae, text_encoder, tokenizer, make_scheduler(scheduler, SD_SCHEDULER_CONFIG),
-                      latent_scale).freeze()
+                      family="sd" if vc2 is None else "videocrafter2", options=vc2).freeze()
 
 
 def load_video_components(model: str, *, dtype: torch.dtype = torch.float32, device="cpu",
@@ -101,7 +129,7 @@ def load_videocrafter2(unet: str = VIDEOCRAFTER2_UNET, base: str = VIDEOCRAFTER2
     Raises ``ValueError`` for ``scheduler="dpm"`` (before loading anything) and if the UNet
     checkpoint has no fps-embedding weights (it is then not a VideoCrafter2 conversion: use
     :func:`load_video_components`)."""
-    check_videocrafter2_scheduler(scheduler)
+    options = VideoCrafter2Options(float(fps), base, scheduler)
     parts = load_parts(base, None, "the text-to-video model", dtype=dtype, device=device,
                        local_files_only=local_files_only, revision=revision, scheduler=scheduler)
     if looks_local(unet):
@@ -120,4 +148,4 @@ def load_videocrafter2(unet: str = VIDEOCRAFTER2_UNET, base: str = VIDEOCRAFTER2
     # VideoCrafter2's schedule: 1000 steps, sqrt-linear betas 0.00085..0.012, epsilon prediction; its
     # DDIM: timesteps range(0, 1000, 1000 // T) + 1, last step to abar_0. These are SD v1's settings.
     return dataclasses.replace(parts, unet=model.to(device), scheduler=make_scheduler(scheduler, SD_SCHEDULER_CONFIG),
-                               latent_scale=VIDEOCRAFTER2_SCALE).freeze()
+                               family="videocrafter2", options=options).freeze()
