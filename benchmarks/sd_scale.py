@@ -37,7 +37,7 @@ import time
 import torch
 
 from halforder.diffusion import NoiseScales, add_lora, image_view, make_chain, make_reward
-from halforder.diffusion.components import SD_SCHEDULER_CONFIG, Components, make_scheduler, tiny_components
+from halforder.diffusion.models.components import SD_SCHEDULER_CONFIG, Components, make_scheduler, tiny_components
 from halforder.estimators import Plan, SavedTensorMeter, estimate
 from halforder.estimators.gradient_checkpointing import Checkpointed, checkpoint_blocks
 from halforder.training.files import write_text
@@ -176,7 +176,7 @@ def best_time(fn, repeats, cuda) -> float | None:
 
 def rollout_seconds(setup, T, batch, repeats, compile=None):
     """Best seconds of a no-grad rollout and its reward (the floor every plan is held to)."""
-    from halforder.diffusion.chain import rollout
+    from halforder.diffusion.sampling.chain import rollout
 
     chain = chain_for(setup, Plan.zeroth_order(T), batch, compile=compile).with_noise(0.0, 0.0)
     g = torch.Generator(device=chain.device).manual_seed(0)

@@ -20,7 +20,8 @@ import os
 import torch
 
 from halforder.diffusion import NoiseScales, add_lora, make_chain
-from halforder.diffusion.video import frame_indices, make_video_reward, tiny_video_components, video_view
+from halforder.diffusion.models.video import frame_indices, tiny_video_components, video_view
+from halforder.diffusion.rewards.video import make_video_reward
 from halforder.estimators import Plan, SavedTensorMeter, estimate
 from halforder.training.files import write_text
 

@@ -3,7 +3,7 @@ Predicted cos(B) against the mean cosine of independent batches, for the SD UNet
 and SD3 (``tiny-sd3``) presets.
 
 The same validation as :mod:`experiments.diagnose_cpu`, on the tasks that ``halforder
-diagnose --preset tiny|tiny-sd3`` builds (``prepare`` of :mod:`halforder.diffusion.run`), at
+diagnose --preset tiny|tiny-sd3`` builds (``prepare`` of :mod:`halforder.diffusion.app.run`), at
 their initial weights, for full backprop and REINFORCE (leave-one-out advantage, prompt groups
 of 4), at batch sizes B = 8 and 32:
 
@@ -87,8 +87,8 @@ QUICK_CFG = TinyConfig(batches=((8, 3), (32, 2)), pilot_rows=24, reference=32, c
 def build(preset: str, estimator: str, group: int | None):
     """The prepared run (task, sampler, prompts) of ``preset`` with ``estimator``, its eta the
     preset's ``eta_plan`` at every step, and the config."""
-    from halforder.diffusion.config import load_config
-    from halforder.diffusion.run import prepare
+    from halforder.diffusion.app.config import load_config
+    from halforder.diffusion.app.run import prepare
 
     eta = load_config(None, {"preset": preset}).eta_plan
     cfg = load_config(None, {"preset": preset, "estimator": estimator, "group_size": group, "eta": str(eta)})

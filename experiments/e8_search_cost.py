@@ -49,8 +49,8 @@ def cost_part(quick: bool):
     default pilots) spends, under a budget where everything fits and under one where
     checkpointed full backprop does not, against the exhaustive search's pilots for the
     same parts, counted; extrapolated to SD 1.4 on an H100 per model evaluation."""
-    from halforder.diffusion.config import load_config
-    from halforder.diffusion.run import prepare
+    from halforder.diffusion.app.config import load_config
+    from halforder.diffusion.app.run import prepare
 
     T = 4 if quick else 50
     rows = []

@@ -4,6 +4,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -38,27 +39,57 @@ def clone_status(clone):
     return lambda: git(clone, "status", "--porcelain", "--untracked-files=all")
 
 
+QUEUED: list[str] = []   # the commands the collected tests will run in the clone, in collection order
+
+
+def pytest_collection_finish(session):
+    """Queue the commands that the selected tests' modules declare in ``CLONE_COMMANDS``."""
+    for item in session.items:
+        for command in getattr(item.module, "CLONE_COMMANDS", ()):
+            if command not in QUEUED:
+                QUEUED.append(command)
+
+
 @pytest.fixture(scope="session")
 def run_in_clone(clone, clone_status):
     """``run_in_clone(command)``: a command line of the README (``halforder ...`` or
     ``python ...``) run in :func:`clone` as a new user would run it (a fresh process, offline,
-    umask 022), once a session: the tests that check the same command's outputs share its
-    one run. Its ``subprocess.CompletedProcess``, with ``status``: the clone's ``git
-    status`` right after it."""
-    done = {}
+    umask 022, one torch thread), once a session: the tests that check the same command's
+    outputs share its one run. Its ``subprocess.CompletedProcess``, with ``status``: the
+    clone's ``git status`` right after it.
 
+    The commands the collected modules declare (``CLONE_COMMANDS``) run one after another in
+    a background thread from the start of the session, in collection order, so that they use
+    the second core while the tests run in this process; a command asked for that was not
+    declared runs at once."""
     def run(command: str) -> subprocess.CompletedProcess:
-        if command not in done:
-            argv = shlex.split(command)
-            if argv[0] == "halforder":
-                argv = [sys.executable, "-m", "halforder.cli", *argv[1:]]
-            elif argv[0] in ("python", "python3"):
-                argv = [sys.executable, *argv[1:]]
-            env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(clone / "src"), str(clone)]), HF_HUB_OFFLINE="1",
-                       OMP_NUM_THREADS="1", MPLBACKEND="Agg")
-            proc = subprocess.run(argv, cwd=clone, env=env, capture_output=True, text=True, timeout=600,
-                                  preexec_fn=lambda: os.umask(0o022))
-            proc.status = clone_status()
-            done[command] = proc
-        return done[command]
-    return run
+        argv = shlex.split(command)
+        if argv[0] == "halforder":
+            argv = [sys.executable, "-m", "halforder.cli", *argv[1:]]
+        elif argv[0] in ("python", "python3"):
+            argv = [sys.executable, *argv[1:]]
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(clone / "src"), str(clone)]), HF_HUB_OFFLINE="1",
+                   OMP_NUM_THREADS="1", MPLBACKEND="Agg")
+        proc = subprocess.run(argv, cwd=clone, env=env, capture_output=True, text=True, timeout=600,
+                              preexec_fn=lambda: os.umask(0o022))
+        proc.status = clone_status()
+        return proc
+
+    pool = ThreadPoolExecutor(1)
+    runs = {command: pool.submit(run, command) for command in QUEUED}
+
+    def result(command: str) -> subprocess.CompletedProcess:
+        if command not in runs:
+            runs[command] = Future()
+            runs[command].set_result(run(command))
+        return runs[command].result()
+
+    yield result
+    pool.shutdown(cancel_futures=True)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _start_clone_commands(request):
+    """Start the queued clone commands with the session (only where some test declares any)."""
+    if QUEUED:
+        request.getfixturevalue("run_in_clone")

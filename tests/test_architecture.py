@@ -6,7 +6,13 @@ function-level ones included. The layers, lowest first:
 
     estimators  <  planning, toy, training  <  diffusion  <  the command line (halforder.cli, __main__)
 
-``planning``, ``toy`` and ``training`` are side by side: none imports another.
+``planning``, ``toy`` and ``training`` are side by side: none imports another. ``diffusion`` is
+four layers, lowest first, and the package itself (its public names) above them:
+
+    diffusion.sampling (the chain machinery)  <  diffusion.models  <  diffusion.rewards
+        <  diffusion.app (the application)  <  halforder.diffusion
+
+Every module of ``diffusion`` lies in one of the four.
 """
 import ast
 import pathlib
@@ -14,8 +20,11 @@ import pathlib
 import pytest
 
 SRC = pathlib.Path(__file__).resolve().parents[1] / "src"
+DIFFUSION_LAYERS = ("halforder.diffusion.sampling", "halforder.diffusion.models", "halforder.diffusion.rewards",
+                    "halforder.diffusion.app")
 LAYER = {"halforder": 0, "halforder.estimators": 1, "halforder.planning": 2, "halforder.toy": 2,
-         "halforder.training": 2, "halforder.diffusion": 3, "halforder.cli": 4, "halforder.__main__": 4}
+         "halforder.training": 2, **{name: 3 + i for i, name in enumerate(DIFFUSION_LAYERS)},
+         "halforder.diffusion": 7, "halforder.cli": 8, "halforder.__main__": 8}
 MIDDLE = ("halforder.planning", "halforder.toy", "halforder.training")
 SIDE_BY_SIDE = {(a, b) for a in MIDDLE for b in MIDDLE if a != b}
 
@@ -52,17 +61,25 @@ def _imports(name: str, path: pathlib.Path) -> set[str]:
     return found
 
 
+def _targets(name: str, path: pathlib.Path) -> set[str]:
+    """The modules of src that ``name`` imports, itself left out."""
+    targets = set()
+    for mod in _imports(name, path):
+        while mod and mod not in MODULES:      # `from pkg import name` where name is not a module
+            mod = mod.rpartition(".")[0]
+        if mod and mod != name:
+            targets.add(mod)
+    return targets
+
+
 def _graph() -> dict[str, set[str]]:
-    graph = {}
-    for name, path in MODULES.items():
-        targets = set()
-        for mod in _imports(name, path):
-            while mod and mod not in MODULES:      # `from pkg import name` where name is not a module
-                mod = mod.rpartition(".")[0]
-            if mod and mod != name and not name.startswith(mod + "."):   # a package's own parents are loaded first
-                targets.add(mod)
-        graph[name] = targets
-    return graph
+    # a package's own parents are loaded first: no edge to them (their layers are checked apart)
+    return {name: {t for t in _targets(name, path) if not name.startswith(t + ".")} for name, path in MODULES.items()}
+
+
+def _parent_imports() -> dict[str, set[str]]:
+    """The packages above a module that it imports (``from .. import x``, ``from halforder.diffusion import x``)."""
+    return {name: {t for t in _targets(name, path) if name.startswith(t + ".")} for name, path in MODULES.items()}
 
 
 def _layer(name: str) -> tuple[str, int]:
@@ -114,16 +131,26 @@ def test_the_checks_see_cycles_and_upward_imports():
     assert layer_violations({"halforder.estimators.theory": {"halforder.toy.stats"}}) == \
         ["halforder.estimators.theory imports halforder.toy.stats"]
     assert layer_violations({"halforder.toy.stats": {"halforder.training.loop"}})
-    assert not layer_violations({"halforder.diffusion.run": {"halforder.training.loop"}})
+    assert not layer_violations({"halforder.diffusion.app.run": {"halforder.training.loop"}})
     assert layer_violations({"halforder.estimators.engine": {"halforder.planning.search"}})
     assert layer_violations({"halforder.planning.search": {"halforder.toy.linear"}})
+    # within diffusion: sampling < models < rewards < app < the package's public names
+    assert layer_violations({"halforder.diffusion.sampling.chain": {"halforder.diffusion.models.families"}}) == \
+        ["halforder.diffusion.sampling.chain imports halforder.diffusion.models.families"]
+    assert layer_violations({"halforder.diffusion.models.components": {"halforder.diffusion.rewards"}})
+    assert layer_violations({"halforder.diffusion.rewards.video": {"halforder.diffusion.app.config"}})
+    assert layer_violations({"halforder.diffusion.app.task": {"halforder.diffusion"}})
+    assert layer_violations({"halforder.diffusion.models.lora": {"halforder.training.files"}}) == []
+    assert not layer_violations({"halforder.diffusion.app.run": {"halforder.diffusion.sampling.chain",
+                                                                 "halforder.diffusion.models.sd_chain",
+                                                                 "halforder.diffusion.rewards.video"}})
 
 
 def test_every_module_is_seen_with_its_function_level_imports():
     graph = _graph()
     assert len(graph) >= 30
     # function-level imports count: the command line imports the diffusion CLI inside main()
-    assert "halforder.diffusion.cli" in graph["halforder.cli"]
+    assert "halforder.diffusion.app.cli" in graph["halforder.cli"]
 
 
 def test_no_import_cycle():
@@ -132,6 +159,21 @@ def test_no_import_cycle():
 
 def test_no_lower_package_imports_a_higher_one():
     assert layer_violations(_graph()) == []
+
+
+def test_no_module_imports_a_parent_package_in_a_higher_layer():
+    """``halforder.diffusion`` imports every layer for its public names: a module inside it that
+    imports them reaches the application, whatever its own layer."""
+    assert layer_violations(_parent_imports()) == []
+
+
+def test_every_diffusion_module_lies_in_one_of_its_four_layers():
+    graph = _graph()
+    outside = [n for n in graph if n.startswith("halforder.diffusion.")
+               and not any(n == p or n.startswith(p + ".") for p in DIFFUSION_LAYERS)]
+    assert outside == []
+    for layer in DIFFUSION_LAYERS:
+        assert any(n.startswith(layer + ".") for n in graph), layer
 
 
 def test_the_estimators_import_nothing_from_the_planner():

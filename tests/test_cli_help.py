@@ -16,7 +16,7 @@ def _parsers():
         if isinstance(action, argparse._SubParsersAction):
             found.update((f"halforder {name}", p) for name, p in action.choices.items())
     try:
-        from halforder.diffusion.cli import parser as train_parser
+        from halforder.diffusion.app.cli import parser as train_parser
     except ImportError:
         pass
     else:
@@ -79,3 +79,14 @@ def test_a_missing_diffusion_extra_is_one_line_and_exit_2(monkeypatch, capsys, c
     err = capsys.readouterr().err
     assert err == (f"halforder {command}: error: needs the diffusion extra (missing: transformers); install it with: "
                    'pip install -e ".[diffusion]"\n')
+
+
+@pytest.mark.parametrize("command", ["train", "plan", "diagnose", "export", "demo"])
+def test_every_command_prints_its_help(command, capsys):
+    """``halforder COMMAND --help`` prints its usage and exits 0 (a help string with a bare
+    ``%`` once made argparse fail here)."""
+    pytest.importorskip("diffusers")
+    with pytest.raises(SystemExit) as e:
+        code = main([command, "--help"])
+        raise SystemExit(code)
+    assert e.value.code in (0, None) and "usage:" in capsys.readouterr().out

@@ -7,9 +7,7 @@ deterministic ones (the exact truncation bias, the solver's h*); the statistical
 live in docs/results/ and are produced by the full run.
 """
 import csv
-import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -24,21 +22,19 @@ FIGURES = ["e1_unbiasedness", "e2_variance", "e3_truncation", "e4_hstar", "e5_co
            "e8_plan_search", "e9_field_estimators"]
 
 
+CLONE_COMMANDS = [TINY] = ["halforder train --preset tiny --output-dir runs/tiny"]
+
+
 @pytest.fixture(scope="module")
-def tiny_run(clone):
-    """A run in runs/tiny/, the folder of the tiny preset, as the README's
-    ``halforder train --preset tiny --output-dir runs/tiny`` leaves it (a checkpoint and a
-    config.json of other settings); a stand-in, removed afterwards, unless that command
-    already left a real one. Its config.json."""
+def tiny_run(clone, run_in_clone):
+    """The run that the README's ``halforder train --preset tiny --output-dir runs/tiny``
+    leaves in runs/tiny/, the folder of the tiny preset (a checkpoint and a config.json): its
+    config.json."""
+    proc = run_in_clone(TINY)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     run = clone / "runs" / "tiny"
-    made = not run.exists()
-    if made:
-        (run / "checkpoints" / "step_00000002").mkdir(parents=True)
-        (run / "config.json").write_text(json.dumps({"preset": "tiny", "T": 8, "steps": 2}))
     assert latest_checkpoint(str(run / "checkpoints")) is not None
-    yield run / "config.json"
-    if made:
-        shutil.rmtree(run)
+    return run / "config.json"
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,8 @@ pytest.importorskip("peft")
 pytest.importorskip("matplotlib")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLONE_COMMANDS = [FINETUNE, STEP_GRADIENTS] = ["python experiments/finetune_cpu.py --quick",
+                                               "python experiments/step_gradients.py --out runs/step-gradients --quick"]
 
 
 def _load():
@@ -24,7 +26,7 @@ def _load():
 
 
 def test_quick_run_writes_every_output(clone, run_in_clone):
-    proc = run_in_clone("python experiments/finetune_cpu.py --quick")
+    proc = run_in_clone(FINETUNE)
     assert proc.returncode == 0, proc.stderr[-3000:]
     mod = _load()
     out = clone / "runs" / "finetune-quick"
@@ -87,7 +89,7 @@ def test_step_gradients_quick(clone, run_in_clone):
     """experiments/step_gradients.py --quick (the README's command, with --quick) writes its
     table, figure and numbers; the per-step gradients add up to the whole gradient and the
     floor is m times the shared one, or more."""
-    proc = run_in_clone("python experiments/step_gradients.py --out runs/step-gradients --quick")
+    proc = run_in_clone(STEP_GRADIENTS)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = clone / "runs" / "step-gradients"
     with open(out / "step_gradients.json") as fh:

@@ -69,6 +69,10 @@ HOW = {
 }
 
 
+RUNS = [f"{c} {how}".strip() for c, how in HOW.items() if not how.startswith("not run")]
+CLONE_COMMANDS = RUNS   # started in the background with the session (conftest.run_in_clone)
+
+
 def readme_commands(text: str) -> list[str]:
     """The shell commands of the README: indented code lines (backslash continuations joined)
     and inline code spans that start with a program, each split at ``&&``, comments dropped."""
@@ -98,10 +102,10 @@ def test_every_readme_command_is_listed():
     assert set(COMMANDS) == set(HOW), (sorted(set(COMMANDS) - set(HOW)), sorted(set(HOW) - set(COMMANDS)))
 
 
-@pytest.mark.parametrize("command", [c for c in HOW if not HOW[c].startswith("not run")])
+@pytest.mark.parametrize("command", RUNS)
 def test_readme_command_leaves_git_status_clean(run_in_clone, command):
     """The command's one run in the clone (shared with the tests that check its outputs)."""
-    proc = run_in_clone(f"{command} {HOW[command]}".strip())
+    proc = run_in_clone(command)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.status == ""
 

@@ -172,8 +172,8 @@ def test_roll_out_records_states_noise_and_means():
 def test_the_tiny_sd_sampler_is_the_old_rollout_bit_for_bit():
     pytest.importorskip("diffusers")
     from halforder.diffusion import tiny_components
-    from halforder.diffusion.chain import rollout
-    from halforder.diffusion.sd_chain import make_chain
+    from halforder.diffusion.sampling.chain import rollout
+    from halforder.diffusion.models.sd_chain import make_chain
     c = tiny_components(0)
     chain = make_chain(c, 4, ["a red square", "a blue circle"], lambda x, p: x.mean((1, 2, 3))).with_noise(
         (0.0, 1.0, 0.3, 1.0), 0.0)

@@ -10,10 +10,11 @@ import pytest
 
 pytest.importorskip("diffusers")
 REPO = Path(__file__).resolve().parents[1]
+CLONE_COMMANDS = [SD_SCALE] = ["python benchmarks/sd_scale.py --tiny"]
 
 
 def test_sd_scale_tiny_writes_every_plan_and_meets_the_memory_goal(clone, run_in_clone):
-    proc = run_in_clone("python benchmarks/sd_scale.py --tiny")
+    proc = run_in_clone(SD_SCALE)
     assert proc.returncode == 0, proc.stderr[-3000:]
     sys.path.insert(0, str(REPO / "benchmarks"))
     try:

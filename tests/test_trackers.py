@@ -152,8 +152,8 @@ def no_wandb_key(monkeypatch, tmp_path):
 
 
 def test_wandb_without_a_key_is_refused_before_anything_is_built(tmp_path, monkeypatch, capsys, no_wandb_key):
-    from halforder.diffusion import run
-    from halforder.diffusion.cli import main
+    from halforder.diffusion.app import run
+    from halforder.diffusion.app.cli import main
 
     monkeypatch.setattr(run, "build_components", lambda *a, **k: pytest.fail("a model was built"))
     out = tmp_path / "run"

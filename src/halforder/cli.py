@@ -14,7 +14,7 @@ from . import __version__
 
 def parser() -> argparse.ArgumentParser:
     """The parser of ``halforder`` and its ``demo`` command (``train`` has its own,
-    :func:`halforder.diffusion.cli.parser`)."""
+    :func:`halforder.diffusion.app.cli.parser`)."""
     p = argparse.ArgumentParser(prog="halforder", description=__doc__)
     p.add_argument("--version", action="version", version=f"halforder {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
@@ -56,15 +56,15 @@ def main(argv: list[str] | None = None) -> int:
                   f"it with: pip install -e \".[diffusion]\"", file=sys.stderr)
             return 2
         if argv[0] == "plan":
-            from .diffusion.plan_cli import main as plan_main
+            from .diffusion.app.plan_cli import main as plan_main
             return plan_main(argv[1:])
         if argv[0] == "diagnose":
-            from .diffusion.diagnose_cli import main as diagnose_main
+            from .diffusion.app.diagnose_cli import main as diagnose_main
             return diagnose_main(argv[1:])
         if argv[0] == "export":
-            from .diffusion.export_cli import main as export_main
+            from .diffusion.app.export_cli import main as export_main
             return export_main(argv[1:])
-        from .diffusion.cli import main as train_main
+        from .diffusion.app.cli import main as train_main
         return train_main(argv[1:])
     p = parser()
     args = p.parse_args(argv)

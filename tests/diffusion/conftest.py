@@ -69,7 +69,7 @@ def two_process_run(tmp_path_factory):
     args = [a for k, v in TWO_PROCESS_FLAGS.items() for a in (f"--{k.replace('_', '-')}", str(v))]
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "-m", "halforder.diffusion.cli", *args, "--output-dir", str(out), "--no-progress"],
+                           "-m", "halforder.diffusion.app.cli", *args, "--output-dir", str(out), "--no-progress"],
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, dict(TWO_PROCESS_FLAGS)

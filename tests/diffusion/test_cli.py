@@ -11,8 +11,8 @@ import pytest
 pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
-from halforder.diffusion.cli import main, parser  # noqa: E402
-from halforder.diffusion.config import TrainConfig, load_config  # noqa: E402
+from halforder.diffusion.app.cli import main, parser  # noqa: E402
+from halforder.diffusion.app.config import TrainConfig, load_config  # noqa: E402
 from halforder.diffusion.rewards import REWARDS  # noqa: E402
 from halforder.training.checkpoints import save_checkpoint  # noqa: E402
 

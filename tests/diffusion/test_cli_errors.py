@@ -10,8 +10,8 @@ import pytest
 pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
-from halforder.diffusion.cli import main  # noqa: E402
-from halforder.diffusion.config import TrainConfig, load_config  # noqa: E402
+from halforder.diffusion.app.cli import main  # noqa: E402
+from halforder.diffusion.app.config import TrainConfig, load_config  # noqa: E402
 
 
 
@@ -156,7 +156,7 @@ def test_an_unreachable_hub_fails_fast_in_one_line(tmp_path, capsys, monkeypatch
     is touched) is found by one short probe, not by the hub client's retries (most of a minute)."""
     import time
 
-    from halforder.diffusion import hub
+    from halforder.diffusion.models import hub
 
     monkeypatch.delenv("HF_HUB_OFFLINE")
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")

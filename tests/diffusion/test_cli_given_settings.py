@@ -9,9 +9,9 @@ import pytest
 pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
-from halforder.diffusion import cli, run  # noqa: E402
-from halforder.diffusion.cli import main  # noqa: E402
-from halforder.diffusion.config import PRESETS, TrainConfig, load_config  # noqa: E402
+from halforder.diffusion.app import cli, run  # noqa: E402
+from halforder.diffusion.app.cli import main  # noqa: E402
+from halforder.diffusion.app.config import PRESETS, TrainConfig, load_config  # noqa: E402
 from halforder.diffusion.rewards import REWARDS  # noqa: E402
 
 

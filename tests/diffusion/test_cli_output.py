@@ -14,6 +14,8 @@ import pytest
 pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
+CLONE_COMMANDS = [TINY] = ["halforder train --preset tiny --output-dir runs/tiny"]
+
 # What a train run used to print on stderr: torch's vmap fallback warning (the UNet's CPU
 # attention inside vmap) and transformers' warnings when diffusers' pipeline module imports
 # CLIP's and SigLIP's image processors without torchvision.
@@ -23,7 +25,7 @@ KNOWN = ("There is a performance drop because we have not yet implemented the ba
 
 @pytest.fixture(scope="module")
 def tiny_run(clone, run_in_clone):
-    proc = run_in_clone("halforder train --preset tiny --output-dir runs/tiny")
+    proc = run_in_clone(TINY)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return clone / "runs" / "tiny", proc
 

@@ -13,7 +13,7 @@ pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
 import halforder.training.update_rules as update_rules  # noqa: E402
-from halforder.diffusion.cli import main  # noqa: E402
+from halforder.diffusion.app.cli import main  # noqa: E402
 from halforder.training.checkpoints import save_checkpoint  # noqa: E402
 
 

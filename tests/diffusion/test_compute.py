@@ -12,8 +12,8 @@ import torch
 pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
-from halforder.diffusion.config import TrainConfig  # noqa: E402
-from halforder.diffusion.run import build_components, build_reward, build_task  # noqa: E402
+from halforder.diffusion.app.config import TrainConfig  # noqa: E402
+from halforder.diffusion.app.run import build_components, build_reward, build_task  # noqa: E402
 from halforder.estimators import ComputeMeter, Plan, estimate, expected_evaluations, grouped, make_sampler  # noqa: E402
 from halforder.training.loop import train  # noqa: E402
 
@@ -132,7 +132,7 @@ def test_the_loop_writes_the_running_count_and_resume_keeps_it(tmp_path, estimat
 def test_two_processes_sum_their_counts(two_process_run):
     """Under torchrun each process counts its own samples; the record holds their sum. The
     run (the preset's RLR, shared with test_multiprocess.py) drew its plan from the seed."""
-    from halforder.diffusion.config import load_config
+    from halforder.diffusion.app.config import load_config
     from halforder.training.loop import TrainRNG
 
     out, flags = two_process_run

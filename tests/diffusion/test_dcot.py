@@ -9,11 +9,11 @@ import torch
 pytest.importorskip("diffusers")
 
 from halforder.diffusion import ImageView, add_lora, encode_prompts, tiny_components, unet_latent_shape  # noqa: E402
-from halforder.diffusion.chain import NoiseScales  # noqa: E402
-from halforder.diffusion.dcot import (PAPER_WINDOW, DCoTConditioning, StepSplit, load_dcot_prompts,  # noqa: E402
-                                      parse_dcot_prompts, window_levels)
+from halforder.diffusion.sampling.chain import NoiseScales  # noqa: E402
+from halforder.diffusion.app.dcot import (PAPER_WINDOW, DCoTConditioning, StepSplit, load_dcot_prompts,  # noqa: E402
+                                          parse_dcot_prompts, window_levels)
 from halforder.diffusion.rewards import make_reward  # noqa: E402
-from halforder.diffusion.task import DiffusionTask  # noqa: E402
+from halforder.diffusion.app.task import DiffusionTask  # noqa: E402
 from halforder.estimators import estimate  # noqa: E402
 from halforder.estimators.samplers import WindowRLR  # noqa: E402
 
@@ -134,8 +134,8 @@ def test_dcot_task_gives_lora_gradients():
 
 def test_dcot_conditioning_drives_a_video_task():
     """The same conditioning, given to a task with a video view, switches the UNet3D's context per group."""
-    from halforder.diffusion.video import tiny_video_components, video_view
-    from halforder.diffusion.video.rewards import make_video_reward
+    from halforder.diffusion.models.video import tiny_video_components, video_view
+    from halforder.diffusion.rewards.video import make_video_reward
     from halforder.estimators import Plan
 
     c = tiny_video_components(0)
@@ -151,7 +151,7 @@ def test_dcot_conditioning_drives_a_video_task():
 def test_dcot_cli_tiny_run(tmp_path, monkeypatch):
     """`halforder train --preset tiny --dcot data/dcot_hands.yaml` runs offline on CPU (the
     preset's T = 6 >= 3 steps, one group per level) and logs every update's plan."""
-    from halforder.diffusion.cli import main
+    from halforder.diffusion.app.cli import main
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     out = tmp_path / "tmp"
@@ -164,8 +164,8 @@ def test_dcot_cli_tiny_run(tmp_path, monkeypatch):
 
 def test_dcot_honours_gradient_checkpointing():
     """A DCoT run with gradient_checkpointing builds checkpointed chains."""
-    from halforder.diffusion.config import TrainConfig
-    from halforder.diffusion.run import prepare
+    from halforder.diffusion.app.config import TrainConfig
+    from halforder.diffusion.app.run import prepare
     from halforder.estimators import Checkpointed
 
     cfg = TrainConfig(model="tiny", reward="brightness", T=6, guidance_scale=2.0, steps=2, batch_size=4, grad_accum=1,

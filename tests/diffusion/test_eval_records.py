@@ -8,10 +8,10 @@ import torch
 pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
-from halforder.diffusion.cli import main  # noqa: E402
-from halforder.diffusion.config import TINY_EVAL_PROMPTS, load_config  # noqa: E402
+from halforder.diffusion.app.cli import main  # noqa: E402
+from halforder.diffusion.app.config import TINY_EVAL_PROMPTS, load_config  # noqa: E402
 from halforder.diffusion.rewards import make_reward  # noqa: E402
-from halforder.diffusion.run import prepare  # noqa: E402
+from halforder.diffusion.app.run import prepare  # noqa: E402
 
 
 

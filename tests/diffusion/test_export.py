@@ -11,7 +11,7 @@ pytest.importorskip("peft")
 
 from halforder.cli import main  # noqa: E402
 from halforder.diffusion import add_lora, make_chain, make_reward, set_lora, tiny_model  # noqa: E402
-from halforder.diffusion.lora import LORA_FILE  # noqa: E402
+from halforder.diffusion.models.lora import LORA_FILE  # noqa: E402
 from halforder.training.checkpoints import load_checkpoint  # noqa: E402
 
 
@@ -58,7 +58,7 @@ def test_every_checkpoint_holds_the_lora_file_of_its_step(run):
 
 
 def _parts(c):
-    from halforder.diffusion.families import family_of
+    from halforder.diffusion.models.families import family_of
     pipe = family_of(c).pipeline(c)
     return dict(pipe.components)
 

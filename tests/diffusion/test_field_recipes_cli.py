@@ -7,7 +7,7 @@ import pytest
 pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
-from halforder.diffusion.cli import main  # noqa: E402
+from halforder.diffusion.app.cli import main  # noqa: E402
 
 FLOW_GRPO = ["--estimator", "reinforce", "--group-size", "4", "--step-fraction", "0.5", "--clip-range", "1e-4",
              "--updates-per-rollout", "2", "--kl-beta", "0.01"]

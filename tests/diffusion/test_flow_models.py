@@ -12,7 +12,7 @@ pytest.importorskip("peft")
 
 from halforder.diffusion import (NoiseScales, add_lora, load_components, make_chain, make_reward, rollout,  # noqa: E402
                                  tiny_model)
-from halforder.diffusion.lora import load_lora, save_lora  # noqa: E402
+from halforder.diffusion.models.lora import load_lora, save_lora  # noqa: E402
 from halforder.estimators import Plan, estimate  # noqa: E402
 
 PROMPTS = ["a red square", "a blue circle"]
@@ -71,7 +71,7 @@ def test_rollouts_at_eta_zero_are_the_pipelines(saved, T, guidance):
 
 
 def decoded(chain, z):
-    from halforder.diffusion.views import decode_latents
+    from halforder.diffusion.sampling.views import decode_latents
     with torch.no_grad():
         rf = chain.reward_fn
         return decode_latents(rf.vae, z if rf.unpack is None else rf.unpack(z))
@@ -174,7 +174,7 @@ def test_a_runs_lora_loads_into_the_pipeline(tmp_path, name):
     the pipeline's load_lora_weights reads: the loaded transformer's adapter equals the trained one."""
     from safetensors.torch import load_file
 
-    from halforder.diffusion.cli import main
+    from halforder.diffusion.app.cli import main
 
     out = tmp_path / "run"
     assert main(["--preset", name, "--steps", "2", "--eval-every", "0", "--checkpoint-every", "0",

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from halforder.diffusion.solvers import FlowMatchSolver, make_solver
+from halforder.diffusion.sampling.solvers import FlowMatchSolver, make_solver
 
 
 def _scheduler(**kw):
@@ -111,7 +111,7 @@ def test_bad_settings_are_refused():
         make_solver(sched, 4, etas=1.5, noise="cps")
     with pytest.raises(ValueError, match="give mu"):
         make_solver(_scheduler(**SCHEDULES[2]), 4)
-    from halforder.diffusion.components import SD_SCHEDULER_CONFIG, make_scheduler
+    from halforder.diffusion.models.components import SD_SCHEDULER_CONFIG, make_scheduler
     with pytest.raises(ValueError, match="is for flow-matching models"):
         make_solver(make_scheduler("ddim", SD_SCHEDULER_CONFIG), 4, noise="cps")
     assert isinstance(make_solver(sched, 4).with_etas(0.5), FlowMatchSolver)

@@ -7,8 +7,8 @@ import torch.nn.functional as F
 
 transformers = pytest.importorskip("transformers")
 
-from halforder.diffusion.clip_preprocess import ClipPreprocess, clip_preprocess  # noqa: E402
-from halforder.diffusion.open_clip_weights import clip_from_open_clip, open_clip_to_transformers  # noqa: E402
+from halforder.diffusion.rewards.clip_preprocess import ClipPreprocess, clip_preprocess  # noqa: E402
+from halforder.diffusion.rewards.open_clip_weights import clip_from_open_clip, open_clip_to_transformers  # noqa: E402
 from halforder.diffusion.rewards import make_reward  # noqa: E402
 
 WIDTH, LAYERS, HEADS, PATCH, IMAGE, DIM, CONTEXT = 32, 2, 4, 4, 16, 24, 16

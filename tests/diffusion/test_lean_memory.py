@@ -3,8 +3,8 @@ switch that turns it on."""
 import torch
 
 from halforder.diffusion import add_lora, make_chain, make_reward, tiny_components
-from halforder.diffusion.config import TrainConfig
-from halforder.diffusion.run import build_components
+from halforder.diffusion.app.config import TrainConfig
+from halforder.diffusion.app.run import build_components
 from halforder.estimators import Plan, SavedTensorMeter, estimate
 from halforder.estimators.gradient_checkpointing import checkpoint_blocks
 

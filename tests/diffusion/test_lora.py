@@ -7,9 +7,9 @@ import torch
 
 from halforder.diffusion import (NoiseScales, add_lora, lora_params, make_chain, rollout, save_lora, set_lora,
                                  tiny_components)
-from halforder.diffusion.lora import DEFAULT_TARGETS, LORA_FILE, layer_names, load_lora
+from halforder.diffusion.models.lora import DEFAULT_TARGETS, LORA_FILE, layer_names, load_lora
 from halforder.diffusion.rewards import make_reward
-from halforder.diffusion.video import tiny_video_components
+from halforder.diffusion.models.video import tiny_video_components
 from halforder.estimators import Plan
 
 diffusers = pytest.importorskip("diffusers")

@@ -10,11 +10,11 @@ import torch
 
 pytest.importorskip("diffusers")
 
-from halforder.diffusion.cli import main  # noqa: E402
-from halforder.diffusion.config import TrainConfig, family_options, family_settings, load_config  # noqa: E402
-from halforder.diffusion.families import (FAMILIES, OPTION_SETTINGS, TINY_MODELS, family_of,  # noqa: E402
-                                          load_components, options_of, tiny_model)
-from halforder.diffusion.video import VIDEOCRAFTER2_SCALE, tiny_video_components  # noqa: E402
+from halforder.diffusion.app.cli import main  # noqa: E402
+from halforder.diffusion.app.config import TrainConfig, family_options, family_settings, load_config  # noqa: E402
+from halforder.diffusion.models.families import (FAMILIES, OPTION_SETTINGS, TINY_MODELS, family_of,  # noqa: E402
+                                                 load_components, options_of, tiny_model)
+from halforder.diffusion.models.video import VIDEOCRAFTER2_SCALE, tiny_video_components  # noqa: E402
 
 
 def test_every_option_setting_is_a_config_field_with_the_same_default():

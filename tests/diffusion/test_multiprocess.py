@@ -11,8 +11,8 @@ pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 pytest.importorskip("accelerate")
 
-from halforder.diffusion.config import load_config  # noqa: E402
-from halforder.diffusion.run import prepare  # noqa: E402
+from halforder.diffusion.app.config import load_config  # noqa: E402
+from halforder.diffusion.app.run import prepare  # noqa: E402
 from halforder.training.checkpoints import latest_checkpoint, load_checkpoint  # noqa: E402
 from halforder.training.loop import TrainRNG  # noqa: E402
 from halforder.training.update_rules import update_rule  # noqa: E402

@@ -3,14 +3,14 @@ and the refusal of plans that would backpropagate through a reward without a gra
 import pytest
 import torch
 
-from halforder.diffusion.ocr import OCR_EXTRA, quoted_text
+from halforder.diffusion.rewards.ocr import OCR_EXTRA, quoted_text
 from halforder.diffusion.rewards import REWARDS, differentiable, make_reward
 
 pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
-from halforder.diffusion.cli import main  # noqa: E402
-from halforder.diffusion.config import load_config  # noqa: E402
+from halforder.diffusion.app.cli import main  # noqa: E402
+from halforder.diffusion.app.config import load_config  # noqa: E402
 
 
 def test_the_target_is_the_quoted_text():
@@ -29,7 +29,7 @@ def test_the_ocr_reward_says_it_has_no_gradient():
 
 def test_flow_grpos_score():
     pytest.importorskip("rapidfuzz", reason="the ocr extra is not installed")
-    from halforder.diffusion.ocr import ocr_score
+    from halforder.diffusion.rewards.ocr import ocr_score
 
     assert ocr_score("Hello World", "hello world") == 1.0            # spaces and case do not count
     assert ocr_score("OPEN 24h: hello world!", "hello world") == 1.0  # the target found inside

@@ -74,8 +74,8 @@ def test_the_search_cost_is_what_the_meter_counts(monkeypatch):
     """The reported forward count is the sum of every denoiser call's samples during the search
     (the meter's count, which a tally of the calls repeats), not a formula; the run it is
     compared with is the chosen plan's exact cost over the configured updates."""
-    from halforder.diffusion.config import load_config
-    from halforder.diffusion.run import prepare
+    from halforder.diffusion.app.config import load_config
+    from halforder.diffusion.app.run import prepare
     from halforder.estimators import compute, expected_evaluations
 
     real, calls = compute.record, []
@@ -83,7 +83,7 @@ def test_the_search_cost_is_what_the_meter_counts(monkeypatch):
     def tally(n, output):
         calls.append(n)
         real(n, output)
-    monkeypatch.setattr("halforder.diffusion.denoiser.record", tally)
+    monkeypatch.setattr("halforder.diffusion.sampling.denoiser.record", tally)
     cfg = load_config(None, dict(T=2, steps=3, grad_accum=2, estimator="auto", memory_budget="64MiB",
                                  plan_pilots=4, output_dir=None, progress=False), preset="tiny")
     prepared = prepare(cfg)
@@ -100,7 +100,7 @@ def test_runnable_with_checkpointing_keeps_plans_whose_steps_checkpointing_canno
     variant does."""
     from types import SimpleNamespace
 
-    from halforder.diffusion.plan_choice import space_for
+    from halforder.diffusion.app.plan_choice import space_for
     from halforder.estimators import Plan
     from halforder.planning.space import Candidate, checkpointable
     T = 6
@@ -133,7 +133,7 @@ def test_a_resumed_auto_run_trains_the_plan_it_chose_without_searching(tmp_path,
     """The choice is stored in the run (plan.json); a resume reuses it and does not search
     again (a timing-dependent search could switch the estimator mid-run); without it the
     resume is refused with one line. The run resumed is a copy of :func:`auto_run`."""
-    import halforder.diffusion.plan_choice as planning
+    import halforder.diffusion.app.plan_choice as planning
     out = tmp_path / "auto"
     shutil.copytree(auto_run, out)
     args = [*AUTO, "--output-dir", str(out)]
@@ -152,7 +152,7 @@ def test_a_resumed_auto_run_trains_the_plan_it_chose_without_searching(tmp_path,
 
 
 def test_out_of_memory_in_the_search_is_one_line(tmp_path, capsys, monkeypatch):
-    import halforder.diffusion.plan_choice as planning
+    import halforder.diffusion.app.plan_choice as planning
 
     def oom(*a, **k):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.00 GiB")
@@ -173,9 +173,9 @@ def test_the_search_at_T50_on_tiny_sd_stays_under_its_evaluation_budget(monkeypa
     here (docs/results/e8_search_cost_T50.md). To fit the suite's time the test gives it 16
     pilot rows and a budget of 110, just above what the memory measurement, the timing
     probes and the shared pilot then take (about 100): the same rule, binding sooner."""
-    from halforder.diffusion import plan_choice
-    from halforder.diffusion.config import load_config
-    from halforder.diffusion.run import prepare
+    from halforder.diffusion.app import plan_choice
+    from halforder.diffusion.app.config import load_config
+    from halforder.diffusion.app.run import prepare
 
     monkeypatch.setattr(plan_choice, "SEARCH_EVALUATIONS", 110)
     cfg = load_config(None, dict(T=50, estimator="auto", memory_budget="1GiB", output_dir=None, progress=False,

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from halforder.diffusion import NoiseScales, add_lora, make_chain, make_reward, tiny_components
-from halforder.diffusion.config import TrainConfig
-from halforder.diffusion.denoiser import vmap_attention_backends
-from halforder.diffusion.run import build_components, model_dtype
+from halforder.diffusion.app.config import TrainConfig
+from halforder.diffusion.sampling.denoiser import vmap_attention_backends
+from halforder.diffusion.app.run import build_components, model_dtype
 from halforder.estimators import Checkpointed, ComputeMeter, Plan, estimate, expected_evaluations
 from halforder.toy.stats import mean_test
 
@@ -131,10 +131,10 @@ def test_a_compiled_denoiser_gives_the_eager_estimate(per_sample, checkpointed, 
     runs it), on a small network in place of the UNet."""
     from torch._dynamo.utils import counters
 
-    from halforder.diffusion import denoiser as module
-    from halforder.diffusion.chain import DiffusionChain
-    from halforder.diffusion.components import SD_SCHEDULER_CONFIG, make_scheduler
-    from halforder.diffusion.solvers import make_solver
+    from halforder.diffusion.sampling import denoiser as module
+    from halforder.diffusion.sampling.chain import DiffusionChain
+    from halforder.diffusion.models.components import SD_SCHEDULER_CONFIG, make_scheduler
+    from halforder.diffusion.sampling.solvers import make_solver
 
     monkeypatch.setattr(module, "_compiled", lambda mode: torch.compile(module._apply, backend="aot_eager"))
     with torch.random.fork_rng(devices=[]):   # the same network whatever ran before

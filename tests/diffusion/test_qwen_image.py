@@ -12,9 +12,9 @@ pytest.importorskip("peft")
 
 from halforder.diffusion import (NoiseScales, add_lora, load_components, make_chain, make_reward, rollout,  # noqa: E402
                                  tiny_model)
-from halforder.diffusion.families import qwen_image  # noqa: E402
-from halforder.diffusion.lora import save_lora  # noqa: E402
-from halforder.diffusion.sd_chain import image_view  # noqa: E402
+from halforder.diffusion.models.families import qwen_image  # noqa: E402
+from halforder.diffusion.models.lora import save_lora  # noqa: E402
+from halforder.diffusion.models.sd_chain import image_view  # noqa: E402
 from halforder.estimators import Plan, estimate  # noqa: E402
 
 PROMPTS = ["a red square", "a blue circle in a green field"]   # two lengths: the pipeline pads, with a mask

@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from halforder.diffusion.components import tiny_tokenizer
-from halforder.diffusion.clip_preprocess import CLIP_MEAN, CLIP_STD, ClipPreprocess, clip_preprocess
+from halforder.diffusion.models.components import tiny_tokenizer
+from halforder.diffusion.rewards.clip_preprocess import CLIP_MEAN, CLIP_STD, ClipPreprocess, clip_preprocess
 from halforder.diffusion.rewards import REWARDS, aesthetic_head, load_aesthetic, load_pickscore, make_reward
 
 transformers = pytest.importorskip("transformers")

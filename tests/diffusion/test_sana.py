@@ -14,9 +14,9 @@ pytest.importorskip("peft")
 
 from halforder.diffusion import (NoiseScales, add_lora, load_components, make_chain, make_reward, rollout,  # noqa: E402
                                  tiny_model)
-from halforder.diffusion.families import sana  # noqa: E402
-from halforder.diffusion.lora import save_lora  # noqa: E402
-from halforder.diffusion.sd_chain import image_view  # noqa: E402
+from halforder.diffusion.models.families import sana  # noqa: E402
+from halforder.diffusion.models.lora import save_lora  # noqa: E402
+from halforder.diffusion.models.sd_chain import image_view  # noqa: E402
 from halforder.estimators import Plan, estimate  # noqa: E402
 
 PROMPTS = ["A red square", "  a Blue circle in a green field "]   # the pipeline lowercases and strips

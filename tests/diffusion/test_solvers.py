@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from halforder.diffusion import DiffusionChain, rollout
-from halforder.diffusion.solvers import (DDIMSolver, DPMSolver, FlowMatchSolver, LatentScale, Solver,
-                                         make_solver)
+from halforder.diffusion.sampling.solvers import (DDIMSolver, DPMSolver, FlowMatchSolver, LatentScale, Solver,
+                                                  make_solver)
 
 diffusers = pytest.importorskip("diffusers")
 

@@ -12,8 +12,8 @@ pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
 from halforder.diffusion import NoiseScales  # noqa: E402
-from halforder.diffusion.config import TrainConfig  # noqa: E402
-from halforder.diffusion.run import build_components, build_reward, build_task  # noqa: E402
+from halforder.diffusion.app.config import TrainConfig  # noqa: E402
+from halforder.diffusion.app.run import build_components, build_reward, build_task  # noqa: E402
 from halforder.training.config import field_default  # noqa: E402
 
 #: the task's fields that are no config setting: built from several settings, or none
@@ -46,7 +46,7 @@ def test_a_task_built_from_a_config_carries_each_of_its_settings(eta):
 
 def test_the_planner_and_the_task_give_a_plan_the_same_noise(monkeypatch):
     """The plan search's chains (plan_choice) and the training chains get the task's noise scales."""
-    from halforder.diffusion import plan_choice
+    from halforder.diffusion.app import plan_choice
     from halforder.estimators import Plan
 
     cfg = TrainConfig(model="tiny", reward="brightness", T=4, eta_plan=0.4, zo_sigma=0.03, lora_rank=2,

@@ -1,4 +1,4 @@
-"""Sample grids of a training run (halforder.diffusion.previews).
+"""Sample grids of a training run (halforder.diffusion.app.previews).
 
 The training loop's own tests (NaN/inf skip, checkpoint format and corruption, gradient
 accumulation, resume checks, gradient checkpointing) run on a toy task and live in
@@ -10,7 +10,7 @@ import torch
 
 pytest.importorskip("PIL")
 
-from halforder.diffusion.previews import save_grid  # noqa: E402
+from halforder.diffusion.app.previews import save_grid  # noqa: E402
 
 
 def test_save_grid_writes_a_png(tmp_path):

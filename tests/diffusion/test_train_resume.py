@@ -10,8 +10,8 @@ import torch
 pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
-from halforder.diffusion.config import TrainConfig  # noqa: E402
-from halforder.diffusion.run import build_components, build_reward, build_task  # noqa: E402
+from halforder.diffusion.app.config import TrainConfig  # noqa: E402
+from halforder.diffusion.app.run import build_components, build_reward, build_task  # noqa: E402
 from halforder.estimators.samplers import SoftmaxRLR  # noqa: E402
 from halforder.training.checkpoints import latest_checkpoint, load_checkpoint  # noqa: E402
 from halforder.training.loop import Hooks, train  # noqa: E402

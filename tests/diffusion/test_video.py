@@ -8,15 +8,15 @@ import torch
 
 diffusers = pytest.importorskip("diffusers")
 
-from halforder.diffusion.chain import NoiseScales, rollout  # noqa: E402
-from halforder.diffusion.lora import add_lora, lora_params  # noqa: E402
-from halforder.diffusion.previews import write_video  # noqa: E402
-from halforder.diffusion.sd_chain import make_chain  # noqa: E402
-from halforder.diffusion.task import DiffusionTask  # noqa: E402
-from halforder.diffusion.video import (VIDEOCRAFTER2_SCALE, DecodedVideoReward, decode_frames,  # noqa: E402
-                                       fps_unet_class, frame_indices, load_video_components, load_videocrafter2,
-                                       tiny_video_components, video_view)
-from halforder.diffusion.video.rewards import make_video_reward, per_frame, temporal_consistency, weighted  # noqa: E402
+from halforder.diffusion.sampling.chain import NoiseScales, rollout  # noqa: E402
+from halforder.diffusion.models.lora import add_lora, lora_params  # noqa: E402
+from halforder.diffusion.app.previews import write_video  # noqa: E402
+from halforder.diffusion.models.sd_chain import make_chain  # noqa: E402
+from halforder.diffusion.app.task import DiffusionTask  # noqa: E402
+from halforder.diffusion.models.video import (VIDEOCRAFTER2_SCALE, DecodedVideoReward, decode_frames,  # noqa: E402
+                                              fps_unet_class, frame_indices, load_video_components,
+                                              load_videocrafter2, tiny_video_components, video_view)
+from halforder.diffusion.rewards.video import make_video_reward, per_frame, temporal_consistency, weighted  # noqa: E402
 from halforder.estimators import Plan, estimate, flatten  # noqa: E402
 from halforder.toy.stats import two_sample_test  # noqa: E402
 
@@ -247,11 +247,11 @@ def test_video_rewards():
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_video_task_trains_and_writes_gif(tmp_path):
     """Two training updates of a video DiffusionTask through the library's loop
-    (halforder.diffusion.run); metrics, a film-strip grid and a GIF of samples are written."""
+    (halforder.diffusion.app.run); metrics, a film-strip grid and a GIF of samples are written."""
     import imageio
 
-    from halforder.diffusion.config import load_config
-    from halforder.diffusion.run import prepare, run
+    from halforder.diffusion.app.config import load_config
+    from halforder.diffusion.app.run import prepare, run
 
     overrides = dict(steps=2, T=3, eval_every=2, checkpoint_every=0, output_dir=str(tmp_path), progress=False)
     cfg = load_config(None, overrides, preset="tiny-video")
@@ -287,8 +287,8 @@ def test_write_video_and_bad_input(tmp_path):
                       diffusers.UNet3DConditionModel)
     task = DiffusionTask(c, {}, BRIGHT, video_view(c, 2, "random"), 2)
     assert task.previews(["a"], torch.Generator().manual_seed(0)).shape == (1, 3, 16, 32)
-    from halforder.diffusion.config import load_config
-    from halforder.diffusion.run import build_components, build_reward, build_task
+    from halforder.diffusion.app.config import load_config
+    from halforder.diffusion.app.run import build_components, build_reward, build_task
     cfg = load_config(None, {"task": "t2v", "model": "tiny", "reward": "brightness+temporal", "T": 2, "h": 1,
                              "frames": "random"})
     with pytest.raises(ValueError, match="needs at least 2 decoded frames"):
@@ -298,8 +298,8 @@ def test_write_video_and_bad_input(tmp_path):
 def test_video_resume_is_exact(tmp_path):
     """Interrupted in update 2 (after the checkpoint of update 1) and resumed, a video task run
     with random frames ends with the same LoRA weights and rewards as an uninterrupted one."""
-    from halforder.diffusion.config import load_config
-    from halforder.diffusion.run import build_components, build_reward, build_task
+    from halforder.diffusion.app.config import load_config
+    from halforder.diffusion.app.run import build_components, build_reward, build_task
     from halforder.estimators.samplers import UniformRLR
     from halforder.training.loop import Hooks, train
 

@@ -7,13 +7,15 @@ import pytest
 
 pytest.importorskip("diffusers")
 
-from halforder.diffusion.cli import main  # noqa: E402
+CLONE_COMMANDS = [TINY_VIDEO] = ["halforder train --preset tiny-video --output-dir runs/tiny-video"]
+
+from halforder.diffusion.app.cli import main  # noqa: E402
 
 
 def test_tiny_video_cli_run(clone, run_in_clone):
     import imageio
 
-    proc = run_in_clone("halforder train --preset tiny-video --output-dir runs/tiny-video")
+    proc = run_in_clone(TINY_VIDEO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = clone / "runs" / "tiny-video"
     recs = [json.loads(line) for line in open(out / "metrics.jsonl") if "plan" in json.loads(line)]
@@ -37,7 +39,7 @@ def test_video_cli_bad_input(tmp_path, capsys):
 
 
 def test_task_is_a_config_field(tmp_path):
-    from halforder.diffusion.config import load_config
+    from halforder.diffusion.app.config import load_config
 
     (tmp_path / "run.yaml").write_text("preset: tiny\ntask: t2v\n")
     assert load_config(str(tmp_path / "run.yaml")).task == "t2v"
@@ -52,8 +54,8 @@ def test_videocrafter2_preset_is_the_official_sampling():
     """The videocrafter2 preset: VideoCrafter2's official sampling settings (DDIM with its
     latent scale, 50 steps, eta 1 at every step, guidance 12, fps 28, 16 frames, latent
     40x64 for 320x512); loading it downloads nothing (the model is fetched only by a run)."""
-    from halforder.diffusion.config import load_config
-    from halforder.diffusion.video.components import VIDEOCRAFTER2_UNET
+    from halforder.diffusion.app.config import load_config
+    from halforder.diffusion.models.video.components import VIDEOCRAFTER2_UNET
 
     cfg = load_config(None, preset="videocrafter2")
     cfg.check()

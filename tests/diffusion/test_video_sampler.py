@@ -13,12 +13,13 @@ import torch
 
 diffusers = pytest.importorskip("diffusers")
 
-from halforder.diffusion.chain import DiffusionChain, rollout  # noqa: E402
-from halforder.diffusion.components import SD_SCHEDULER_CONFIG  # noqa: E402
-from halforder.diffusion.sd_chain import make_chain, model_solver  # noqa: E402
-from halforder.diffusion.solvers import LatentScale, make_solver  # noqa: E402
-from halforder.diffusion.video import (VIDEOCRAFTER2_SCALE, load_videocrafter2, make_video_reward,  # noqa: E402
-                                       tiny_video_components, video_view)
+from halforder.diffusion.sampling.chain import DiffusionChain, rollout  # noqa: E402
+from halforder.diffusion.models.components import SD_SCHEDULER_CONFIG  # noqa: E402
+from halforder.diffusion.models.sd_chain import make_chain, model_solver  # noqa: E402
+from halforder.diffusion.sampling.solvers import LatentScale, make_solver  # noqa: E402
+from halforder.diffusion.models.video import (VIDEOCRAFTER2_SCALE, load_videocrafter2,  # noqa: E402
+                                              tiny_video_components, video_view)
+from halforder.diffusion.rewards.video import make_video_reward  # noqa: E402
 
 SHAPE = (2, 4, 3, 5, 6)      # [N, C, F, h, w]
 

@@ -10,9 +10,9 @@ pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
 from halforder.diffusion import NoiseScales, add_lora, load_components, make_chain, rollout, tiny_model  # noqa: E402
-from halforder.diffusion.families import wan  # noqa: E402
-from halforder.diffusion.lora import save_lora  # noqa: E402
-from halforder.diffusion.video.rewards import make_video_reward  # noqa: E402
+from halforder.diffusion.models.families import wan  # noqa: E402
+from halforder.diffusion.models.lora import save_lora  # noqa: E402
+from halforder.diffusion.rewards.video import make_video_reward  # noqa: E402
 from halforder.estimators import ComputeMeter, Plan, estimate, expected_evaluations  # noqa: E402
 
 PROMPTS = ["a red ball bouncing", "a blue car   driving"]
@@ -102,7 +102,7 @@ def test_a_unet3d_folder_loads_as_video_with_or_without_its_model_index(tmp_path
     folder of its parts loads the UNet3D model; the same folder as an image model is refused."""
     import diffusers
 
-    from halforder.diffusion.video import tiny_video_components
+    from halforder.diffusion.models.video import tiny_video_components
 
     c = tiny_video_components(0)
     pipe = diffusers.TextToVideoSDPipeline(vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer, unet=c.unet,

@@ -8,7 +8,7 @@ pass of a gradient-checkpointed step. (A classifier-free-guided call runs its ne
 2n rows and counts n: every method pays the same factor.)
 
 A model reports its calls by :func:`record`, once per call on the whole batch (the
-library's :class:`~halforder.diffusion.denoiser.ModuleDenoiser` and the toy chains' steps
+library's :class:`~halforder.diffusion.sampling.denoiser.ModuleDenoiser` and the toy chains' steps
 do); :class:`ComputeMeter` adds up what is recorded while it is open:
 
     with ComputeMeter() as meter:

@@ -3,7 +3,7 @@
 Every setting is a field of a frozen dataclass declared with :func:`knob`: its default,
 its help text and, where it has them, its choices. The command line and the config
 files are generated from these fields, so a setting documented here is a setting a user
-can set (``halforder.diffusion.cli``).
+can set (``halforder.diffusion.app.cli``).
 """
 from __future__ import annotations
 
