@@ -4,6 +4,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -56,7 +57,7 @@ def run_in_clone(clone, clone_status):
     ``python ...``) run in :func:`clone` as a new user would run it (a fresh process, offline,
     umask 022, one torch thread), once a session: the tests that check the same command's
     outputs share its one run. Its ``subprocess.CompletedProcess``, with ``status``: the
-    clone's ``git status`` right after it.
+    clone's ``git status`` right after it, and ``finished``: when it ended (``time.time()``).
 
     The commands the collected modules declare (``CLONE_COMMANDS``) run one after another in
     a background thread from the start of the session, in collection order, so that they use
@@ -72,7 +73,7 @@ def run_in_clone(clone, clone_status):
                    OMP_NUM_THREADS="1", MPLBACKEND="Agg")
         proc = subprocess.run(argv, cwd=clone, env=env, capture_output=True, text=True, timeout=600,
                               preexec_fn=lambda: os.umask(0o022))
-        proc.status = clone_status()
+        proc.status, proc.finished = clone_status(), time.time()
         return proc
 
     pool = ThreadPoolExecutor(1)

@@ -8,8 +8,6 @@ live in docs/results/ and are produced by the full run.
 """
 import csv
 import os
-import subprocess
-import sys
 
 import pytest
 
@@ -22,33 +20,32 @@ FIGURES = ["e1_unbiasedness", "e2_variance", "e3_truncation", "e4_hstar", "e5_co
            "e8_plan_search", "e9_field_estimators"]
 
 
-CLONE_COMMANDS = [TINY] = ["halforder train --preset tiny --output-dir runs/tiny"]
+CLONE_COMMANDS = [TINY, RUN_ALL_QUICK] = ["halforder train --preset tiny --output-dir runs/tiny",
+                                         "python -m experiments.run_all --quick"]
 
 
 @pytest.fixture(scope="module")
 def tiny_run(clone, run_in_clone):
     """The run that the README's ``halforder train --preset tiny --output-dir runs/tiny``
-    leaves in runs/tiny/, the folder of the tiny preset (a checkpoint and a config.json): its
-    config.json."""
+    leaves in runs/tiny/, the folder of the tiny preset (a checkpoint and a config.json), and
+    when that command ended (``time.time()``)."""
     proc = run_in_clone(TINY)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = clone / "runs" / "tiny"
-    assert latest_checkpoint(str(run / "checkpoints")) is not None
-    return run / "config.json"
+    assert latest_checkpoint(str(run / "checkpoints")) is not None and (run / "config.json").is_file()
+    return run, proc.finished
 
 
 @pytest.fixture(scope="module")
-def quick_out(clone, clone_status, tiny_run):
-    """The README's ``python -m experiments.run_all --quick``, run as written in a copy of the
-    tree where runs/tiny/ holds a run (it writes runs/quick-results/, never docs/): its output
-    folder, after checking that git status stays clean."""
-    before = tiny_run.read_bytes()
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=os.pathsep.join([str(clone / "src"), str(clone)]),
-               OMP_NUM_THREADS="1", MPLBACKEND="Agg")
-    proc = subprocess.run([sys.executable, "-m", "experiments.run_all", "--quick"], cwd=clone, env=env,
-                          capture_output=True, text=True, timeout=600)
+def quick_out(clone, run_in_clone, tiny_run):
+    """The README's ``python -m experiments.run_all --quick``, run as written in the clone
+    after the README's tiny run filled runs/tiny/ (it writes runs/quick-results/, never docs/,
+    and leaves that run alone): its output folder, after checking that git status stays clean
+    and nothing in runs/tiny/ was written after the tiny run's own command ended."""
+    proc = run_in_clone(RUN_ALL_QUICK)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert clone_status() == "" and tiny_run.read_bytes() == before
+    run, finished = tiny_run
+    assert proc.status == "" and all(p.stat().st_mtime <= finished for p in run.rglob("*"))
     return clone / "runs" / "quick-results"
 
 
