@@ -19,7 +19,7 @@ from halforder.diffusion.models.video import VIDEOCRAFTER2_SCALE, tiny_video_com
 
 def test_every_option_setting_is_a_config_field_with_the_same_default():
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-    assert set(OPTION_SETTINGS) == {"scheduler", "t5", "shift", "fps", "video_base"}
+    assert set(OPTION_SETTINGS) == {"scheduler", "t5", "shift", "noise", "fps", "video_base"}
     for family in FAMILIES.values():
         assert dataclasses.is_dataclass(family.options) and family.options.__dataclass_params__.frozen
         for f in dataclasses.fields(family.options):
@@ -61,6 +61,32 @@ def test_the_family_adjusts_its_parts_to_its_options():
     assert type(tiny_model("tiny", scheduler="dpm").scheduler).__name__ == "DPMSolverMultistepScheduler"
     with pytest.raises(AttributeError, match="no_such_part"):
         c.no_such_part
+
+
+def test_the_flow_noise_family_travels_in_the_options_record():
+    """A run's noise reaches the parts' options record, which the family's solver reads; a task given
+    noise puts it there (keeping the other options); UNet models and SANA take no noise."""
+    from halforder.diffusion.models.families import with_noise
+    from halforder.diffusion.models.sd_chain import model_solver
+
+    settings = family_settings(TrainConfig(model="tiny-flux", noise="cps", shift=5.0, output_dir=None))
+    c = tiny_model("tiny-flux", **{k: v for k, v in settings.items() if k != "family"})
+    assert c.options == FAMILIES["flux"].options(shift=5.0, noise="cps") and model_solver(c, 4).noise == "cps"
+    plain = tiny_model("tiny-flux", shift=5.0)
+    assert plain.options.noise == "sde" and model_solver(plain, 4).noise == "sde"
+    assert with_noise(plain, "cps").options == c.options and with_noise(plain, "sde") is plain
+    for family in ("sd3", "wan", "qwen-image"):
+        assert model_solver(tiny_model(TINY_MODELS_OF[family], noise="cps"), 3, (16, 4, 4)).noise == "cps", family
+    with pytest.raises(ValueError, match=re.escape("noise 'cps' is for flow-matching models (SD3, FLUX, Wan) and "
+                                                   "Qwen-Image, where eta > 0; 'x' is a SANA")):
+        options_of(FAMILIES["sana"], "'x'", noise="cps")
+    with pytest.raises(ValueError, match="noise 'cps' is for flow-matching models"):
+        with_noise(tiny_model("tiny"), "cps")
+    with pytest.raises(ValueError, match="noise must be one of sde, cps"):
+        options_of(FAMILIES["flux"], noise="ode")
+
+
+TINY_MODELS_OF = {f.name: name for name, f in TINY_MODELS.items()}
 
 
 def test_an_sd3_option_given_to_flux_exits_2_with_one_line(tmp_path, capsys):

@@ -310,7 +310,7 @@ def family_settings(cfg: TrainConfig) -> dict[str, Any]:
     ``family``, the family the run names (``"videocrafter2"`` for task t2v with video_model
     videocrafter2; None: the model's ``model_index.json`` or tiny name says it), and each setting a
     family takes as an option, by its name (:data:`~halforder.diffusion.models.families.OPTION_SETTINGS`:
-    ``scheduler``, ``t5``, ``shift``, ``fps``, ``video_base``). They are the keywords of
+    ``scheduler``, ``t5``, ``shift``, ``noise``, ``fps``, ``video_base``). They are the keywords of
     :func:`~halforder.diffusion.models.families.load_components` and
     :func:`~halforder.diffusion.models.families.tiny_model`."""
     family = "videocrafter2" if cfg.task == "t2v" and cfg.video_model == "videocrafter2" else None

@@ -131,7 +131,7 @@ def build_task(cfg: TrainConfig, components: Components, reward, device="cpu",
                          guidance_scale=cfg.guidance_scale, negative_prompt=cfg.negative_prompt,
                          noise_scales=cfg.noise_scales(), gradient_checkpointing=cfg.gradient_checkpointing,
                          step_prompts=step_prompts, batching=cfg.batching,
-                         compile=None if cfg.compile == "no" else cfg.compile, noise=cfg.noise)
+                         compile=None if cfg.compile == "no" else cfg.compile)
 
 
 def prepare(cfg: TrainConfig, device="cpu") -> Prepared:

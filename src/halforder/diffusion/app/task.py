@@ -20,7 +20,7 @@ from ...estimators import Plan
 from ...estimators.gradient_checkpointing import Checkpointed
 from ..sampling.chain import DiffusionChain, NoiseScales, rollout
 from ..models.components import Components
-from ..models.families import family_of, prompt_encoder
+from ..models.families import family_of, flow_noise, prompt_encoder, with_noise
 from ..models.lora import save_lora
 from ..models.sd_chain import make_chain, model_solver
 from ..sampling.views import Reward, View
@@ -47,7 +47,10 @@ class DiffusionTask:
       step_prompts: None, or ``prompts -> (t -> prompts)``: per-step conditioning (DCoT).
       batching: how per-sample parameters are applied (``"vmap"`` or ``"loop"``).
       compile: None, or a ``torch.compile`` mode for the denoiser.
-      noise: a flow-matching model's noise family where eta > 0 (``"sde"`` or ``"cps"``).
+      noise: a flow-matching model's noise family where eta > 0 (``"sde"`` or ``"cps"``), which
+        lives in the options record of ``components`` (``components.options.noise``, set by a run's
+        ``noise`` setting): None keeps the record's; a value replaces it there (the task's
+        ``components`` then carry it). After construction it reads the record's.
     """
 
     components: Components
@@ -63,14 +66,16 @@ class DiffusionTask:
     step_prompts: StepPrompts | None = None
     batching: str = "vmap"
     compile: str | None = None
-    noise: str = "sde"
+    noise: str | None = None
     _encoder: PromptEncoder | None = field(init=False, repr=False)
     _solver: object = field(init=False, repr=False)
 
     def __post_init__(self):
-        c = self.components
+        c = self.components if self.noise is None else with_noise(self.components, self.noise)
+        object.__setattr__(self, "components", c)
+        object.__setattr__(self, "noise", flow_noise(c))
         object.__setattr__(self, "_encoder", prompt_encoder(c))
-        object.__setattr__(self, "_solver", model_solver(c, self.T, self.view.latent_shape, self.noise))
+        object.__setattr__(self, "_solver", model_solver(c, self.T, self.view.latent_shape))
 
     def trainable(self) -> dict[str, torch.nn.Parameter]:
         return self.params

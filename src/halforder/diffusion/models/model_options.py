@@ -12,10 +12,11 @@ import dataclasses
 from typing import Any, Iterable, Mapping
 
 
-def option(default, applies: str):
+def option(default, applies: str, verb: str = "applies to"):
     """A field of a family's options record that a run sets (a ``TrainConfig`` field of the same
-    name and default); ``applies`` says which models take it, for the error when another is given it."""
-    return dataclasses.field(default=default, metadata={"applies": applies})
+    name and default); ``applies`` says which models take it, for the error when another is given it
+    (``"<setting> <verb> <applies>; ..."``)."""
+    return dataclasses.field(default=default, metadata={"applies": applies, "verb": verb})
 
 
 def scheduler_option():
@@ -61,5 +62,6 @@ def make_options(record: type, title: str, what: str, settings: Mapping[str, Any
         if name not in known:
             raise TypeError(f"unknown model option {name!r}; known: {', '.join(sorted(known))}")
         if value != known[name].default:
-            raise ValueError(f"{label(name, value)} applies to {known[name].metadata['applies']}; {what} is {title}")
+            meta = known[name].metadata
+            raise ValueError(f"{label(name, value)} {meta['verb']} {meta['applies']}; {what} is {title}")
     return record(**{k: v for k, v in settings.items() if k in own})

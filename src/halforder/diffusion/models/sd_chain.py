@@ -28,14 +28,14 @@ def image_view(components: Components, latent_size=None) -> ImageView:
     return ImageView(components.vae, shape, family.unpack(components, shape), family.decode)
 
 
-def model_solver(components: Components, T: int, latent_shape: tuple[int, ...] | None = None, noise: str = "sde"):
+def model_solver(components: Components, T: int, latent_shape: tuple[int, ...] | None = None):
     """The solver of T steps for ``components``, as its pipeline schedules it (the latent shape
-    sets a flow model's dynamic shift; default: the model's own size); with the model's latent
-    scale (VideoCrafter2); ``noise``: a flow model's stochastic family. Every chain of a model
-    gets its solver here."""
+    sets a flow model's dynamic shift; default: the model's own size), with the sampler's settings
+    of ``components.options`` (a flow model's shift and noise family, VideoCrafter2's latent scale).
+    Every chain of a model gets its solver here."""
     family = family_of(components)
     shape = latent_shape if latent_shape is not None else family.latent_shape(components, None)
-    return family.solver(components, T, shape, noise)
+    return family.solver(components, T, shape)
 
 
 def make_chain(components: Components, T: int, prompts: Prompts, reward: Reward, *, view: View | None = None,

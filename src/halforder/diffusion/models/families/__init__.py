@@ -24,7 +24,7 @@ from ..hub import load_error, local_dir, looks_local, offline
 from ..model_options import make_options, settings_of
 from ...sampling.text import PromptEncoder
 from . import flux, qwen_image, sana, sd, sd3, videocrafter2, wan
-from .protocol import ModelFamily
+from .protocol import ModelFamily, flow_noise
 
 FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (sd.FAMILY, sd3.FAMILY, flux.FAMILY, wan.FAMILY,
                                                          qwen_image.FAMILY, sana.FAMILY, videocrafter2.FAMILY)}
@@ -73,6 +73,20 @@ def adjusted(family: ModelFamily, components: Components, options) -> Components
     return dataclasses.replace(family.adjust(components, options), options=options)
 
 
+def with_noise(components: Components, noise: str, what: str = "the model") -> Components:
+    """The parts with the flow noise family ``noise`` (``"sde"`` or ``"cps"``) in their options
+    record, which their family's ``solver`` reads; unchanged where it already says so. Parts put
+    together by hand (no record) get their family's default record with it. ``ValueError`` where the
+    family takes no ``noise`` (UNet models, SANA), as :func:`options_of` refuses it."""
+    if noise == flow_noise(components):
+        return components
+    family = family_of(components)
+    options = components.options if components.options is not None else options_of(family, what)
+    if "noise" not in {f.name for f in dataclasses.fields(options)}:
+        options_of(family, what, noise=noise)
+    return dataclasses.replace(components, options=dataclasses.replace(options, noise=noise))
+
+
 def load_components(model: str, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                     local_files_only: bool = False, revision: str | None = None, video: bool = False,
                     family: str | None = None, **settings) -> Components:
@@ -91,7 +105,8 @@ def load_components(model: str, *, dtype: torch.dtype = torch.float32, device: s
         converted UNet); None: read from ``model_index.json``.
       settings: the family's options by name (:func:`options_of`): ``scheduler`` (SD 1/2: ``"ddim"``
         or ``"dpm"``), ``t5`` (SD3: False leaves T5 out, about 9.5 GB less in bf16 for SD3.5),
-        ``shift`` (flow-matching models), ``fps`` and ``video_base`` (VideoCrafter2).
+        ``shift`` and ``noise`` (flow-matching models: the scheduler's shift, ``"sde"`` or ``"cps"``
+        sampling), ``fps`` and ``video_base`` (VideoCrafter2).
 
     Raises:
       FileNotFoundError: ``model`` looks like a path but does not exist or lacks a part.

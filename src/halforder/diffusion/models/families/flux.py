@@ -18,8 +18,8 @@ from torch.func import functional_call
 from ..components import Components, load_modules, tiny_clip_config, tiny_t5, tiny_tokenizer
 from ..hub import local_dir, looks_local
 from ...sampling.solvers import make_solver
-from .protocol import (FlowOptions, ModelFamily, dynamic_shift, flow_pipeline, latent_hw, shifted, t5_embeddings,
-                       tiny_vae, unpack_patches)
+from .protocol import (FlowOptions, ModelFamily, dynamic_shift, flow_noise, flow_pipeline, latent_hw, shifted,
+                       t5_embeddings, tiny_vae, unpack_patches)
 
 T5_LENGTH = 512      # the pipeline's max_sequence_length
 SUBFOLDERS = ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler")
@@ -87,12 +87,12 @@ def unpack(c: Components, shape):
     return unpack_patches
 
 
-def solver(c: Components, T, shape, noise="sde"):
+def solver(c: Components, T, shape):
     """The pipeline's schedule: sigmas linspace(1, 1/T, T) and mu from the packed tokens."""
     import numpy as np
 
     mu = dynamic_shift(c.scheduler.config, shape[0] * shape[1], 1.15)
-    return make_solver(c.scheduler, T, noise=noise, mu=mu, sigmas=np.linspace(1.0, 1 / T, T))
+    return make_solver(c.scheduler, T, noise=flow_noise(c), mu=mu, sigmas=np.linspace(1.0, 1 / T, T))
 
 
 def load(model, *, pipeline_class, options: FlowOptions, dtype, kw):

@@ -21,22 +21,34 @@ from torch.func import functional_call
 from ..components import Components
 from ...sampling.denoiser import Conditioning, Guidance, NetworkCall, cfg
 from ..model_options import option
+from ...sampling.solvers import FLOW_NOISE
 from ...sampling.views import Decoder, decode_latents
 
 
 @dataclass(frozen=True)
 class FlowOptions:
-    """The options of a flow-matching model (``FlowMatchEulerDiscreteScheduler``).
+    """The options of a flow-matching model (``FlowMatchEulerDiscreteScheduler``): its sampler's settings.
 
     Attributes:
       shift: the scheduler's shift (None: the model's own).
+      noise: the sampler's stochastic family where eta > 0: ``"sde"`` (Flow-GRPO's reverse SDE) or
+        ``"cps"`` (coefficient-preserving sampling); the family's ``solver`` reads it (:func:`flow_noise`).
     """
 
     shift: float | None = option(None, "flow-matching models (SD3, FLUX, Wan, Qwen-Image)")
+    noise: str = option("sde", "flow-matching models (SD3, FLUX, Wan) and Qwen-Image, where eta > 0", verb="is for")
 
     def __post_init__(self):
         if self.shift is not None and not self.shift > 0:
             raise ValueError(f"shift must be > 0, got {self.shift}")
+        if self.noise not in FLOW_NOISE:
+            raise ValueError(f"noise must be one of {', '.join(FLOW_NOISE)}, got {self.noise!r}")
+
+
+def flow_noise(components: Components) -> str:
+    """The flow noise family that the components' options record carries (``"sde"`` where it carries
+    none: parts put together by hand, or a family that takes no ``noise``)."""
+    return getattr(components.options, "noise", "sde")
 
 
 def keep(components: Components, options) -> Components:
@@ -79,7 +91,8 @@ class ModelFamily:
         (``size``: None, an int or (h, w) of the VAE latent).
       unpack: ``(components, latent_shape) -> f or None``: the chain's latents ``[N, ...]`` as the
         VAE's ``[N, C, h, w]`` (None: already so).
-      solver: ``(components, T, latent_shape, noise) -> solver`` with the pipeline's schedule.
+      solver: ``(components, T, latent_shape) -> solver`` with the pipeline's schedule and the
+        sampler's settings of ``components.options`` (a flow model's ``noise``: :func:`flow_noise`).
       video_view: ``(components, num_frames, frames, latent_size) -> view`` of a text-to-video
         model (:class:`~halforder.diffusion.models.video.frames.VideoView`); None for an image model.
       pipeline: ``components -> diffusers pipeline`` over the parts (e.g. to save a model

@@ -22,8 +22,8 @@ from torch.func import functional_call
 from ..components import Components, load_modules
 from ..hub import local_dir, looks_local
 from ...sampling.solvers import make_solver
-from .protocol import (FlowOptions, ModelFamily, dynamic_shift, flow_pipeline, latent_hw, shifted, unnormalise,
-                       unpack_patches)
+from .protocol import (FlowOptions, ModelFamily, dynamic_shift, flow_noise, flow_pipeline, latent_hw, shifted,
+                       unnormalise, unpack_patches)
 
 TEMPLATE = ("<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, text, "
             "spatial relationships of the objects and background:<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n"
@@ -103,12 +103,12 @@ def decode(vae, z: torch.Tensor) -> torch.Tensor:
     return (img / 2 + 0.5).clamp(0, 1)
 
 
-def solver(c: Components, T, shape, noise="sde"):
+def solver(c: Components, T, shape):
     """The pipeline's schedule: sigmas linspace(1, 1/T, T) and mu from the packed tokens."""
     import numpy as np
 
     mu = dynamic_shift(c.scheduler.config, shape[0] * shape[1], 1.15)
-    return make_solver(c.scheduler, T, noise=noise, mu=mu, sigmas=np.linspace(1.0, 1 / T, T))
+    return make_solver(c.scheduler, T, noise=flow_noise(c), mu=mu, sigmas=np.linspace(1.0, 1 / T, T))
 
 
 def load(model, *, pipeline_class, options: FlowOptions, dtype, kw):

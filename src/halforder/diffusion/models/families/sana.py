@@ -109,9 +109,10 @@ def latent_shape(c: Components, size=None):
     return (c.unet.config.in_channels, h, w)
 
 
-def solver(c: Components, T, shape, noise="sde"):
-    """The pipeline's schedule: DPM-Solver++(2M) of the scheduler's ``set_timesteps(T)`` on flow sigmas."""
-    return make_solver(c.scheduler, T, noise=noise)
+def solver(c: Components, T, shape):
+    """The pipeline's schedule: DPM-Solver++(2M) of the scheduler's ``set_timesteps(T)`` on flow sigmas
+    (its stochastic steps are DPM-Solver's at eta > 0: SANA's options take no flow ``noise``)."""
+    return make_solver(c.scheduler, T)
 
 
 @dataclass(frozen=True)

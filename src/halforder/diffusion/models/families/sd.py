@@ -57,9 +57,9 @@ def pipeline(c):
                                              requires_safety_checker=False)
 
 
-def solver(components, T, latent_shape, noise="sde"):
+def solver(components, T, latent_shape):
     """DDIM or DPM-Solver of the scheduler, with the model's latent scale (VideoCrafter2's)."""
-    return make_solver(components.scheduler, T, latent_scale=components.latent_scale, noise=noise)
+    return make_solver(components.scheduler, T, latent_scale=components.latent_scale)
 
 
 def latent_shape(components, size):

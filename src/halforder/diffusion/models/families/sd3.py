@@ -17,8 +17,8 @@ from ..components import Components, load_modules, tiny_clip_config, tiny_t5, ti
 from ..hub import local_dir, looks_local
 from ...sampling.solvers import make_solver
 from ..model_options import option
-from .protocol import (FlowOptions, ModelFamily, dynamic_shift, flow_pipeline, latent_hw, shifted, t5_embeddings,
-                       tiny_vae, transformer_call)
+from .protocol import (FlowOptions, ModelFamily, dynamic_shift, flow_noise, flow_pipeline, latent_hw, shifted,
+                       t5_embeddings, tiny_vae, transformer_call)
 
 T5_LENGTH = 256      # the pipeline's max_sequence_length
 SUBFOLDERS = ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler")
@@ -29,7 +29,7 @@ class SD3Options(FlowOptions):
     """The options of an SD3 model.
 
     Attributes:
-      shift: the scheduler's shift (None: the model's own).
+      shift, noise: the sampler's settings (:class:`~.protocol.FlowOptions`).
       t5: load the T5 encoder (False: the pipeline's zeros in its place, about 9.5 GB less in bf16
         for SD3.5's T5-XXL).
     """
@@ -66,13 +66,13 @@ def latent_shape(c: Components, size=None):
     return (c.unet.config.in_channels, *latent_hw(size, c.unet.config.sample_size))
 
 
-def solver(c: Components, T, shape, noise="sde"):
+def solver(c: Components, T, shape):
     """The pipeline's schedule: ``set_timesteps(T)``, with mu from the image tokens under dynamic shifting."""
     mu = None
     if c.scheduler.config.get("use_dynamic_shifting"):
         p = c.unet.config.patch_size
         mu = dynamic_shift(c.scheduler.config, (shape[-2] // p) * (shape[-1] // p), 1.16)
-    return make_solver(c.scheduler, T, noise=noise, mu=mu)
+    return make_solver(c.scheduler, T, noise=flow_noise(c), mu=mu)
 
 
 def load(model, *, pipeline_class, options: SD3Options, dtype, kw):

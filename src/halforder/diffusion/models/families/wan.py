@@ -17,7 +17,8 @@ from ..components import Components, load_modules, tiny_t5
 from ..hub import local_dir, looks_local
 from ...sampling.solvers import make_solver
 from ..video.frames import VideoView
-from .protocol import FlowOptions, ModelFamily, flow_pipeline, latent_hw, shifted, transformer_call, unnormalise
+from .protocol import (FlowOptions, ModelFamily, flow_noise, flow_pipeline, latent_hw, shifted, transformer_call,
+                       unnormalise)
 
 T5_LENGTH = 226      # the pipeline's max_sequence_length
 LATENT_SIZE = (60, 104)   # 480 x 832 px, Wan 2.1's published resolution
@@ -63,9 +64,9 @@ def image_only(c: Components, size=None):
     raise ValueError("Wan is a text-to-video model: train it with task t2v")
 
 
-def solver(c: Components, T, shape, noise="sde"):
+def solver(c: Components, T, shape):
     """The pipeline's schedule: ``set_timesteps(T)`` of the flow-matching scheduler."""
-    return make_solver(c.scheduler, T, noise=noise)
+    return make_solver(c.scheduler, T, noise=flow_noise(c))
 
 
 def flow_scheduler(config: dict):
