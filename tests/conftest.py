@@ -40,13 +40,19 @@ def clone_status(clone):
     return lambda: git(clone, "status", "--porcelain", "--untracked-files=all")
 
 
-QUEUED: list[str] = []   # the commands the collected tests will run in the clone, in collection order
+QUEUED: list[str] = []   # the commands the selected tests will run in the clone, in collection order
 
 
 def pytest_collection_finish(session):
-    """Queue the commands that the selected tests' modules declare in ``CLONE_COMMANDS``."""
+    """Queue the clone commands of the selected tests that use ``run_in_clone``: a test
+    parametrized by one of its module's ``CLONE_COMMANDS`` (``command``) queues that one, any
+    other queues its module's."""
     for item in session.items:
-        for command in getattr(item.module, "CLONE_COMMANDS", ()):
+        declared = getattr(item.module, "CLONE_COMMANDS", ())
+        if "run_in_clone" not in getattr(item, "fixturenames", ()):
+            continue
+        param = getattr(getattr(item, "callspec", None), "params", {}).get("command")
+        for command in [param] if param in declared else declared:
             if command not in QUEUED:
                 QUEUED.append(command)
 
@@ -59,20 +65,33 @@ def run_in_clone(clone, clone_status):
     outputs share its one run. Its ``subprocess.CompletedProcess``, with ``status``: the
     clone's ``git status`` right after it, and ``finished``: when it ended (``time.time()``).
 
-    The commands the collected modules declare (``CLONE_COMMANDS``) run one after another in
-    a background thread from the start of the session, in collection order, so that they use
+    The commands the selected tests declare (``CLONE_COMMANDS``) run one after another in a
+    background thread from the start of the session, in collection order, so that they use
     the second core while the tests run in this process; a command asked for that was not
-    declared runs at once."""
+    declared runs at once. The environment is the session's at its start (a test's
+    ``monkeypatch.setenv`` does not reach them); at the end, commands not started are
+    dropped and a running one is stopped."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(clone / "src"), str(clone)]), HF_HUB_OFFLINE="1",
+               OMP_NUM_THREADS="1", MPLBACKEND="Agg")
+    running: set[subprocess.Popen] = set()
+
     def run(command: str) -> subprocess.CompletedProcess:
         argv = shlex.split(command)
         if argv[0] == "halforder":
             argv = [sys.executable, "-m", "halforder.cli", *argv[1:]]
         elif argv[0] in ("python", "python3"):
             argv = [sys.executable, *argv[1:]]
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(clone / "src"), str(clone)]), HF_HUB_OFFLINE="1",
-                   OMP_NUM_THREADS="1", MPLBACKEND="Agg")
-        proc = subprocess.run(argv, cwd=clone, env=env, capture_output=True, text=True, timeout=600,
-                              preexec_fn=lambda: os.umask(0o022))
+        with subprocess.Popen(argv, cwd=clone, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              umask=0o022) as p:
+            running.add(p)
+            try:
+                out, err = p.communicate(timeout=600)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                raise
+            finally:
+                running.discard(p)
+        proc = subprocess.CompletedProcess(argv, p.returncode, out, err)
         proc.status, proc.finished = clone_status(), time.time()
         return proc
 
@@ -86,7 +105,11 @@ def run_in_clone(clone, clone_status):
         return runs[command].result()
 
     yield result
-    pool.shutdown(cancel_futures=True)
+    for future in runs.values():
+        future.cancel()
+    for p in list(running):
+        p.kill()
+    pool.shutdown()
 
 
 @pytest.fixture(scope="session", autouse=True)

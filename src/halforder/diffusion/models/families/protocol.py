@@ -132,6 +132,13 @@ class ModelFamily:
         return next((p for p, made in self.pipelines.items() if made == want), next(iter(self.pipelines)))
 
 
+def video_only(name: str) -> Callable:
+    """The ``latent_shape`` of a text-to-video family (``name``): the image task is refused."""
+    def latent_shape(components, size=None):
+        raise ValueError(f"{name} is a text-to-video model: train it with task t2v")
+    return latent_shape
+
+
 def transformer_call(module, params, x, timestep, c):
     """A diffusion transformer's output, called as SD3's and Wan's pipelines call it: the
     hidden states, the timestep (sigma * 1000) per sample and the conditioning by name."""

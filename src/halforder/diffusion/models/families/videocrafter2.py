@@ -13,7 +13,7 @@ from ...sampling.text import encode_prompts
 from ..video.components import VideoCrafter2Options, load_videocrafter2, tiny_video_components
 from ..video.frames import video_view
 from . import sd
-from .protocol import ModelFamily
+from .protocol import ModelFamily, video_only
 
 
 def load(model, *, pipeline_class, options: VideoCrafter2Options, dtype, kw):
@@ -30,12 +30,8 @@ def tiny(seed: int = 0, *, pipeline_class=None, options: VideoCrafter2Options | 
                                  latent_scale=options.latent_scale)
 
 
-def image_only(c, size=None):
-    raise ValueError("VideoCrafter2 is a text-to-video model: train it with task t2v")
-
-
 FAMILY = ModelFamily(
     name="videocrafter2", title="a VideoCrafter2 model", pipelines={"TextToVideoSDPipeline": "t2v"},
     tiny_model="tiny-videocrafter2", lora_prefix="unet", options=VideoCrafter2Options, load=load, tiny=tiny,
-    encode=encode_prompts, network=sd.FAMILY.network, latent_shape=image_only, unpack=sd.FAMILY.unpack,
-    solver=sd.solver, video_view=video_view, pipeline=sd.pipeline)
+    encode=encode_prompts, network=sd.FAMILY.network, latent_shape=video_only("VideoCrafter2"),
+    unpack=sd.FAMILY.unpack, solver=sd.solver, video_view=video_view, pipeline=sd.pipeline)

@@ -18,7 +18,7 @@ from ..hub import local_dir, looks_local
 from ...sampling.solvers import make_solver
 from ..video.frames import VideoView
 from .protocol import (FlowOptions, ModelFamily, flow_noise, flow_pipeline, latent_hw, shifted, transformer_call,
-                       unnormalise)
+                       unnormalise, video_only)
 
 T5_LENGTH = 226      # the pipeline's max_sequence_length
 LATENT_SIZE = (60, 104)   # 480 x 832 px, Wan 2.1's published resolution
@@ -58,10 +58,6 @@ def video_view(c: Components, num_frames: int, frames="random", latent_size=None
         raise ValueError(f"Wan decodes {t} k + 1 frames per video (1, 5, ..., 81); got num_frames={num_frames}")
     h, w = latent_hw(latent_size, LATENT_SIZE)
     return VideoView(c.vae, (c.vae.config.z_dim, (F - 1) // t + 1, h, w), frames, FAMILY.decode, F)
-
-
-def image_only(c: Components, size=None):
-    raise ValueError("Wan is a text-to-video model: train it with task t2v")
 
 
 def solver(c: Components, T, shape):
@@ -122,6 +118,6 @@ def tiny(seed: int = 0, *, pipeline_class=None, options=None) -> Components:
 
 FAMILY = ModelFamily(name="wan", title="a Wan 2.1 model", pipelines={"WanPipeline": "t2v"}, tiny_model="tiny-wan",
                      lora_prefix="transformer", options=FlowOptions, load=load, tiny=tiny, encode=encode,
-                     network=lambda c, shape, w: (transformer_call, w), latent_shape=image_only,
+                     network=lambda c, shape, w: (transformer_call, w), latent_shape=video_only("Wan"),
                      unpack=lambda c, shape: None, solver=solver, video_view=video_view,
                      pipeline=lambda c: flow_pipeline("WanPipeline", c), decode=decode, adjust=shifted)
