@@ -44,3 +44,18 @@ def test_missing_model_errors_say_how_to_fix(tmp_path, monkeypatch):
         load_components(str(tmp_path / "half"))
     with pytest.raises(OSError, match="local copy|--local-dir"):
         load_components("no-such-org/no-such-model", local_files_only=True)
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-sd3", "tiny-flux", "tiny-wan", "tiny-qwen-image", "tiny-sana"])
+def test_parts_are_held_by_their_pipeline_names(name):
+    """Every family's parts are named as its diffusers pipeline names them (the network as
+    ``unet`` or ``transformer``), and a part given by that name replaces the network."""
+    from halforder.diffusion.models.families import family_of, tiny_model
+
+    c = tiny_model(name)
+    pipeline = family_of(c).pipeline(c).components   # its optional parts (a safety checker, ...) are None
+    assert {k for k, v in c.parts.items() if v is not None} == {k for k, v in pipeline.items() if v is not None}
+    assert all(pipeline[k] is v for k, v in c.parts.items())
+    assert getattr(c, c.network) is c.unet is c.parts[c.network]
+    other = torch.nn.Linear(1, 1)
+    assert c.with_parts(**{c.network: other}).unet is other

@@ -26,9 +26,10 @@ class Components:
     """A diffusion model split into its parts (diffusers objects), named as in its pipeline.
 
     Attributes:
-      unet: the denoising network, the pipeline's ``unet`` or ``transformer``: a UNet
+      unet: the denoising network, held in this field whatever the pipeline calls it: a UNet
         (``UNet2DConditionModel``, ``UNet3DConditionModel``) or a transformer (``SD3Transformer2DModel``,
-        ``FluxTransformer2DModel``, ``WanTransformer3DModel``, ...).
+        ``FluxTransformer2DModel``, ``WanTransformer3DModel``, ...); also reachable by its pipeline
+        name (``network``): ``components.transformer``, ``parts["transformer"]``, ``with_parts(transformer=...)``.
       vae: the autoencoder (latents <-> images), or None for a pixel-space model.
       text_encoder: the (first) text encoder, or None for an unconditional model.
       tokenizer: its tokenizer (None with no text encoder).
@@ -42,6 +43,8 @@ class Components:
         None: the family's default).
       options: the family's options record that the parts were made with (None: parts put
         together by hand).
+      network: the pipeline's name for the network in ``model_index.json`` (``"unet"`` or
+        ``"transformer"``).
     """
 
     unet: Any
@@ -53,9 +56,14 @@ class Components:
     family: str = "sd"
     max_sequence_length: int | None = None
     options: Any = None
+    network: str = "unet"
 
     def __getattr__(self, name: str):
-        extra = self.__dict__.get("extra", {}) if not name.startswith("__") else {}
+        if name.startswith("__"):
+            raise AttributeError(name)
+        if name == self.__dict__.get("network"):
+            return self.__dict__["unet"]
+        extra = self.__dict__.get("extra", {})
         if name in extra:
             return extra[name]
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
@@ -66,8 +74,16 @@ class Components:
         its family's options carry one (VideoCrafter2), which its solvers use; None: the standard process."""
         return getattr(self.options, "latent_scale", None)
 
+    @property
+    def parts(self) -> dict[str, Any]:
+        """Every part under its name in ``model_index.json`` (the network as ``network``)."""
+        return {self.network: self.unet, "vae": self.vae, "text_encoder": self.text_encoder,
+                "tokenizer": self.tokenizer, "scheduler": self.scheduler, **self.extra}
+
     def with_parts(self, **parts) -> "Components":
         """A copy with the parts ``parts`` (by their pipeline names) replaced or added."""
+        if self.network in parts:
+            parts["unet"] = parts.pop(self.network)
         fields = {k: v for k, v in parts.items() if k in _SUBFOLDERS}
         extra = {**self.extra, **{k: v for k, v in parts.items() if k not in _SUBFOLDERS}}
         return dataclasses.replace(self, extra=extra, **fields)

@@ -109,7 +109,7 @@ def load(model, *, pipeline_class, options: FlowOptions, dtype, kw):
                              "scheduler": (FlowMatchEulerDiscreteScheduler, None)}, "the FLUX model", dtype=dtype,
                      kw=kw)
     return Components(m["transformer"], m["vae"], m["text_encoder"], m["tokenizer"], m["scheduler"],
-                      {p: m[p] for p in ("text_encoder_2", "tokenizer_2")}, family="flux")
+                      {p: m[p] for p in ("text_encoder_2", "tokenizer_2")}, family="flux", network="transformer")
 
 
 def tiny(seed: int = 0, *, pipeline_class=None, options=None) -> Components:
@@ -132,7 +132,7 @@ def tiny(seed: int = 0, *, pipeline_class=None, options=None) -> Components:
     sched = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
                                             base_image_seq_len=256, max_image_seq_len=4096)
     return Components(transformer, vae, clip, tokenizer, sched, dict(text_encoder_2=t5, tokenizer_2=t5_tokenizer),
-                      family="flux", max_sequence_length=16).freeze()
+                      family="flux", network="transformer", max_sequence_length=16).freeze()
 
 
 FAMILY = ModelFamily(name="flux", title="a FLUX.1 model", pipelines={"FluxPipeline": "t2i"}, tiny_model="tiny-flux",

@@ -198,5 +198,4 @@ def flow_pipeline(name: str, c: Components):
     """The diffusers pipeline ``name`` over a flow model's parts (the network as its ``transformer``)."""
     import diffusers
 
-    return getattr(diffusers, name)(transformer=c.unet, vae=c.vae, text_encoder=c.text_encoder,
-                                    tokenizer=c.tokenizer, scheduler=c.scheduler, **c.extra)
+    return getattr(diffusers, name)(**c.parts)

@@ -125,7 +125,7 @@ def load(model, *, pipeline_class, options: FlowOptions, dtype, kw):
                              "scheduler": (FlowMatchEulerDiscreteScheduler, None)}, "the Qwen-Image model",
                      dtype=dtype, kw=kw)
     return Components(m["transformer"], m["vae"], m["text_encoder"], m["tokenizer"], m["scheduler"],
-                      family="qwen-image")
+                      family="qwen-image", network="transformer")
 
 
 def tiny_tokenizer():
@@ -172,7 +172,7 @@ def tiny(seed: int = 0, *, pipeline_class=None, options=None) -> Components:
     sched = FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9,
                                             base_image_seq_len=256, max_image_seq_len=8192, shift_terminal=0.02,
                                             time_shift_type="exponential")
-    return Components(transformer, vae, text_encoder, tokenizer, sched, family="qwen-image",
+    return Components(transformer, vae, text_encoder, tokenizer, sched, family="qwen-image", network="transformer",
                       max_sequence_length=32).freeze()
 
 

@@ -143,7 +143,8 @@ def load(model, *, pipeline_class, options: SanaOptions, dtype, kw):
                              "vae": (AutoencoderDC, "torch_dtype"), "text_encoder": (Gemma2Model, "dtype"),
                              "tokenizer": (AutoTokenizer, None), "scheduler": (DPMSolverMultistepScheduler, None)},
                      "the SANA model", dtype=dtype, kw=kw)
-    return Components(m["transformer"], m["vae"], m["text_encoder"], m["tokenizer"], m["scheduler"], family="sana")
+    return Components(m["transformer"], m["vae"], m["text_encoder"], m["tokenizer"], m["scheduler"], family="sana",
+                      network="transformer")
 
 
 def tiny_tokenizer():
@@ -194,7 +195,8 @@ def tiny(seed: int = 0, *, pipeline_class=None, options=None) -> Components:
             decoder_qkv_multiscales=((), (5,)), scaling_factor=0.41407)
     sched = DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2, prediction_type="flow_prediction",
                                         use_flow_sigmas=True, flow_shift=3.0)
-    return Components(transformer, vae, text_encoder, tokenizer, sched, family="sana", max_sequence_length=32).freeze()
+    return Components(transformer, vae, text_encoder, tokenizer, sched, family="sana", network="transformer",
+                      max_sequence_length=32).freeze()
 
 
 FAMILY = ModelFamily(name="sana", title="a SANA model", pipelines={"SanaPipeline": "t2i"}, tiny_model="tiny-sana",

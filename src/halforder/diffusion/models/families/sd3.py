@@ -92,7 +92,7 @@ def load(model, *, pipeline_class, options: SD3Options, dtype, kw):
     m = load_modules(model, parts, "the SD3 model", dtype=dtype, kw=kw)
     return Components(m["transformer"], m["vae"], m["text_encoder"], m["tokenizer"], m["scheduler"],
                       {p: m.get(p) for p in ("text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3")},
-                      family="sd3")
+                      family="sd3", network="transformer")
 
 
 def tiny(seed: int = 0, *, pipeline_class=None, options=None) -> Components:
@@ -114,7 +114,8 @@ def tiny(seed: int = 0, *, pipeline_class=None, options=None) -> Components:
         vae = tiny_vae(0.0609, 1.5305)
     return Components(transformer, vae, clip_l, tokenizer, FlowMatchEulerDiscreteScheduler(shift=3.0),
                       dict(text_encoder_2=clip_g, tokenizer_2=tiny_tokenizer(16), text_encoder_3=t5,
-                           tokenizer_3=t5_tokenizer), family="sd3", max_sequence_length=16).freeze()
+                           tokenizer_3=t5_tokenizer), family="sd3", network="transformer",
+                      max_sequence_length=16).freeze()
 
 
 def adjust(c: Components, options: SD3Options) -> Components:

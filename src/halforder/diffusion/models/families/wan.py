@@ -91,7 +91,7 @@ def load(model, *, pipeline_class, options: FlowOptions, dtype, kw):
                           kw=kw))
     config = FlowMatchEulerDiscreteScheduler.load_config(model, subfolder="scheduler", **kw)
     return Components(m["transformer"], m["vae"], m["text_encoder"], m["tokenizer"], flow_scheduler(config),
-                      family="wan")
+                      family="wan", network="transformer")
 
 
 def tiny(seed: int = 0, *, pipeline_class=None, options=None) -> Components:
@@ -113,7 +113,7 @@ def tiny(seed: int = 0, *, pipeline_class=None, options=None) -> Components:
         vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
                                temperal_downsample=[False, True, True])
     return Components(transformer, vae, text_encoder, tokenizer, FlowMatchEulerDiscreteScheduler(shift=3.0),
-                      family="wan", max_sequence_length=16).freeze()
+                      family="wan", network="transformer", max_sequence_length=16).freeze()
 
 
 FAMILY = ModelFamily(name="wan", title="a Wan 2.1 model", pipelines={"WanPipeline": "t2v"}, tiny_model="tiny-wan",
