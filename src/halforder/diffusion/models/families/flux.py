@@ -17,8 +17,7 @@ from torch.func import functional_call
 
 from ..components import Components, load_modules, tiny_clip_config, tiny_t5, tiny_tokenizer
 from ..hub import local_dir, looks_local
-from ...sampling.solvers import make_solver
-from .protocol import (FlowOptions, ModelFamily, dynamic_shift, flow_noise, flow_pipeline, latent_hw, shifted,
+from .protocol import (FlowOptions, ModelFamily, flow_pipeline, latent_hw, packed_solver, shifted,
                        t5_embeddings, tiny_vae, unpack_patches)
 
 T5_LENGTH = 512      # the pipeline's max_sequence_length
@@ -87,14 +86,6 @@ def unpack(c: Components, shape):
     return unpack_patches
 
 
-def solver(c: Components, T, shape):
-    """The pipeline's schedule: sigmas linspace(1, 1/T, T) and mu from the packed tokens."""
-    import numpy as np
-
-    mu = dynamic_shift(c.scheduler.config, shape[0] * shape[1], 1.15)
-    return make_solver(c.scheduler, T, noise=flow_noise(c), mu=mu, sigmas=np.linspace(1.0, 1 / T, T))
-
-
 def load(model, *, pipeline_class, options: FlowOptions, dtype, kw):
     """A FLUX.1 folder or hub id (T5 is FLUX's prompt encoder: it cannot be left out)."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
@@ -137,5 +128,5 @@ def tiny(seed: int = 0, *, pipeline_class=None, options=None) -> Components:
 
 FAMILY = ModelFamily(name="flux", title="a FLUX.1 model", pipelines={"FluxPipeline": "t2i"}, tiny_model="tiny-flux",
                      lora_prefix="transformer", options=FlowOptions, load=load, tiny=tiny, encode=encode,
-                     network=network, latent_shape=latent_shape, unpack=unpack, solver=solver,
+                     network=network, latent_shape=latent_shape, unpack=unpack, solver=packed_solver,
                      pipeline=lambda c: flow_pipeline("FluxPipeline", c), adjust=shifted)

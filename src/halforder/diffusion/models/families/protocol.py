@@ -21,7 +21,7 @@ from torch.func import functional_call
 from ..components import Components
 from ...sampling.denoiser import Conditioning, Guidance, NetworkCall, cfg
 from ..model_options import option
-from ...sampling.solvers import FLOW_NOISE
+from ...sampling.solvers import FLOW_NOISE, make_solver
 from ...sampling.views import Decoder, decode_latents
 
 
@@ -150,6 +150,15 @@ def latent_hw(size, default: int) -> tuple[int, int]:
     """``(h, w)`` of a latent: ``size`` (an int or (h, w)) or ``default``."""
     size = default if size is None else size
     return (int(size), int(size)) if isinstance(size, int) else tuple(int(s) for s in size)
+
+
+def packed_solver(c: Components, T: int, shape):
+    """The schedule of a pipeline over 2x2-packed latents ``[h/2, w/2, 4C]`` (FLUX, Qwen-Image):
+    sigmas linspace(1, 1/T, T), shifted by mu from the number of packed tokens."""
+    import numpy as np
+
+    mu = dynamic_shift(c.scheduler.config, shape[0] * shape[1], 1.15)
+    return make_solver(c.scheduler, T, noise=flow_noise(c), mu=mu, sigmas=np.linspace(1.0, 1 / T, T))
 
 
 def dynamic_shift(config, seq_len: int, max_shift: float) -> float:

@@ -21,8 +21,7 @@ from torch.func import functional_call
 
 from ..components import Components, load_modules
 from ..hub import local_dir, looks_local
-from ...sampling.solvers import make_solver
-from .protocol import (FlowOptions, ModelFamily, dynamic_shift, flow_noise, flow_pipeline, latent_hw, shifted,
+from .protocol import (FlowOptions, ModelFamily, flow_pipeline, latent_hw, packed_solver, shifted,
                        unnormalise, unpack_patches)
 
 TEMPLATE = ("<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, text, "
@@ -103,14 +102,6 @@ def decode(vae, z: torch.Tensor) -> torch.Tensor:
     return (img / 2 + 0.5).clamp(0, 1)
 
 
-def solver(c: Components, T, shape):
-    """The pipeline's schedule: sigmas linspace(1, 1/T, T) and mu from the packed tokens."""
-    import numpy as np
-
-    mu = dynamic_shift(c.scheduler.config, shape[0] * shape[1], 1.15)
-    return make_solver(c.scheduler, T, noise=flow_noise(c), mu=mu, sigmas=np.linspace(1.0, 1 / T, T))
-
-
 def load(model, *, pipeline_class, options: FlowOptions, dtype, kw):
     """A Qwen-Image folder or hub id (``QwenImagePipeline`` layout)."""
     from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
@@ -178,6 +169,6 @@ def tiny(seed: int = 0, *, pipeline_class=None, options=None) -> Components:
 
 FAMILY = ModelFamily(name="qwen-image", title="a Qwen-Image model", pipelines={"QwenImagePipeline": "t2i"},
                      tiny_model="tiny-qwen-image", lora_prefix="transformer", options=FlowOptions, load=load, tiny=tiny,
-                     encode=encode, network=network, latent_shape=latent_shape, unpack=unpack, solver=solver,
+                     encode=encode, network=network, latent_shape=latent_shape, unpack=unpack, solver=packed_solver,
                      pipeline=lambda c: flow_pipeline("QwenImagePipeline", c), guidance=guidance, decode=decode,
                      adjust=shifted)

@@ -2,14 +2,13 @@
 :class:`LatentScale` (VideoCrafter2)."""
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
 
 import torch
 
 from ....estimators.protocol import State, per_step
-from .protocol import Schedule, fresh, x0_eps
+from .protocol import Schedule, StepTable, fresh, x0_eps
 
 
 @dataclass(frozen=True)
@@ -51,7 +50,7 @@ class DDIMStep:
 
 
 @dataclass(frozen=True, eq=False)
-class DDIMSolver:
+class DDIMSolver(StepTable):
     """DDIM steps of a ``DDIMScheduler`` for T inference steps with per-step ``etas``
     (``etas[t-1]`` for chain step t). Coefficients are computed in float64 from the
     scheduler's ``alphas_cumprod``; ``base[t-1] = (a_t, a_prev, v_t)`` do not depend on eta,
@@ -104,18 +103,6 @@ class DDIMSolver:
         clip = float(s.config.clip_sample_range) if s.config.clip_sample else None
         return cls(T, s.timesteps.flip(0).clone(), s.config.prediction_type, clip, tuple(base), etas,
                    tuple(scales))
-
-    def with_etas(self, etas: Schedule) -> "DDIMSolver":
-        """The same solver with another per-step eta."""
-        return dataclasses.replace(self, etas=per_step(etas, self.T, "etas"))
-
-    def initial_state(self, x_T: torch.Tensor) -> State:
-        """The start state: the latents themselves."""
-        return x_T
-
-    def sigma(self, t: int) -> float:
-        """The noise scale of step t."""
-        return self.steps[t - 1].sigma
 
     def step(self, t: int, x: State, out: torch.Tensor) -> State:
         """The mean of step t from ``x`` and the model output ``out``."""

@@ -2,7 +2,6 @@
 flow sigmas with a velocity prediction (SANA)."""
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -10,7 +9,7 @@ import torch
 
 from ....estimators.protocol import State, per_step
 from .ddim import LatentScale
-from .protocol import Schedule, fresh, x0_eps
+from .protocol import Schedule, StepTable, fresh, x0_eps
 
 
 @dataclass(frozen=True)
@@ -30,7 +29,7 @@ class DPMStep:
 
 
 @dataclass(frozen=True, eq=False)
-class DPMSolver:
+class DPMSolver(StepTable):
     """DPM-Solver++(2M) of a ``DPMSolverMultistepScheduler`` (midpoint, order <= 2) with
     per-step ``etas`` in [0, 1] (see the module docstring of :mod:`halforder.diffusion.sampling.solvers`).
     State: (x, previous data prediction). ``base[t-1] = (alpha_cur, sigma_cur, alpha_next,
@@ -96,17 +95,9 @@ class DPMSolver:
             base.append((a_c, s_c, a_n, s_n, h, order, r0))
         return cls(T, s.timesteps.flip(0).clone(), cfg.prediction_type, tuple(base), etas)
 
-    def with_etas(self, etas: Schedule) -> "DPMSolver":
-        """The same solver with another per-step eta."""
-        return dataclasses.replace(self, etas=per_step(etas, self.T, "etas"))
-
     def initial_state(self, x_T: torch.Tensor) -> State:
         """The start state: the latents and a zero previous data prediction."""
         return (x_T, torch.zeros_like(x_T))
-
-    def sigma(self, t: int) -> float:
-        """The noise scale of step t."""
-        return self.steps[t - 1].sigma
 
     def step(self, t: int, x: State, out: torch.Tensor) -> State:
         """The mean of step t from the state (x, previous data prediction) and the model

@@ -2,7 +2,6 @@
 families at eta > 0: Flow-GRPO's SDE and CPS (docs/flow.md)."""
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -10,7 +9,7 @@ from typing import Sequence
 import torch
 
 from ....estimators.protocol import State, per_step
-from .protocol import Schedule
+from .protocol import Schedule, StepTable
 
 FLOW_NOISE = ("sde", "cps")
 
@@ -30,7 +29,7 @@ class FlowStep:
 
 
 @dataclass(frozen=True, eq=False)
-class FlowMatchSolver:
+class FlowMatchSolver(StepTable):
     """Euler steps of a ``FlowMatchEulerDiscreteScheduler`` (rectified flow, x = (1 - s) x_0 +
     s x_1, the network predicts the velocity v = x_1 - x_0) with per-step ``etas``
     (docs/flow.md derives both noise families). With s = sigmas[i], s' = sigmas[i + 1] and
@@ -100,18 +99,6 @@ class FlowMatchSolver:
         if len(s.timesteps) != T:
             raise ValueError(f"{len(s.timesteps)} sigmas for T={T} steps")
         return cls(T, s.timesteps.flip(0).clone(), tuple(float(v) for v in s.sigmas), etas, noise)
-
-    def with_etas(self, etas: Schedule) -> "FlowMatchSolver":
-        """The same solver with another per-step eta."""
-        return dataclasses.replace(self, etas=per_step(etas, self.T, "etas"))
-
-    def initial_state(self, x_T: torch.Tensor) -> State:
-        """The start state: the latents themselves."""
-        return x_T
-
-    def sigma(self, t: int) -> float:
-        """The noise scale of step t."""
-        return self.steps[t - 1].sigma
 
     def step(self, t: int, x: State, out: torch.Tensor) -> State:
         """The mean of step t from ``x`` and the predicted velocity ``out``."""

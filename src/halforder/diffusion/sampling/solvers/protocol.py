@@ -3,11 +3,12 @@ per-step eta given as a schedule, a fresh copy of a scheduler, and the conversio
 model output to the predicted clean sample and noise."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Protocol, Sequence, Union, runtime_checkable
 
 import torch
 
-from ....estimators.protocol import State
+from ....estimators.protocol import State, per_step
 
 Schedule = Union[str, float, Sequence[float]]
 
@@ -46,6 +47,24 @@ class Solver(Protocol):
     def with_etas(self, etas: Schedule) -> "Solver":
         """The same solver with another per-step eta."""
         ...
+
+
+class StepTable:
+    """What the solvers share, each a frozen dataclass with ``T``, ``etas`` and per-step records
+    ``steps`` (``steps[t-1].sigma``) derived from them: a multistep solver's state is a tuple,
+    and it overrides :meth:`initial_state`."""
+
+    def with_etas(self, etas: Schedule):
+        """The same solver with another per-step eta."""
+        return dataclasses.replace(self, etas=per_step(etas, self.T, "etas"))
+
+    def initial_state(self, x_T: torch.Tensor) -> State:
+        """The start state: the latents themselves."""
+        return x_T
+
+    def sigma(self, t: int) -> float:
+        """The noise scale of step t."""
+        return self.steps[t - 1].sigma
 
 
 def fresh(scheduler, T: int):
