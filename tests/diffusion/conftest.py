@@ -1,5 +1,6 @@
-"""Tiny random Stable Diffusion components for the diffusion tests (no downloads), and the
-one 2-process run they share."""
+"""Tiny random Stable Diffusion components for the diffusion tests (no downloads), the one
+2-process run they share, and the check that a LoRA file loads into a pipeline exactly."""
+import dataclasses
 import os
 import subprocess
 import sys
@@ -27,6 +28,20 @@ def one_thread():
 def offline(monkeypatch):
     """No test here touches the network: the hub is offline."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture
+def lora_loads_exactly():
+    """``check(ours, base, network, x)``: the chain ``base`` with the pipeline's network after
+    ``load_lora_weights`` (``network``) gives exactly the output of ``ours`` (the chain whose
+    adapter was saved) at ``x`` and step 2, which differs from the base model's."""
+    def check(ours, base, network, x):
+        loaded = dataclasses.replace(base.denoiser, module=network)
+        with torch.no_grad():
+            want = ours.denoiser(x, 2, {})
+            assert not torch.equal(want, base.denoiser(x, 2, {}))
+            assert float((loaded(x, 2, {}) - want).abs().max()) == 0.0
+    return check
 
 
 @pytest.fixture

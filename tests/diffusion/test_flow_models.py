@@ -13,6 +13,7 @@ pytest.importorskip("peft")
 from halforder.diffusion import (NoiseScales, add_lora, load_components, make_chain, make_reward, rollout,  # noqa: E402
                                  tiny_model)
 from halforder.diffusion.models.lora import load_lora, save_lora  # noqa: E402
+from halforder.diffusion.models.sd_chain import image_view  # noqa: E402
 from halforder.estimators import Plan, estimate  # noqa: E402
 
 PROMPTS = ["a red square", "a blue circle"]
@@ -150,14 +151,16 @@ def test_lora_files_load_into_the_pipelines_exactly(tmp_path, name, targets):
     assert torch.equal(again, want)
 
 
-@pytest.mark.parametrize("name", ["tiny-sd3", "tiny-flux"])
-def test_per_sample_estimates_agree_under_vmap_and_the_loop(name):
+@pytest.mark.parametrize("name, size", [("tiny-sd3", None), ("tiny-flux", None), ("tiny-qwen-image", 8),
+                                        ("tiny-sana", 16)])
+def test_per_sample_estimates_agree_under_vmap_and_the_loop(name, size):
+    """Every flow-matching family (``size``: its latent size where the default is a real model's)."""
     c = tiny_model(name)
     params = add_lora(c.unet, rank=2, init=False, seed=0)
     plan = Plan.rlr(4, 2, 2)
     out = {}
     for batching in ("vmap", "loop"):
-        chain = make_chain(c, 4, PROMPTS, make_reward("brightness"), guidance_scale=2.0,
+        chain = make_chain(c, 4, PROMPTS, make_reward("brightness"), view=image_view(c, size), guidance_scale=2.0,
                            batching=batching).for_plan(plan, NoiseScales(eta_plan=0.7))
         g = torch.Generator().manual_seed(0)
         out[batching] = estimate(chain, plan, params, chain.sample_start(2, g), generator=g, per_sample=True)

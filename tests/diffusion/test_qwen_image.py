@@ -1,7 +1,7 @@
 """Qwen-Image: tiny parts saved as a ``QwenImagePipeline`` folder and loaded back through
 ``load_components`` sample as the pipeline does (latents and decoded images), with its true CFG
 and without; the tiny tokenizer's template drop is the system prompt; a LoRA file loads into the
-pipeline exactly; per-sample parameters give the same estimates under vmap and the loop."""
+pipeline exactly (estimates under vmap and the loop: test_flow_models.py)."""
 import dataclasses
 
 import pytest
@@ -10,12 +10,11 @@ import torch
 pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
-from halforder.diffusion import (NoiseScales, add_lora, load_components, make_chain, make_reward, rollout,  # noqa: E402
+from halforder.diffusion import (add_lora, load_components, make_chain, make_reward, rollout,  # noqa: E402
                                  tiny_model)
 from halforder.diffusion.models.families import qwen_image  # noqa: E402
 from halforder.diffusion.models.lora import save_lora  # noqa: E402
 from halforder.diffusion.models.sd_chain import image_view  # noqa: E402
-from halforder.estimators import Plan, estimate  # noqa: E402
 
 PROMPTS = ["a red square", "a blue circle in a green field"]   # two lengths: the pipeline pads, with a mask
 SIZE, LENGTH = 8, 32          # 8x8 latents (16 packed tokens) = 16x16 px; the tiny prompt length
@@ -75,7 +74,7 @@ def test_the_template_tokens_dropped_are_the_system_prompt():
     assert tokenizer.decode(ids[:qwen_image.DROP]) == prefix
 
 
-def test_lora_files_load_into_the_pipeline_exactly(tmp_path):
+def test_lora_files_load_into_the_pipeline_exactly(tmp_path, lora_loads_exactly):
     trained = tiny_model("tiny-qwen-image")
     add_lora(trained.unet, rank=2, target_modules=["to_q", "to_k", "to_v", "to_out.0", "img_mlp.net.0.proj",
                                                    "img_mlp.net.2"], init=False, seed=1)
@@ -85,24 +84,4 @@ def test_lora_files_load_into_the_pipeline_exactly(tmp_path):
     ours, base = (make_chain(m, 2, PROMPTS, make_reward("brightness"), view=image_view(m, SIZE), guidance_scale=3.0)
                   for m in (trained, tiny_model("tiny-qwen-image")))
     x = ours.sample_start(2, torch.Generator().manual_seed(0))
-    loaded = dataclasses.replace(base.denoiser, module=pipe.transformer)
-    with torch.no_grad():
-        want = ours.denoiser(x, 2, {})
-        assert not torch.equal(want, base.denoiser(x, 2, {}))
-        assert float((loaded(x, 2, {}) - want).abs().max()) == 0.0
-
-
-def test_per_sample_estimates_agree_under_vmap_and_the_loop():
-    c = tiny_model("tiny-qwen-image")
-    params = add_lora(c.unet, rank=2, init=False, seed=0)
-    plan = Plan.rlr(3, 2, 2)
-    out = {}
-    for batching in ("vmap", "loop"):
-        chain = make_chain(c, 3, PROMPTS, make_reward("brightness"), view=image_view(c, SIZE), guidance_scale=3.0,
-                           batching=batching).for_plan(plan, NoiseScales(eta_plan=0.7))
-        g = torch.Generator().manual_seed(0)
-        out[batching] = estimate(chain, plan, params, chain.sample_start(2, g), generator=g, per_sample=True)
-    for role in ("FO", "HO", "ZO"):
-        for k in params:
-            a, b = out["vmap"].parts[role][k], out["loop"].parts[role][k]
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6 * max(1.0, float(b.abs().max())))
+    lora_loads_exactly(ours, base, pipe.transformer, x)

@@ -1,8 +1,8 @@
 """SANA: tiny parts saved as a ``SanaPipeline`` folder and loaded back through ``load_components``
 sample as the pipeline does (latents and decoded images), with guidance and without; the prompts'
 conditioning is the pipeline's, the instruction prepended to the prompt and not to the negative
-prompt; a LoRA file loads into the pipeline exactly; per-sample parameters give the same estimates
-under vmap and the loop; the SDE (eta 1) rolls out and REINFORCE's gradient is finite."""
+prompt; a LoRA file loads into the pipeline exactly; the SDE (eta 1) rolls out and REINFORCE's
+gradient is finite (estimates under vmap and the loop: test_flow_models.py)."""
 import dataclasses
 import inspect
 
@@ -12,7 +12,7 @@ import torch
 pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
-from halforder.diffusion import (NoiseScales, add_lora, load_components, make_chain, make_reward, rollout,  # noqa: E402
+from halforder.diffusion import (add_lora, load_components, make_chain, make_reward, rollout,  # noqa: E402
                                  tiny_model)
 from halforder.diffusion.models.families import sana  # noqa: E402
 from halforder.diffusion.models.lora import save_lora  # noqa: E402
@@ -83,7 +83,7 @@ def test_rollouts_at_eta_zero_are_the_pipelines(saved, T, guidance, negative):
         torch.testing.assert_close(rf.decode(rf.vae, ours), images, rtol=0, atol=1e-5)
 
 
-def test_lora_files_load_into_the_pipeline_exactly(tmp_path):
+def test_lora_files_load_into_the_pipeline_exactly(tmp_path, lora_loads_exactly):
     trained = tiny_model("tiny-sana")
     add_lora(trained.unet, rank=2, target_modules=["to_q", "to_k", "to_v", "to_out.0", "ff.conv_inverted",
                                                    "ff.conv_point"], init=False, seed=1)
@@ -93,27 +93,7 @@ def test_lora_files_load_into_the_pipeline_exactly(tmp_path):
     ours, base = (make_chain(m, 2, PROMPTS, make_reward("brightness"), view=image_view(m, SIZE), guidance_scale=3.0)
                   for m in (trained, tiny_model("tiny-sana")))
     x = ours.sample_start(2, torch.Generator().manual_seed(0))[0]
-    loaded = dataclasses.replace(base.denoiser, module=pipe.transformer)
-    with torch.no_grad():
-        want = ours.denoiser(x, 2, {})
-        assert not torch.equal(want, base.denoiser(x, 2, {}))
-        assert float((loaded(x, 2, {}) - want).abs().max()) == 0.0
-
-
-def test_per_sample_estimates_agree_under_vmap_and_the_loop():
-    c = tiny_model("tiny-sana")
-    params = add_lora(c.unet, rank=2, init=False, seed=0)
-    plan = Plan.rlr(3, 2, 2)
-    out = {}
-    for batching in ("vmap", "loop"):
-        chain = make_chain(c, 3, PROMPTS, make_reward("brightness"), view=image_view(c, SIZE), guidance_scale=3.0,
-                           batching=batching).for_plan(plan, NoiseScales(eta_plan=0.7))
-        g = torch.Generator().manual_seed(0)
-        out[batching] = estimate(chain, plan, params, chain.sample_start(2, g), generator=g, per_sample=True)
-    for role in ("FO", "HO", "ZO"):
-        for k in params:
-            a, b = out["vmap"].parts[role][k], out["loop"].parts[role][k]
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6 * max(1.0, float(b.abs().max())))
+    lora_loads_exactly(ours, base, pipe.transformer, x)
 
 
 def test_the_sde_rolls_out_and_reinforce_has_a_finite_gradient():

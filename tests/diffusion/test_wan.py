@@ -67,7 +67,7 @@ def test_a_wan_folder_is_refused_as_an_image_model_and_an_image_model_as_video(t
 @pytest.mark.parametrize("targets", [["to_q", "to_k", "to_v", "to_out.0"],
                                      ["to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2"]],
                          ids=["attention", "attention+ff"])
-def test_lora_files_load_into_the_pipeline_exactly(tmp_path, targets):
+def test_lora_files_load_into_the_pipeline_exactly(tmp_path, targets, lora_loads_exactly):
     trained = tiny_model("tiny-wan")
     add_lora(trained.unet, rank=2, target_modules=targets, init=False, seed=1)
     save_lora(trained.unet, tmp_path, prefix="transformer")
@@ -75,11 +75,7 @@ def test_lora_files_load_into_the_pipeline_exactly(tmp_path, targets):
     pipe.load_lora_weights(tmp_path)
     ours, base = chain_of(trained, 2, 5.0), chain_of(tiny_model("tiny-wan"), 2, 5.0)
     x = ours.sample_start(2, torch.Generator().manual_seed(0))
-    loaded = dataclasses.replace(base.denoiser, module=pipe.transformer)
-    with torch.no_grad():
-        want = ours.denoiser(x, 2, {})
-        assert not torch.equal(want, base.denoiser(x, 2, {}))
-        assert float((loaded(x, 2, {}) - want).abs().max()) == 0.0
+    lora_loads_exactly(ours, base, pipe.transformer, x)
 
 
 @pytest.mark.parametrize("plan", [Plan.full(4), Plan.rlr(4, 2, 2), Plan.zeroth_order(4), Plan.reinforce(4, [3, 4])],
