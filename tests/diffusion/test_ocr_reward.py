@@ -83,7 +83,7 @@ def test_plans_with_first_order_steps_are_refused_before_anything_is_built(tmp_p
     assert main(args) == 2
     err = capsys.readouterr().err
     assert err.startswith("halforder train: error: the reward 'ocr' has no gradient") and err.count("\n") == 1, err
-    assert "use estimator reinforce or zeroth_order" in err
+    assert "use estimator reinforce, zeroth_order or rlr_no_fo" in err
     assert not out.exists()
 
 

@@ -25,10 +25,10 @@ from .pairing import PAIRINGS, Pairing, group_means, grouped, pairing_for
 from .plan import Plan, Role
 from .protocol import Chain, detach, latent, with_latent
 from .families import FAMILIES, Family, make_sampler
-from .samplers import DropZO, FixedPlan, PlanSampler, SoftmaxRLR, UniformRLR, WindowRLR
+from .samplers import DropZO, FirstOrderAsZO, FixedPlan, PlanSampler, SoftmaxRLR, UniformRLR, WindowRLR
 from .step_sets import RandomSubset, RandomTruncation, RandomWindow
 
-__all__ = ["FAMILIES", "Family", "RandomSubset", "RandomWindow", "PAIRINGS", "Chain", "Checkpointed", "ComputeMeter", "DropZO", "Estimate", "FixedPlan", "Pairing", "Plan", "PlanSampler",
+__all__ = ["FAMILIES", "Family", "RandomSubset", "RandomWindow", "PAIRINGS", "Chain", "Checkpointed", "ComputeMeter", "DropZO", "Estimate", "FirstOrderAsZO", "FixedPlan", "Pairing", "Plan", "PlanSampler",
            "RandomTruncation", "Role", "Samples", "SavedTensorMeter", "SoftmaxRLR", "UniformRLR", "WindowRLR", "detach",
            "draw_estimates", "estimate", "expected_evaluations", "flatten", "group_means", "grouped", "latent", "leave_one_out", "make_sampler",
            "pairing_for", "with_latent"]

@@ -79,6 +79,15 @@ def record(chain, plan: Plan, params: Mapping[str, torch.Tensor], x_T, *, genera
     return Recorded(chain, plan, out, R, advantage(R, baseline, pairing.size))
 
 
+def surrogate_evaluations(plan: Plan, n: int, *, updates: int = 1, kl: bool = False) -> dict[str, int]:
+    """The evaluations that :func:`record` and ``updates`` passes of :func:`clipped_surrogate` cost
+    on ``n`` samples: a rollout of T steps without gradients, then per pass each trained step
+    recomputed and backpropagated once, and evaluated once more at the reference where ``kl``."""
+    check_reusable(plan)
+    k = len(plan.steps(Role.HO))
+    return {"forward": n * (plan.T + updates * k * (2 if kl else 1)), "backward": n * updates * k}
+
+
 def clipped_surrogate(recorded: Recorded, params: Mapping[str, torch.Tensor], *, clip_range: float | None = None,
                       kl_beta: float = 0.0, reference: Mapping[str, torch.Tensor] | None = None,
                       per_sample: bool = False) -> Estimate:

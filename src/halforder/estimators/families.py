@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 from .plan import Plan
-from .samplers import DropZO, FixedPlan, PlanSampler, SoftmaxRLR, UniformRLR, WindowRLR
+from .samplers import DropZO, FirstOrderAsZO, FixedPlan, PlanSampler, SoftmaxRLR, UniformRLR, WindowRLR
 from .step_sets import RandomSubset, RandomTruncation, RandomWindow
 
 J_SAMPLING = ("uniform", "softmax", "window", "fixed")
@@ -81,6 +81,12 @@ def _rlr_no_zo(T: int, h: int = 2, j_sampling: str = "uniform", j: int | None = 
     return DropZO(_rlr_sampler(T, h, j_sampling, j, j_window, j_temperature, j_decay))
 
 
+def _rlr_no_fo(T: int, h: int = 2, j_sampling: str = "uniform", j: int | None = None,
+               j_window: tuple[int, int] | None = None, j_temperature: float = 1.0,
+               j_decay: float = 0.9) -> PlanSampler:
+    return FirstOrderAsZO(_rlr_sampler(T, h, j_sampling, j, j_window, j_temperature, j_decay))
+
+
 def _reinforce(T: int, reinforce_window: tuple[int, int] | None = None, step_fraction: float = 1.0,
                window_length: int | None = None, window_position: str = "random", window_every: int = 1,
                step_weighting: str = "unbiased") -> PlanSampler:
@@ -133,6 +139,8 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            _rlr_sampler, _RLR_USED, reward_gradient=True),
     Family("rlr_no_zo", "RLR without its ZO steps (the official code's form)", "yes",
            _rlr_no_zo, _RLR_USED, reward_gradient=True),
+    Family("rlr_no_fo", "RLR(h, j) with step 1 by zeroth order: HO block and ZO, no reward gradient", "no",
+           _rlr_no_fo, _RLR_USED),
 )}
 
 #: Every family's settings, once each.

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Mapping, Protocol, runtime_checkable
+from typing import ClassVar, Mapping, Protocol, runtime_checkable
 
 import torch
 
@@ -209,14 +209,14 @@ def parts_norm(grad: Mapping[str, torch.Tensor]) -> float:
 
 
 @dataclass(frozen=True)
-class DropZO:
-    """The plans of ``inner`` with their ZO steps dropped (role NONE). **Biased**: RLR
-    without its zeroth-order term, which is what the official RLR code computes
-    (docs/official-code-notes.md). For comparisons only."""
+class _RoleReplaced:
+    """The plans of ``inner`` with every step of role ``old`` given role ``new`` (blocks and
+    weights kept), named with ``suffix``."""
 
     inner: PlanSampler
-
-    unbiased = False
+    old: ClassVar[Role]
+    new: ClassVar[Role]
+    suffix: ClassVar[str]
 
     @property
     def T(self) -> int:
@@ -227,11 +227,35 @@ class DropZO:
 
     def sample(self, state: State, generator: torch.Generator | None = None) -> Plan:
         plan = self.inner.sample(state, generator)
-        roles = [Role.NONE if r is Role.ZO else r for r in plan.roles]
-        return Plan.from_roles(roles, plan.blocks, name=f"{plan}-noZO")
+        roles = [self.new if r is self.old else r for r in plan.roles]
+        return Plan.from_roles(roles, plan.blocks, name=f"{plan}{self.suffix}").with_weights(plan.weights)
 
     def update(self, state: State, plan: Plan, estimate) -> State:
         return self.inner.update(state, plan, estimate)
+
+
+@dataclass(frozen=True)
+class DropZO(_RoleReplaced):
+    """The plans of ``inner`` with their ZO steps dropped (role NONE). **Biased**: RLR
+    without its zeroth-order term, which is what the official RLR code computes
+    (docs/official-code-notes.md). For comparisons only."""
+
+    old, new, suffix = Role.ZO, Role.NONE, "-noZO"
+    unbiased = False
+
+
+@dataclass(frozen=True)
+class FirstOrderAsZO(_RoleReplaced):
+    """The plans of ``inner`` with their FO steps estimated by zeroth order instead (role ZO):
+    every step's term is then a likelihood ratio, so no plan needs the reward's gradient.
+    Unbiased where ``inner`` is: a ZO step's term is an unbiased estimate of that step's
+    share of the gradient (eq. (5)), as its FO term was."""
+
+    old, new, suffix = Role.FO, Role.ZO, "-FOasZO"
+
+    @property
+    def unbiased(self) -> bool:
+        return getattr(self.inner, "unbiased", True)
 
 
 def _uniform_int(lo: int, hi: int, generator: torch.Generator | None) -> int:

@@ -191,8 +191,8 @@ class TrainConfig(LoopConfig):
             first_order = FAMILIES[self.estimator].reward_gradient
         what = "searches plans that backpropagate" if self.estimator == "auto" else "backpropagates"
         need(not first_order or differentiable(self.reward), f"the reward {self.reward!r} has no gradient, but "
-             f"estimator {self.estimator} {what} through it (first-order steps): use estimator reinforce or "
-             "zeroth_order")
+             f"estimator {self.estimator} {what} through it (first-order steps): use estimator reinforce, "
+             "zeroth_order or rlr_no_fo")
         reuse = [n for n, on in (("clip_range", self.clip_range is not None),
                                  ("updates_per_rollout", self.updates_per_rollout > 1), ("kl_beta", self.kl_beta > 0))
                  if on]

@@ -90,7 +90,13 @@ class DiffusionTask:
                           solver=self._solver, generator=generator, compile=self.compile)
 
     def chain(self, plan: Plan, prompts: Sequence[str], generator: torch.Generator | None = None):
-        """The chain of ``plan`` for a batch of prompts (checkpointed if asked)."""
+        """The chain of ``plan`` for a batch of prompts (checkpointed if asked); ``ValueError``
+        for a plan with first-order steps when the reward has no gradient (``differentiable =
+        False``)."""
+        if plan.fo_steps and not getattr(self.reward, "differentiable", True):
+            raise ValueError(f"the reward has no gradient, but plan {plan} backpropagates through it on "
+                             f"{plan.fo_steps} first-order steps: use a plan without FO steps (estimator "
+                             f"reinforce, zeroth_order or rlr_no_fo)")
         chain = self.base_chain(prompts, generator).for_plan(plan, self.noise_scales)
         return Checkpointed(chain) if self.gradient_checkpointing else chain
 

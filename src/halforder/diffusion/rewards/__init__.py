@@ -26,6 +26,8 @@ missing model raises ``OSError`` saying how to point at a local copy):
   frame is scored whole, not cropped).
 * ``ocr`` — Flow-GRPO's OCR reward (:mod:`.ocr`): 1 minus the normalised edit distance between
   the text the prompt quotes and the text RapidOCR reads. No gradient; needs the ``ocr`` extra.
+* ``jpeg_compressibility`` — DDPO's compressibility (:mod:`.compressibility`): minus the JPEG size
+  in kB at quality 95. No gradient.
 * ``imagereward`` — not available: the ``image-reward`` package (1.5, its latest) imports helpers
   that transformers removed after 4.55 (``apply_chunking_to_forward``, ``prune_linear_layer``, ...)
   while halforder needs transformers >= 4.56 (``from_pretrained(dtype=...)``), and its BLIP
@@ -55,6 +57,7 @@ from torch import nn
 
 from .clip_preprocess import ClipPreprocess, clip_preprocess
 from ..models.hub import load_error, local_dir, looks_local, offline
+from .compressibility import JpegCompressibility
 from .ocr import OcrReward
 from .open_clip_weights import clip_from_open_clip
 
@@ -329,6 +332,7 @@ def load_hpsv2(checkpoint: str = HPSV2_CHECKPOINT, processor: str = HPSV2_PROCES
 
 
 register("ocr")(OcrReward)
+register("jpeg_compressibility")(JpegCompressibility)
 
 
 def differentiable(spec: str) -> bool:
