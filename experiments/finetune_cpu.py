@@ -35,17 +35,13 @@ finetune_table.md, finetune_results.json.
 """
 from __future__ import annotations
 
-import argparse
-import contextlib
 import dataclasses
-import math
 import os
 import sys
 import time
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
 
 if __package__ in (None, ""):  # run as a script: make `experiments` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -56,6 +52,7 @@ if __name__ == "__main__":   # at once, before the imports below need them
     require_extras("plots", "diffusion")
 
 from experiments import finetune_report as report  # noqa: E402
+from experiments import learning_runs as runs  # noqa: E402
 from experiments.shapes.classifier import ClassifierConfig  # noqa: E402
 from experiments.shapes.pretrain import PretrainConfig  # noqa: E402
 from experiments.shapes.target import TargetConfig  # noqa: E402
@@ -176,7 +173,7 @@ def gradient_variance(setup: Setup, method: Method) -> dict:
 
 
 # ----------------------------------------------------------------------------- one run
-def run(setup: Setup, name: str, seed: int, lr: float, progress=None) -> dict:
+def run(setup: Setup, name: str, seed: int, lr: float) -> dict:
     """Fine-tune from the start with method ``name`` at learning rate ``lr`` until the budget
     is spent, through the library's training loop; the compute comes from the loop's records
     (the library's meter), checked against the plans' exact cost."""
@@ -201,8 +198,6 @@ def run(setup: Setup, name: str, seed: int, lr: float, progress=None) -> dict:
             # training time only: the evaluations before this point are taken out
             curve.append({"compute": spent, "seconds": rec["elapsed_s"] - eval_seconds, **point})
             eval_seconds += time.perf_counter() - t0
-        if progress is not None:
-            progress.set_postfix(method=name, seed=seed, compute=spent, refresh=False)
 
     loop = LoopConfig(steps=10 ** 9, lr=lr, batch_size=cfg.batch, grad_accum=1, clip_norm=0.0,
                       baseline=method.baseline, pairing=method.pairing, seed=seed, output_dir=None, eval_every=0,
@@ -232,36 +227,6 @@ def check_count(method: Method, records: list, batch: int, seed: int) -> None:
             raise RuntimeError(f"update {rec['step']}: metered {got} for plan {rec['plan']}, exact {want} for {plan}")
 
 
-# ----------------------------------------------------------------------------- the learning-rate sweep
-def sweep(run_all, cfg: ExperimentConfig) -> tuple[list, dict, dict]:
-    """Every method over ``cfg.lrs`` on the sweep seed, extended a factor 3 at a time past the
-    edge holding the best rate (by :func:`report.auc`), at most ``cfg.lr_extend`` times.
-    Returns the runs, the chosen rate and where it lies (``interior`` or the edge it stayed at;
-    a method whose rates all score alike is not extended)."""
-    runs = run_all([(m, cfg.sweep_seed, lr) for m in cfg.methods for lr in cfg.lrs], "learning-rate sweep")
-    for round_ in range(cfg.lr_extend + 1):
-        chosen, where, todo = {}, {}, []
-        for m in cfg.methods:
-            score = {r["lr"]: report.auc(r) for r in runs if r["method"] == m}
-            tried = sorted(score)
-            chosen[m] = max(tried, key=lambda lr: score[lr])
-            where[m] = ("interior" if tried[0] < chosen[m] < tried[-1] else
-                        "top edge" if chosen[m] == tried[-1] else "bottom edge")
-            if where[m] != "interior" and len(tried) > 1 and len(set(score.values())) > 1:
-                todo.append((m, cfg.sweep_seed, next_rate(chosen[m], +1 if where[m] == "top edge" else -1)))
-        if not todo or round_ == cfg.lr_extend:
-            return runs, chosen, where
-        runs += run_all(todo, f"sweep extension {round_ + 1}")
-    return runs, chosen, where
-
-
-def next_rate(lr: float, direction: int) -> float:
-    """The next rate up (+1) or down (-1) on the grid 1, 3, 10, 30, ... x 10^k (10^(k/2) to
-    one digit: neighbours differ by a factor of 3 or 3.3)."""
-    k = round(2 * math.log10(lr)) + direction
-    return float(f"{10 ** (k / 2):.0e}")
-
-
 # ----------------------------------------------------------------------------- main
 _WORKER: dict = {}
 
@@ -276,29 +241,15 @@ def _run_in_worker(job):
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="tiny model and budget: a smoke test (writes to runs/)")
-    p.add_argument("--out", help="where figures and tables go (default: docs/results; with --quick, "
-                                 "runs/finetune-quick)")
-    p.add_argument("--cache", help="weights cache directory (default: experiments/cache, which holds the "
-                                   "committed weights; with --quick, runs/cache)")
-    p.add_argument("--budget", type=int, help="override the compute budget (denoiser evaluations)")
-    p.add_argument("--seeds", type=int, nargs="+", help="override the seeds")
-    p.add_argument("--methods", nargs="+", help="override the methods")
+    p = runs.parser(__doc__.split("\n")[0], "finetune-quick")
     p.add_argument("--zo-sigma", type=float, help="override the ZO parameter-noise scale tau")
-    p.add_argument("--lrs", type=float, nargs="+", help="override the learning rates swept (one value: no sweep)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--jobs", type=int, default=1, help="runs in parallel (processes, one thread each)")
     args = p.parse_args(argv)
-    out = args.out or (os.path.join("runs", "finetune-quick") if args.quick else os.path.join("docs", "results"))
-    cache = args.cache or (os.path.join("runs", "cache") if args.quick else os.path.join("experiments", "cache"))
+    out, cache = runs.places(args, "finetune-quick")
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = QUICK if args.quick else ExperimentConfig()
-    over = {k: v for k, v in (("budget", args.budget), ("seeds", tuple(args.seeds or ()) or None),
-                               ("methods", tuple(args.methods or ()) or None), ("zo_sigma", args.zo_sigma),
-                               ("lrs", tuple(args.lrs or ()) or None)) if v is not None}
-    cfg = dataclasses.replace(cfg, **over)
+    cfg = dataclasses.replace(cfg, **runs.overrides(args, zo_sigma=args.zo_sigma))
     unknown = set(cfg.methods) - set(methods(cfg.T))
     if unknown:
         p.error(f"unknown methods {sorted(unknown)}; known: {sorted(methods(cfg.T))}")
@@ -309,11 +260,8 @@ def main(argv=None) -> dict:
     setup = build_setup(cfg, cache)
     base, base_samples = setup.start
     gvar = {name: gradient_variance(setup, methods(cfg.T)[name]) for name in cfg.methods}
-    with _runner(setup, cfg, cache, args.jobs) as run_all:
-        if len(cfg.lrs) > 1:
-            swept, chosen, where = sweep(run_all, cfg)
-        else:
-            swept, chosen, where = [], {m: cfg.lrs[0] for m in cfg.methods}, {m: "not swept" for m in cfg.methods}
+    with runs.runner(lambda job: run(setup, *job), args.jobs, _init_worker, (cfg, cache), _run_in_worker) as run_all:
+        swept, chosen, where = runs.sweep(run_all, cfg)
         results = run_all([(name, seed, chosen[name]) for name in cfg.methods for seed in cfg.seeds], "runs")
     table = report.summarise(results, setup, gvar, methods(cfg.T), where)
     lines = [*report.claims(results, cfg.methods, setup.reference, table), "",
@@ -324,44 +272,8 @@ def main(argv=None) -> dict:
                "lr_position": where, "table": table, "wall_seconds": time.perf_counter() - t0, "jobs": args.jobs,
                "sweep": [{k: v for k, v in r.items() if k != "final_samples"} for r in swept],
                "runs": [{k: v for k, v in r.items() if k != "final_samples"} for r in results]}
-    write_json(os.path.join(out, "finetune_results.json"), _finite(summary))
+    write_json(os.path.join(out, "finetune_results.json"), runs.finite(summary))
     return summary
-
-
-def _finite(v):
-    """``v`` with every NaN (an interval of one seed) as None: JSON has no NaN."""
-    if isinstance(v, float):
-        return v if math.isfinite(v) else None
-    if isinstance(v, dict):
-        return {k: _finite(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_finite(x) for x in v]
-    return v
-
-
-@contextlib.contextmanager
-def _runner(setup: Setup, cfg: ExperimentConfig, cache: str, jobs: int):
-    """``run_all(jobs, desc) -> results``: runs in this process, or in ``jobs`` worker processes."""
-    pool = None
-    if jobs > 1:
-        import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor
-
-        pool = ProcessPoolExecutor(jobs, mp.get_context("spawn"), _init_worker, (cfg, cache))
-
-    def run_all(todo, desc):
-        with tqdm(total=len(todo), desc=desc) as bar:
-            results = []
-            for r in (pool.map(_run_in_worker, todo) if pool else (run(setup, *job, bar) for job in todo)):
-                results.append(r)
-                bar.update()
-        return results
-
-    try:
-        yield run_all
-    finally:
-        if pool is not None:
-            pool.shutdown()
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
     ("-m experiments.run_all --quick", "matplotlib", "plots"),
     ("-m experiments.e1_unbiasedness --quick", "matplotlib", "plots"),
     ("experiments/finetune_cpu.py --quick", "matplotlib", "plots"),
+    ("experiments/no_gradient.py --quick", "diffusers", "diffusion"),
     ("experiments/step_gradients.py --quick", "diffusers", "diffusion"),
     ("-m experiments.e9_field_estimators --quick", "diffusers", "diffusion"),
     ("experiments/diagnose_cpu.py --quick", "matplotlib", "plots"),

@@ -47,16 +47,16 @@ class ClassifierConfig:
 
 
 class ShapeClassifier(nn.Module):
-    """Images ``[N, 3, S, S]`` in [-1, 1] -> logits ``[N, 3]`` over :data:`SHAPES`."""
+    """Images ``[N, 3, S, S]`` in [-1, 1] -> logits ``[N, outputs]`` (by default over :data:`SHAPES`)."""
 
-    def __init__(self, width: int = 16):
+    def __init__(self, width: int = 16, outputs: int = len(SHAPES)):
         super().__init__()
         w = width
         self.net = nn.Sequential(
             nn.Conv2d(3, w, 3, padding=1), nn.SiLU(),
             nn.Conv2d(w, 2 * w, 3, stride=2, padding=1), nn.SiLU(),
             nn.Conv2d(2 * w, 4 * w, 3, stride=2, padding=1), nn.SiLU(),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4 * w, len(SHAPES)))
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4 * w, outputs))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
