@@ -128,6 +128,10 @@ def advice_lines(advice: dict) -> list[str]:
     for name, v in advice["curves"].items():
         lines.append(f"- {name}: " + (f"B = {v['batch']} ({v['evaluations']:,.0f} evaluations per update)"
                                       if v["batch"] else f"never (limit {num(v['limit'])})"))
+    shares = advice["step_shares"]
+    lines += ["", "Each step's share of the signal (the likelihood-ratio term with the recipe's advantage, every "
+              "step; t = 1 makes x_0): " + ", ".join(f"t = {t}: {v:.0%}" for t, v in enumerate(shares, start=1))
+              + f". 90% of it: steps {advice['suggest']['steps']}, shortest window {advice['suggest']['window']}."]
     c = advice.get("chosen")
     lines += ["", f"Chosen: groups of {c['group']} (the cheapest that reaches it)." if c else
               "No group reached it; groups of 4 were used."]

@@ -215,7 +215,8 @@ def advised_group(world: World) -> tuple[int, dict]:
                     scales=NoiseScales(eta=cfg.eta))
     d = diagnose(world.task("prompt", method), method.sampler, list(world.train_prompts), estimator="reinforce",
                  budget=cfg.diagnose_budget, group_size=8, baseline="grpo", global_std=True)
-    advice = {"spent": d.spent, "pilot": d.pilot, "target": d.target, "curves": {}}
+    advice = {"spent": d.spent, "pilot": d.pilot, "target": d.target, "curves": {},
+              "step_shares": [float(x) for x in d.steps.share], "signal": d.steps.signal, "suggest": d.steps.suggest()}
     for c in d.curves:
         B = c.smallest_batch(d.target)
         advice["curves"][f"{c.name}, group {c.group}"] = {
