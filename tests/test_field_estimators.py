@@ -16,7 +16,8 @@ import torch
 
 from halforder.estimators import Plan, estimate, flatten
 from halforder.estimators.baselines import GroupNormalised, LeaveOneOut
-from halforder.estimators.clipped_ratio import check_reusable, clipped_surrogate, record
+from halforder.estimators.clipped_ratio import check_reusable, clipped_surrogate, record, surrogate_evaluations
+from halforder.estimators.compute import ComputeMeter
 from halforder.estimators.step_sets import RandomSubset, RandomTruncation, RandomWindow
 from halforder.estimators.theory import step_gradients
 from halforder.planning.diagnose import coefficients
@@ -118,6 +119,23 @@ def test_with_parameter_noise_the_ratio_is_still_one_at_the_first_update():
     assert est.stats["ratio_max_deviation"] == 0.0
     for k in params:
         torch.testing.assert_close(est.grad[k], ref.grad[k], rtol=1e-12, atol=1e-14)
+
+
+def test_a_recorded_rollout_and_its_passes_cost_what_surrogate_evaluations_says(chain):
+    """The meter's count of a rollout feeding U passes, with and without the KL's reference pass."""
+    c, params = chain
+    x_T = c.sample_start(8, torch.Generator().manual_seed(0))
+    ref = {k: v.detach() + 0.1 for k, v in params.items()}
+    for plan in (Plan.reinforce(T), Plan.reinforce(T, [2, 5])):
+        for U, beta in ((1, 0.0), (2, 0.0), (2, 0.5)):
+            with ComputeMeter() as meter:
+                rec = record(c, plan, params, x_T, generator=torch.Generator().manual_seed(3))
+                for _ in range(U):
+                    clipped_surrogate(rec, params, clip_range=1e-4, kl_beta=beta, reference=ref)
+            want = surrogate_evaluations(plan, 8, updates=U, kl=beta > 0)
+            assert (meter.forward, meter.backward) == (want["forward"], want["backward"]), (plan, U, beta)
+    assert surrogate_evaluations(Plan.reinforce(T, [2, 5]), 8, updates=2, kl=False) != \
+        surrogate_evaluations(Plan.reinforce(T, [2, 5]), 8, updates=1, kl=False)
 
 
 def test_the_clipped_ratio_refuses_pathwise_plans():
