@@ -101,7 +101,7 @@ def write_all(world, runs: list, sweeps: list, chosen: dict, where: dict, out: s
                   f"AUC per second: the mean reward over the first {t['horizon']:.0f} training seconds (the shortest "
                   "run's; evaluations excluded). 'held out': prompts never trained on. "
                   f"'{OTHER[reward]}': the other reward, not trained on. 'check': the second classifier's "
-                  "prompt-following. 'ratio': the importance ratio's mean at the last update (1 on-policy).", "",
+                  "prompt-following. 's': training seconds per run.", "",
                   "| method | steps | AUC | AUC per second | final | held out | "
                   f"{OTHER[reward]} | check | diversity | updates | s | lr |", "|---|" + "---|" * 11]
         for m, row in sorted(t["methods"].items(), key=lambda kv: -kv[1]["auc"][0]):
