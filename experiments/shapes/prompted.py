@@ -9,7 +9,7 @@ frozen, so the transformer learns to read their states. A fraction ``caption_noi
 training captions names a shape and a colour drawn at random instead of the image's (as web
 captions are noisy), so the model follows its prompts only partly and a prompt-following
 reward has headroom. ``pretrained_components`` trains once and stores the transformer's EMA
-weights as ``flow-<hash>.safetensors``.
+weights, with the text encoders' weights, as ``flow-<hash>.safetensors``.
 """
 from __future__ import annotations
 
@@ -135,13 +135,15 @@ def pretrained_components(config: FlowPretrainConfig, cache_dir: str | os.PathLi
     from halforder.training.files import atomic_file
 
     c = build_components(config)
+    parts = {"transformer": c.transformer, "text_encoder": c.text_encoder, "text_encoder_2": c.text_encoder_2}
     path = os.path.join(os.fspath(cache_dir), f"flow-{config.key()}.safetensors")
     if os.path.exists(path):
-        c.transformer.load_state_dict(load_file(path))
+        stored = load_file(path)
+        for name, module in parts.items():   # the encoders are stored too: a library's initialisation may change
+            module.load_state_dict({k.split(".", 1)[1]: v for k, v in stored.items() if k.split(".", 1)[0] == name})
     else:
-        ema = train_transformer(c, config, progress)
-        c.transformer.load_state_dict(ema.state_dict())
+        parts["transformer"].load_state_dict(train_transformer(c, config, progress).state_dict())
         os.makedirs(os.fspath(cache_dir), exist_ok=True)
         with atomic_file(path, ".safetensors") as tmp:
-            save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, tmp)
+            save_file({f"{name}.{k}": v.contiguous() for name, m in parts.items() for k, v in m.state_dict().items()}, tmp)
     return c.freeze()
