@@ -216,30 +216,13 @@ def run(setup: Setup, name: str, seed: int, lr: float) -> dict:
 
 
 def check_count(method: Method, records: list, batch: int, seed: int) -> None:
-    """Each update's metered evaluations equal the exact cost of the plan it drew (the
-    loop's plan generator, replayed; the samplers here keep no state)."""
-    g = torch.Generator().manual_seed(seed)
-    for rec in records:
-        plan = method.sampler.sample(method.sampler.init(), g)
-        want = expected_evaluations(plan, batch, checkpointed=method.checkpointing)
-        got = {"forward": rec["evaluations_forward"], "backward": rec["evaluations_backward"]}
-        if str(plan) != rec["plan"] or got != want:
-            raise RuntimeError(f"update {rec['step']}: metered {got} for plan {rec['plan']}, exact {want} for {plan}")
+    """Each update's metered evaluations equal the exact cost of the plan it drew
+    (:func:`experiments.learning_runs.check_count`)."""
+    runs.check_count(method.sampler, records, seed,
+                     lambda plan: expected_evaluations(plan, batch, checkpointed=method.checkpointing))
 
 
 # ----------------------------------------------------------------------------- main
-_WORKER: dict = {}
-
-
-def _init_worker(cfg, cache):
-    torch.set_num_threads(1)
-    _WORKER["setup"] = build_setup(cfg, cache)
-
-
-def _run_in_worker(job):
-    return run(_WORKER["setup"], *job)
-
-
 def main(argv=None) -> dict:
     p = runs.parser(__doc__.split("\n")[0], "finetune-quick")
     p.add_argument("--zo-sigma", type=float, help="override the ZO parameter-noise scale tau")
@@ -260,7 +243,7 @@ def main(argv=None) -> dict:
     setup = build_setup(cfg, cache)
     base, base_samples = setup.start
     gvar = {name: gradient_variance(setup, methods(cfg.T)[name]) for name in cfg.methods}
-    with runs.runner(lambda job: run(setup, *job), args.jobs, _init_worker, (cfg, cache), _run_in_worker) as run_all:
+    with runs.runner(setup, run, args.jobs, build_setup, (cfg, cache)) as run_all:
         swept, chosen, where = runs.sweep(run_all, cfg)
         results = run_all([(name, seed, chosen[name]) for name in cfg.methods for seed in cfg.seeds], "runs")
     table = report.summarise(results, setup, gvar, methods(cfg.T), where)

@@ -1,13 +1,15 @@
 """What the learning experiments share (:mod:`experiments.finetune_cpu`,
 :mod:`experiments.no_gradient`): their common command-line options and output places, the
-learning-rate sweep, runs in worker processes, and JSON without NaN."""
+learning-rate sweep, the check of each run's count, runs in worker processes, and JSON without NaN."""
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import math
 import os
 
+import torch
 from tqdm.auto import tqdm
 
 from experiments.finetune_report import auc
@@ -87,21 +89,49 @@ def finite(v):
     return v
 
 
+def check_count(sampler, records: list, seed: int, cost) -> None:
+    """Each training record's metered evaluations equal ``cost(plan)``, the exact cost of the plan
+    it drew: the loop's plan generator (seeded by ``seed``) and the sampler's state, replayed."""
+    g, state = torch.Generator().manual_seed(seed), sampler.init()
+    for rec in records:
+        plan = sampler.sample(state, g)
+        want = cost(plan)
+        got = {"forward": rec["evaluations_forward"], "backward": rec["evaluations_backward"]}
+        if str(plan) != rec["plan"] or got != want:
+            raise RuntimeError(f"step {rec['step']}: metered {got} for plan {rec['plan']}, exact {want} for {plan}")
+        if not rec.get("skipped"):       # the loop moves the sampler's state on steps it applied
+            state = sampler.update(state, plan, None)
+
+
+_WORKER: dict = {}
+
+
+def _start_worker(build, args: tuple) -> None:
+    torch.set_num_threads(1)
+    _WORKER["state"] = build(*args)
+
+
+def _in_worker(work, job):
+    return work(_WORKER["state"], *job)
+
+
 @contextlib.contextmanager
-def runner(local, jobs: int, init, initargs: tuple, remote):
-    """``run_all(todo, desc) -> results``: each job through ``local(job)`` in this process, or
-    through ``remote(job)`` in ``jobs`` worker processes started by ``init(*initargs)``."""
+def runner(state, work, jobs: int, build, args: tuple):
+    """``run_all(todo, desc) -> results``: ``work(state, *job)`` for each job, in this process, or
+    in ``jobs`` worker processes (one torch thread each) whose state is ``build(*args)``.
+    ``work`` and ``build`` are module-level functions, so that worker processes can import them."""
     pool = None
     if jobs > 1:
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor
 
-        pool = ProcessPoolExecutor(jobs, mp.get_context("spawn"), init, initargs)
+        pool = ProcessPoolExecutor(jobs, mp.get_context("spawn"), _start_worker, (build, args))
 
     def run_all(todo, desc):
         with tqdm(total=len(todo), desc=desc) as bar:
             results = []
-            for r in (pool.map(remote, todo) if pool else map(local, todo)):
+            for r in (pool.map(functools.partial(_in_worker, work), todo) if pool else
+                      (work(state, *job) for job in todo)):
                 results.append(r)
                 bar.update()
         return results

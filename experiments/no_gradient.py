@@ -36,7 +36,6 @@ import os
 import sys
 import time
 
-import torch
 
 if __package__ in (None, ""):  # run as a script: make `experiments` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -120,32 +119,12 @@ def exact_cost(method: Method, plan, batch: int) -> dict[str, int]:
 
 
 def check_count(method: Method, records: list, batch: int, seed: int) -> None:
-    """Each step's metered evaluations equal the exact cost of the plan it drew (the loop's plan
-    generator and sampler state, replayed)."""
-    g, state = torch.Generator().manual_seed(seed), method.sampler.init()
-    for rec in records:
-        plan = method.sampler.sample(state, g)
-        want = exact_cost(method, plan, batch)
-        got = {"forward": rec["evaluations_forward"], "backward": rec["evaluations_backward"]}
-        if str(plan) != rec["plan"] or got != want:
-            raise RuntimeError(f"step {rec['step']}: metered {got} for plan {rec['plan']}, exact {want} for {plan}")
-        if not rec["skipped"]:
-            state = method.sampler.update(state, plan, None)
+    """Each step's metered evaluations equal the exact cost of the plan it drew
+    (:func:`experiments.learning_runs.check_count` with :func:`exact_cost`)."""
+    runs.check_count(method.sampler, records, seed, lambda plan: exact_cost(method, plan, batch))
 
 
 # ----------------------------------------------------------------------------- main
-_WORKER: dict = {}
-
-
-def _init_worker(cfg, cache):
-    torch.set_num_threads(1)
-    _WORKER["world"] = build_world(cfg, cache)
-
-
-def _run_in_worker(job):
-    return run(_WORKER["world"], *job)
-
-
 def main(argv=None) -> dict:
     p = runs.parser(__doc__.split("\n")[0], "no-gradient-quick")
     p.add_argument("--rewards", nargs="+", choices=("prompt", "jpeg"), help="override the rewards")
@@ -165,7 +144,7 @@ def main(argv=None) -> dict:
     summary = {"config": dataclasses.asdict(cfg), "advice": world.advice, "group": world.group,
                "reference": world.reference, "jobs": args.jobs}
     all_runs, all_sweeps, chosen, where = [], [], {}, {}
-    with runs.runner(lambda job: run(world, *job), args.jobs, _init_worker, (cfg, cache), _run_in_worker) as run_all:
+    with runs.runner(world, run, args.jobs, build_world, (cfg, cache)) as run_all:
         for reward in cfg.rewards:
             names = cfg.methods if reward == "prompt" else tuple(m for m in cfg.methods if m in cfg.jpeg_methods)
             sub = dataclasses.replace(cfg, methods=names)

@@ -66,8 +66,8 @@ def comparisons(runs: list, reward: str, table: dict) -> list[str]:
     ranked = sorted(by, key=lambda m: -table["methods"][m]["auc"][0])
     lines = [f"- Best AUC per evaluation: {ranked[0]} ({interval(table['methods'][ranked[0]]['auc'])}); best per "
              f"second: {max(by, key=lambda m: table['methods'][m]['time_auc'][0])}."]
-    ref = next((m for m in by if m.startswith("flow_grpo")), ranked[0])
-    ref = max((m for m in by if m.startswith("flow_grpo")), key=lambda m: table["methods"][m]["auc"][0], default=ref)
+    ref = max((m for m in by if m.startswith("flow_grpo")), key=lambda m: table["methods"][m]["auc"][0],
+              default=ranked[0])   # the best Flow-GRPO, against which every method is compared
     for m in ranked:
         if m != ref:
             lines.append(f"- {m} − {ref}: AUC {g(_welch(area[m], area[ref]))}, AUC per second "
